@@ -1,0 +1,1 @@
+"""`ollama-distributed` commands: cluster_cmd (to be written)."""

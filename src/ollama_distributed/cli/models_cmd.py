@@ -1,0 +1,1 @@
+"""`ollama-distributed` commands: models_cmd (to be written)."""

@@ -1,0 +1,1 @@
+"""`ollama-distributed` commands: plan_cmd (to be written)."""

@@ -1,0 +1,1 @@
+"""`ollama-distributed` commands: run_cmd (to be written)."""

@@ -1,0 +1,1 @@
+"""`ollama-distributed` commands: serve_cmd (to be written)."""
