@@ -1,0 +1,155 @@
+"""Token sampling with Ollama's options, in llama.cpp's order.
+
+Ollama's llama.cpp runner builds llama.cpp's default sampler chain (common/sampling.cpp, `common_sampler_init`):
+  penalties -> top_k -> typical_p -> top_p -> min_p -> temperature -> draw
+with the semantics of llama.cpp src/llama-sampling.cpp (facts reproduced, not code):
+  - penalties (`llama_sampler_penalties_apply`): for each token seen c > 0 times in the last `repeat_last_n`
+    tokens: logit /= repeat_penalty if logit > 0 else logit *= repeat_penalty; then
+    logit -= c * frequency_penalty + presence_penalty.
+  - top_k: keep the k largest logits (k <= 0: keep all).
+  - typical_p (Meister et al. 2022, "Locally Typical Sampling"): softmax; H = -sum p log p; order tokens by
+    |-log p - H| ascending; keep the shortest prefix of that order whose probability mass exceeds typical_p
+    (at least one token). typical_p >= 1 disables.
+  - top_p: softmax; in descending order keep the shortest prefix whose mass reaches top_p (>= 1 disables).
+  - min_p: keep tokens with p >= min_p * p_max (<= 0 disables).
+  - temperature: divide logits by t; t <= 0 is greedy (argmax of the penalised logits).
+The filters after top_k compute softmax over the *untempered* logits of the remaining candidates, as llama.cpp
+does (temperature comes last in its chain).
+
+Each sequence owns a `Sampler` with its own `torch.Generator`, so a seeded request draws the same tokens whatever
+else shares its batch.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Sequence
+
+import torch
+
+from .options import GenerationOptions
+
+
+class Sampler:
+    """Samples one sequence's next tokens.
+
+    options: the request's options; num_ctx: the effective context (for repeat_last_n = -1).
+    """
+
+    def __init__(self, options: GenerationOptions, num_ctx: int | None = None) -> None:
+        self.options = options
+        self.window = options.penalty_window(num_ctx if num_ctx is not None else options.num_ctx)
+        # seed < 0 means random (Ollama's default -1); 63 random bits keep manual_seed's range happy.
+        self.seed = options.seed if options.seed >= 0 else secrets.randbits(63)
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(self.seed & 0xFFFF_FFFF_FFFF_FFFF)
+        o = options
+        self._penalise = self.window != 0 and (
+            o.repeat_penalty != 1.0 or o.presence_penalty != 0.0 or o.frequency_penalty != 0.0
+        )
+
+    # ---- the chain ------------------------------------------------------------------------------------------------
+
+    def apply_penalties(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        """Penalised copy of a (vocab,) logits row given the tokens so far (prompt + generated)."""
+        if not self._penalise or not history:
+            return logits
+        recent = torch.as_tensor(list(history[-self.window :]), dtype=torch.long)
+        recent = recent[(recent >= 0) & (recent < logits.shape[-1])]
+        if recent.numel() == 0:
+            return logits
+        ids, counts = torch.unique(recent, return_counts=True)
+        out = logits.clone()
+        o = self.options
+        vals = out[ids]
+        if o.repeat_penalty != 1.0:
+            vals = torch.where(vals <= 0, vals * o.repeat_penalty, vals / o.repeat_penalty)
+        vals = vals - counts.to(vals.dtype) * o.frequency_penalty - o.presence_penalty
+        out[ids] = vals
+        return out
+
+    def candidates(self, logits: torch.Tensor, history: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final candidate set and its sampling distribution.
+
+        Returns (token_ids, probs), both 1-D, token_ids in descending order of penalised logit; probs sums to 1.
+        For greedy options this is the single argmax token with probability 1.
+        """
+        x = self.apply_penalties(logits.detach().to(torch.float32).reshape(-1), history)
+        o = self.options
+        if o.is_greedy:
+            top = torch.argmax(x).reshape(1)
+            return top, torch.ones(1)
+        vocab = x.shape[0]
+        # top_k (also sorts; the later filters rely on descending order).
+        if 0 < o.top_k < vocab:
+            vals, ids = torch.topk(x, o.top_k)
+        else:
+            vals, ids = torch.sort(x, descending=True)
+        # Candidates at -inf (e.g. masked tokens) can never be drawn; drop them early, keep at least one.
+        finite = torch.isfinite(vals)
+        if not bool(finite.all()):
+            n_finite = max(int(finite.sum()), 1)
+            vals, ids = vals[:n_finite], ids[:n_finite]
+        if o.typical_p < 1.0 and vals.numel() > 1:
+            keep = _typical_keep(vals, o.typical_p)
+            vals, ids = vals[keep], ids[keep]
+        if o.top_p < 1.0 and vals.numel() > 1:
+            p = torch.softmax(vals, dim=0)
+            cum = torch.cumsum(p, dim=0)
+            # first index whose cumulative mass reaches top_p, inclusive
+            n = int(torch.searchsorted(cum, torch.tensor([o.top_p], dtype=cum.dtype)).item()) + 1
+            n = min(max(n, 1), vals.numel())
+            vals, ids = vals[:n], ids[:n]
+        if o.min_p > 0.0 and vals.numel() > 1:
+            p = torch.softmax(vals, dim=0)
+            mask = p >= o.min_p * p[0]
+            mask[0] = True
+            vals, ids = vals[mask], ids[mask]
+        probs = torch.softmax(vals / o.temperature, dim=0)
+        return ids, probs
+
+    def sample(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
+        """Draw the next token id from a (vocab,) logits row."""
+        ids, probs = self.candidates(logits, history)
+        if ids.numel() == 1:
+            return int(ids[0])
+        # Inverse-CDF draw from the sequence's own generator (one uniform per token: reproducible per seed).
+        u = torch.rand(1, generator=self.generator, dtype=torch.float64)
+        cum = torch.cumsum(probs.to(torch.float64), dim=0)
+        j = int(torch.searchsorted(cum, u * cum[-1], right=True).item())
+        return int(ids[min(j, ids.numel() - 1)])
+
+
+def _typical_keep(vals: torch.Tensor, typical_p: float) -> torch.Tensor:
+    """Positions (ascending, so descending logit order is kept) of the locally typical set of sorted logits."""
+    logp = torch.log_softmax(vals.to(torch.float64), dim=0)
+    p = logp.exp()
+    entropy = -(p * logp).sum()
+    shifted = (-logp - entropy).abs()
+    order = torch.argsort(shifted, stable=True)
+    cum = torch.cumsum(p[order], dim=0)
+    over = torch.nonzero(cum > typical_p)
+    n = int(over[0].item()) + 1 if over.numel() else order.numel()
+    return torch.sort(order[: max(n, 1)]).values
+
+
+def sample_batch(logits: torch.Tensor, samplers: Sequence[Sampler], histories: Sequence[Sequence[int]]) -> list[int]:
+    """Next token for each of n sequences: logits (n, vocab), row i sampled by samplers[i] with histories[i].
+
+    Greedy rows without penalties are served by one batched argmax; the rest go row by row through their own
+    sampler (each has its own generator, so results do not depend on the batch's make-up).
+    """
+    n = logits.shape[0]
+    if n != len(samplers) or n != len(histories):
+        raise ValueError(f"sample_batch: {n} logits rows, {len(samplers)} samplers, {len(histories)} histories")
+    out: list[int] = [0] * n
+    plain_greedy = [i for i, s in enumerate(samplers) if s.options.is_greedy and not s._penalise]
+    if plain_greedy:
+        am = torch.argmax(logits[plain_greedy], dim=-1).tolist()
+        for i, t in zip(plain_greedy, am):
+            out[i] = int(t)
+    done = set(plain_greedy)
+    for i, s in enumerate(samplers):
+        if i not in done:
+            out[i] = s.sample(logits[i], histories[i])
+    return out
