@@ -1,1 +1,48 @@
-"""`ollama-distributed` commands: serve_cmd (to be written)."""
+"""`ollama-distributed serve`: the Ollama-compatible HTTP server (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from ._app import app
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, "--host", help="Listen address (default: from OLLAMA_HOST, else 127.0.0.1)."),
+    port: int = typer.Option(None, "--port", help="Listen port (default: from OLLAMA_HOST, else 11434)."),
+    address: str = typer.Option(None, "--address", help="Ray cluster address (HEAD:PORT or 'auto')."),
+    local_nodes: int = typer.Option(0, "--local-nodes", help="Start N Ray nodes on this machine."),
+    node_memory: str = typer.Option(None, "--node-memory", help="Memory budget per local node, e.g. 2GiB."),
+    strategy: str = typer.Option("auto", "--strategy", help="auto|single|pipeline|tensor|hybrid"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32|bfloat16"),
+    log_level: str = typer.Option("info", "--log-level", help="debug|info|warning|error"),
+) -> None:
+    """Serve the Ollama and OpenAI APIs."""
+    import uvicorn
+
+    from ..api.app import create_app
+    from ..service.settings import ServerSettings
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = ServerSettings.from_env(
+            host=host, port=port, address=address, local_nodes=local_nodes, node_memory=node_memory,
+            strategy=strategy, dtype=dtype,
+        )
+    except ValueError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    where = (f"Ray cluster {settings.address}" if settings.address else
+             f"{settings.local_nodes} local Ray nodes" if settings.local_nodes else "in-process")
+    typer.echo(f"ollama-distributed listening on http://{settings.host}:{settings.port} (models run {where}; "
+               f"store {settings.models_dir})", err=True)
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level.lower(),
+                    timeout_graceful_shutdown=5)
+    except OSError as exc:
+        typer.echo(f"Error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", err=True)
+        sys.exit(1)

@@ -1,0 +1,87 @@
+"""GET /api/distributed/status: the cluster's nodes and, per loaded model, its placement plans.
+
+`{"nodes": [{"id", "address", "state", "resources", "measured"}], "models": [{"name", "plans": [PLAN, ...]}]}`
+where PLAN is the scheduler's plan JSON (one per replica) whose shards also carry "node_id" and "pid" — taken
+from the executor's `placement()` (Ray executor) or, for in-process serving, this node and this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from ..service.models import ModelManager, local_node_id
+from .common import state
+
+router = APIRouter()
+log = logging.getLogger(__name__)
+
+
+def _meminfo() -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemTotal", "MemAvailable"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _local_node(address: str) -> dict[str, Any]:
+    mem = _meminfo()
+    return {
+        "id": local_node_id(),
+        "address": address,
+        "state": "alive",
+        "resources": {"cpu": os.cpu_count() or 1, "memory_bytes": mem.get("MemTotal", 0)},
+        "measured": {"memory_available_bytes": mem.get("MemAvailable", 0)},
+    }
+
+
+def _cluster_nodes(cluster: Any) -> list[dict[str, Any]]:
+    """Nodes as Ray reports them (runtime.cluster.ClusterHandle), with the runtime's measurements (cached by the
+    cluster; the executor measured them when it planned)."""
+    measured: dict[str, dict[str, Any]] = {}
+    try:
+        for m in cluster.measure().nodes:
+            measured[m.node_id] = m.to_dict()
+    except Exception as exc:  # noqa: BLE001 - status still lists nodes when probing fails
+        log.warning("node measurement unavailable: %s", exc)
+    out = []
+    for n in cluster.nodes(include_dead=True):
+        out.append({
+            "id": n.node_id,
+            "name": n.name,
+            "address": n.address,
+            "state": "alive" if n.alive else "dead",
+            "resources": {**dict(n.resources), "memory_budget": n.memory_budget},
+            "measured": measured.get(n.node_id, {}),
+        })
+    return out
+
+
+def distributed_status(manager: ModelManager) -> dict[str, Any]:
+    """Blocking (may query Ray)."""
+    if manager.settings.distributed:
+        nodes = _cluster_nodes(manager.cluster())
+    else:
+        nodes = [_local_node(manager.settings.host)]
+    models = []
+    for runner in manager.runners():
+        placement = manager.placement(runner)
+        plans = placement.get("plans") if isinstance(placement.get("plans"), list) else [placement]
+        models.append({"name": runner.name, "plans": plans,
+                       "engine": {**runner.engine.stats(), "kv_sequences": runner.executor.live_sequences}})
+    return {"nodes": nodes, "models": models}
+
+
+@router.get("/api/distributed/status")
+async def status(request: Request) -> dict[str, Any]:
+    return await asyncio.to_thread(distributed_status, state(request).manager)

@@ -1,0 +1,336 @@
+"""Loaded models: load off the event loop, share one engine per weights file, keep_alive expiry, /api/ps.
+
+A *runner* is one loaded weights file: tokenizer + chat template + executor (in-process `LocalExecutor`, or the
+Ray executor from `runtime.distributed_run.build_executor` when the server was started with --address or
+--local-nodes) + `InferenceEngine`. Names that point at the same blob (a `cp`) share the runner, as Ollama shares
+its llama-server process; per-name settings (Modelfile PARAMETERs, SYSTEM, TEMPLATE) travel with the request.
+Expiry follows Ollama's scheduler (server/sched.go): a runner in use never expires; when its last request ends,
+it expires keep_alive later (0 = unload now, negative = never); at most `max_loaded` runners stay loaded, the
+least recently used idle one making room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from ..model.options import GenerationOptions
+from .json_format import ConstrainedExecutor
+from .settings import FOREVER, ServerSettings
+from .store import MESSAGES_LAYER, PARAMS_LAYER, SYSTEM_LAYER, TEMPLATE_LAYER, ModelEntry, ModelStore
+
+log = logging.getLogger(__name__)
+
+ExecutorFactory = Callable[[Path], Any]
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded (the message says which and why)."""
+
+
+@dataclass
+class Runner:
+    """One loaded weights file and the engine serving it."""
+
+    key: str
+    name: str  # display name of the model that loaded it most recently
+    entry: ModelEntry
+    tokenizer: Any
+    chat_template: Any | None
+    executor: ConstrainedExecutor
+    engine: Any
+    load_duration_ns: int
+    loaded_at: float = field(default_factory=time.time)
+    active: int = 0
+    expires_at: float = math.inf  # wall-clock seconds; inf while in use or kept forever
+    keep_alive_s: float = 300.0
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.engine.context_limit)
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What a request needs: the runner plus the per-name Modelfile settings of the requested name."""
+
+    runner: Runner
+    entry: ModelEntry
+    base_options: GenerationOptions
+    system: str | None
+    template: str | None
+    messages: list[dict[str, Any]]
+    load_duration_ns: int  # time this request waited for a load (0 when it was already loaded)
+
+    @property
+    def name(self) -> str:
+        return self.entry.name.display
+
+
+class ModelManager:
+    """Loads, shares, expires and unloads runners. Coroutine methods run on the server's event loop; blocking
+    work (loading, closing) goes to worker threads."""
+
+    def __init__(self, settings: ServerSettings, store: ModelStore, executor_factory: ExecutorFactory | None = None):
+        self.settings = settings
+        self.store = store
+        self.executor_factory = executor_factory or self._default_executor
+        self._cluster: Any = None
+        self._cluster_lock = threading.Lock()
+        self._runners: dict[str, Runner] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._reaper: asyncio.Task | None = None
+
+    # ---- executors ----------------------------------------------------------------------------------------------
+
+    def cluster(self) -> Any:
+        """The Ray cluster models run on (created on first use; blocking), or None for in-process serving."""
+        if not self.settings.distributed:
+            return None
+        with self._cluster_lock:
+            if self._cluster is None:
+                from ..runtime.cluster import cluster_from_cli
+
+                self._cluster = cluster_from_cli(self.settings.address, self.settings.local_nodes,
+                                                 self.settings.node_memory)
+            return self._cluster
+
+    def _default_executor(self, path: Path) -> Any:
+        """In-process LocalExecutor, or the Ray executor over the cluster the settings describe."""
+        import torch
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.settings.dtype]
+        if self.settings.distributed:
+            from ..runtime.distributed_run import build_executor
+
+            return build_executor(path, self.cluster(), self.settings.strategy, dtype=dtype)
+        from ..runtime.local_executor import LocalExecutor
+
+        # The KV cache grows on demand, so the executor's default bound (the model's context, capped) costs
+        # nothing up front; requests' num_ctx is clamped to it by the engine.
+        return LocalExecutor(path, dtype=dtype)
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start expiry; with --address/--local-nodes also start or join the Ray cluster. That happens here,
+        synchronously, because Ray installs signal handlers and so must start on the main thread (where
+        uvicorn runs the lifespan), not in a worker thread at the first model load."""
+        if self.settings.distributed:
+            # Ray replaces the SIGTERM/SIGINT handlers with ones that exit abruptly; keep uvicorn's, so a stop
+            # signal shuts the server down cleanly (and with it the cluster, in close()).
+            saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                self.cluster()
+            finally:
+                for sig, handler in saved.items():
+                    if handler is not None:
+                        signal.signal(sig, handler)
+        self._reaper = asyncio.create_task(self._reap_forever())
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for key in list(self._runners):
+            await self._unload(key)
+        if self._cluster is not None:
+            self._cluster.shutdown()  # main thread, like its start
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.time()
+            for key, r in list(self._runners.items()):
+                if r.active == 0 and r.expires_at <= now:
+                    log.info("model %s expired (keep_alive %ss); unloading", r.name, r.keep_alive_s)
+                    await self._unload(key)
+
+    # ---- per-request use ----------------------------------------------------------------------------------------
+
+    def view(self, entry: ModelEntry, runner: Runner, waited_ns: int) -> ModelView:
+        params: dict[str, Any] = {}
+        system = template = None
+        messages: list[dict[str, Any]] = []
+        for layer in entry.layers:
+            if layer.media_type == PARAMS_LAYER:
+                params = json.loads(self.store.read_blob_text(layer.digest))
+            elif layer.media_type == SYSTEM_LAYER:
+                system = self.store.read_blob_text(layer.digest)
+            elif layer.media_type == TEMPLATE_LAYER:
+                template = self.store.read_blob_text(layer.digest)
+            elif layer.media_type == MESSAGES_LAYER:
+                messages = json.loads(self.store.read_blob_text(layer.digest))
+        base = GenerationOptions.from_dict({"num_ctx": self.settings.num_ctx})
+        base = GenerationOptions.from_modelfile(params, base=base) if params else base
+        return ModelView(runner, entry, base, system, template, messages, waited_ns)
+
+    async def acquire(self, entry: ModelEntry) -> ModelView:
+        """Load (or reuse) the runner for `entry` and mark it in use; pair with `release`."""
+        key = str(entry.model_path.resolve())
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        t0 = time.perf_counter()
+        async with lock:
+            runner = self._runners.get(key)
+            if runner is None:
+                await self._make_room()
+                runner = await asyncio.to_thread(self._load, key, entry)
+                self._runners[key] = runner
+            runner.active += 1
+            runner.name = entry.name.display
+            runner.entry = entry
+            runner.expires_at = math.inf
+            runner.last_used = time.monotonic()
+        waited = int((time.perf_counter() - t0) * 1e9)
+        return self.view(entry, runner, waited if waited > 1_000_000 else 0)
+
+    def release(self, view: ModelView, keep_alive_s: float | None) -> None:
+        """End of one request: set the expiry from its keep_alive (None → server default)."""
+        r = view.runner
+        r.active = max(0, r.active - 1)
+        ka = self.settings.keep_alive_s if keep_alive_s is None else keep_alive_s
+        r.keep_alive_s = ka
+        r.last_used = time.monotonic()
+        if r.active == 0:
+            r.expires_at = math.inf if ka == FOREVER else time.time() + ka
+
+    async def unload(self, entry: ModelEntry) -> bool:
+        """Unload the runner of `entry` now (if loaded and idle). True if something was unloaded."""
+        key = str(entry.model_path.resolve())
+        r = self._runners.get(key)
+        if r is None:
+            return False
+        if r.active:
+            r.expires_at = 0.0  # the reaper unloads it once the running requests end
+            return False
+        await self._unload(key)
+        return True
+
+    async def _unload(self, key: str) -> None:
+        r = self._runners.pop(key, None)
+        if r is not None:
+            await asyncio.to_thread(r.engine.close)
+            log.info("unloaded %s", r.name)
+
+    async def _make_room(self) -> None:
+        while len(self._runners) >= self.settings.max_loaded:
+            idle = [r for r in self._runners.values() if r.active == 0]
+            if not idle:
+                return  # everything is busy: load anyway rather than fail (memory permitting)
+            victim = min(idle, key=lambda r: r.last_used)
+            log.info("unloading %s to make room (max_loaded=%d)", victim.name, self.settings.max_loaded)
+            await self._unload(victim.key)
+
+    def _load(self, key: str, entry: ModelEntry) -> Runner:
+        from ..model.chat_template import ChatTemplate
+        from ..model.tokenizer import Tokenizer
+        from ..runtime.engine import InferenceEngine
+
+        t0 = time.perf_counter()
+        path = entry.model_path
+        log.info("loading %s from %s", entry.name.display, path)
+        tokenizer = Tokenizer.from_gguf(path)
+        try:
+            chat_template = ChatTemplate.from_gguf(path)
+        except Exception as exc:  # noqa: BLE001 - a model without a usable chat template still completes
+            log.warning("model %s has no usable chat template (%s); /api/chat will use a plain format", key, exc)
+            chat_template = None
+        inner = self.executor_factory(path)
+        executor = ConstrainedExecutor(inner, tokenizer)
+        engine = InferenceEngine(
+            executor, tokenizer, max_batch=self.settings.num_parallel, max_queue=self.settings.max_queue,
+            name=entry.name.display,
+        )
+        took = int((time.perf_counter() - t0) * 1e9)
+        log.info("loaded %s in %.2f s", entry.name.display, took / 1e9)
+        return Runner(key=key, name=entry.name.display, entry=entry, tokenizer=tokenizer,
+                      chat_template=chat_template, executor=executor, engine=engine, load_duration_ns=took)
+
+    # ---- introspection ------------------------------------------------------------------------------------------
+
+    def runners(self) -> list[Runner]:
+        return list(self._runners.values())
+
+    def placement(self, runner: Runner) -> dict[str, Any]:
+        """The runner's plan JSON with node_id/pid per shard: the executor's own `placement()` when it has one
+        (the Ray executor), else the in-process single-shard plan."""
+        inner = runner.executor.inner
+        fn = getattr(inner, "placement", None)
+        if callable(fn):
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - status must not fail because a node is unreachable
+                log.warning("placement() of %s failed: %s", runner.name, exc)
+        return local_plan(runner.name, inner.config, runner.entry.size)
+
+    def ps_entry(self, runner: Runner) -> dict[str, Any]:
+        """One `/api/ps` item (+ our `placement` summary and live engine counters)."""
+        entry = runner.entry
+        exp = runner.expires_at
+        if math.isinf(exp):
+            expires = datetime.now(timezone.utc) + timedelta(days=365 * 100)
+        else:
+            expires = datetime.fromtimestamp(exp, timezone.utc)
+        plan = self.placement(runner)
+        shards = [s for st in plan.get("stages", []) for s in st.get("shards", [])]
+        nodes = sorted({str(s.get("node_id", s.get("node"))) for s in shards})
+        return {
+            "name": runner.name,
+            "model": runner.name,
+            "size": entry.size,
+            "digest": entry.digest,
+            "details": entry.details,
+            "expires_at": expires.isoformat(),
+            "size_vram": 0,
+            "context_length": runner.context_length,
+            "placement": {
+                "strategy": plan.get("strategy", "single"),
+                "stages": len(plan.get("stages", [])),
+                "nodes": nodes,
+                "shards": len(shards),
+            },
+            "engine": {**runner.engine.stats(), "kv_sequences": runner.executor.live_sequences},
+        }
+
+
+def local_node_id() -> str:
+    """Identity of this process's node for in-process execution: the Ray node id when Ray is up here, else
+    `local:<hostname>`."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - Ray is optional for in-process serving
+        pass
+    return f"local:{socket.gethostname()}"
+
+
+def local_plan(name: str, cfg: Any, memory_bytes: int) -> dict[str, Any]:
+    """The scheduler's plan JSON for in-process execution: one stage, one shard on this node, this process."""
+    from ..scheduler.plan import PartitionPlan, Prediction, ShardAssignment, StageSpec
+
+    node = local_node_id()
+    shard = ShardAssignment(node=node, heads=(0, cfg.n_heads), kv_heads=(0, cfg.n_kv_heads), ffn=(0, cfg.ffn_size),
+                            memory_bytes=int(memory_bytes))
+    plan = PartitionPlan(
+        model=name, strategy="single", stages=(StageSpec((0, cfg.n_layers), (shard,)),),
+        # In-process serving is not planned by the cost model, so there is no prediction to report.
+        predicted=Prediction(0.0, 0.0, 0.0), reason="in-process LocalExecutor (server started without a cluster)",
+    ).to_dict()
+    for stage in plan["stages"]:
+        for sh in stage["shards"]:
+            sh["node_id"] = node
+            sh["pid"] = os.getpid()
+    return plan

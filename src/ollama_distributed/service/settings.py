@@ -1,0 +1,180 @@
+"""Server settings, read from the environment once at the edge (CLI) and passed inward as a frozen object.
+
+Environment variables follow Ollama's envconfig/config.go where one exists:
+  OLLAMA_HOST            listen address `[scheme://]host[:port]` (default 127.0.0.1:11434)
+  OLLAMA_MODELS          an existing Ollama store, used read-only (default ~/.ollama/models)
+  OLLAMA_KEEP_ALIVE      default keep_alive (default 5m)
+  OLLAMA_CONTEXT_LENGTH  default num_ctx (default 4096)
+  OLLAMA_ORIGINS         extra allowed CORS origins, comma-separated
+  OLLAMA_MAX_QUEUE       requests waiting per model before 503 (default 512)
+  OLLAMA_NUM_PARALLEL    sequences decoded together per model (default 8)
+and our own:
+  OLLAMA_DISTRIBUTED_MODELS  our writable store (default ~/.ollama-distributed/models)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+DEFAULT_PORT = 11434
+DEFAULT_KEEP_ALIVE_S = 300.0
+FOREVER = math.inf
+
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+class InvalidDurationError(ValueError):
+    """A keep_alive value that is neither a number of seconds nor a Go duration string."""
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds in a Go `time.ParseDuration` string ("5m", "1h30m", "-1s", "0"). Raises InvalidDurationError."""
+    s = text.strip()
+    sign = 1.0
+    if s[:1] in "+-" and s:
+        sign, s = (-1.0 if s[0] == "-" else 1.0), s[1:]
+    if s == "0":
+        return 0.0
+    if not s:
+        raise InvalidDurationError(f"time: invalid duration {text!r}")
+    pos, total = 0, 0.0
+    while pos < len(s):
+        m = _GO_DURATION.match(s, pos)
+        if not m:
+            raise InvalidDurationError(f"time: invalid duration {text!r}")
+        total += float(m.group(1)) * _GO_UNITS[m.group(2)]
+        pos = m.end()
+    return sign * total
+
+
+def parse_keep_alive(value: Any, default: float) -> float:
+    """keep_alive → seconds (inf = forever), as Ollama's api.Duration: a number is seconds, a string a Go duration
+    (a bare numeric string is taken as seconds); negative means forever, 0 unload at once; None → default."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        raise InvalidDurationError(f"invalid keep_alive {value!r}: expected seconds or a duration like \"5m\"")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = parse_go_duration(value)
+    else:
+        raise InvalidDurationError(f"invalid keep_alive {value!r}: expected seconds or a duration like \"5m\"")
+    if math.isnan(seconds):
+        raise InvalidDurationError("invalid keep_alive NaN")
+    return FOREVER if seconds < 0 else seconds
+
+
+def parse_host(value: str | None) -> tuple[str, int]:
+    """OLLAMA_HOST → (host, port), like envconfig.Host: no scheme means http, no port means 11434 (80/443 only
+    when an explicit http/https scheme is given without a port, mirroring the ollama client)."""
+    raw = (value or "").strip().strip("\"'")
+    if not raw:
+        return "127.0.0.1", DEFAULT_PORT
+    has_scheme = "://" in raw
+    parts = urlsplit(raw if has_scheme else f"http://{raw}")
+    host = parts.hostname or "127.0.0.1"
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"OLLAMA_HOST {value!r}: invalid port") from exc
+    if port is None:
+        port = {"http": 80, "https": 443}.get(parts.scheme, DEFAULT_PORT) if has_scheme else DEFAULT_PORT
+    return host, port
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything the server needs; build with `from_env` at the edge.
+
+    models_dir: our writable Ollama-layout store. ollama_models_dir: a user's Ollama store, read-only (None: off).
+    keep_alive_s: default keep_alive (inf = forever). num_ctx: default context window (OLLAMA_CONTEXT_LENGTH).
+    max_queue / num_parallel: per-model engine queue bound and batch size. origins: extra CORS origins.
+    address / local_nodes / node_memory / strategy: where models run (None + 0 = in-process LocalExecutor).
+    dtype: compute dtype name ("float32" or "bfloat16"). include_bundled: list the bundled SmolLM2.
+    max_loaded: models kept loaded at once (the least recently used is unloaded to make room).
+    debug: expose internal counters (engine sequences) in /api/ps and /api/distributed/status.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    models_dir: Path = field(default_factory=lambda: Path.home() / ".ollama-distributed" / "models")
+    ollama_models_dir: Path | None = None
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
+    num_ctx: int = 4096
+    max_queue: int = 512
+    num_parallel: int = 8
+    origins: tuple[str, ...] = ()
+    address: str | None = None
+    local_nodes: int = 0
+    node_memory: str | None = None
+    strategy: str = "auto"
+    dtype: str = "float32"
+    include_bundled: bool = True
+    max_loaded: int = 3
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.num_ctx < 1 or self.max_queue < 0 or self.num_parallel < 1 or self.max_loaded < 1:
+            raise ValueError(
+                f"num_ctx ({self.num_ctx}), num_parallel ({self.num_parallel}), max_loaded ({self.max_loaded}) "
+                f"must be >= 1 and max_queue ({self.max_queue}) >= 0"
+            )
+        if self.address and self.local_nodes:
+            raise ValueError("--address and --local-nodes are mutually exclusive")
+        if self.node_memory and not self.local_nodes:
+            raise ValueError("--node-memory applies to --local-nodes (declare memory on real nodes with `ray start`)")
+        if self.local_nodes < 0:
+            raise ValueError(f"--local-nodes must be >= 0, got {self.local_nodes}")
+        if self.strategy not in ("auto", "single", "pipeline", "tensor", "hybrid"):
+            raise ValueError(f"unknown strategy {self.strategy!r}: expected auto|single|pipeline|tensor|hybrid")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}: expected float32|bfloat16")
+
+    @property
+    def distributed(self) -> bool:
+        """True when models run on a Ray cluster rather than in this process."""
+        return bool(self.address or self.local_nodes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "ServerSettings":
+        """Settings from environment variables (see module docstring); keyword overrides win (CLI flags)."""
+        env = os.environ if env is None else env
+        host, port = parse_host(env.get("OLLAMA_HOST"))
+        own = env.get("OLLAMA_DISTRIBUTED_MODELS")
+        ollama = env.get("OLLAMA_MODELS")
+        ollama_dir = Path(ollama).expanduser() if ollama else Path.home() / ".ollama" / "models"
+        values: dict[str, Any] = {
+            "host": host,
+            "port": port,
+            "models_dir": Path(own).expanduser() if own else Path.home() / ".ollama-distributed" / "models",
+            "ollama_models_dir": ollama_dir,
+            "keep_alive_s": parse_keep_alive(env.get("OLLAMA_KEEP_ALIVE") or None, DEFAULT_KEEP_ALIVE_S),
+            "num_ctx": _env_int(env, "OLLAMA_CONTEXT_LENGTH", 4096),
+            "max_queue": _env_int(env, "OLLAMA_MAX_QUEUE", 512),
+            "num_parallel": _env_int(env, "OLLAMA_NUM_PARALLEL", 8),
+            "origins": tuple(o.strip() for o in env.get("OLLAMA_ORIGINS", "").split(",") if o.strip()),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _env_int(env: Mapping[str, str], key: str, default: int) -> int:
+    raw = env.get(key)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{key}={raw!r} is not an integer") from None
