@@ -56,15 +56,12 @@ def serve_app(app: Any, timeout: float = 120.0) -> LiveApp:
 
 
 def server_app(models_dir: Path, **settings: Any) -> Any:
-    """The real server application (api.app.create_app) with observability installed, stores under models_dir."""
-    from ollama_distributed.api import observability
+    """The real server application (api.app.create_app, which installs observability), stores under models_dir."""
     from ollama_distributed.api.app import create_app
     from ollama_distributed.service.settings import ServerSettings
 
     app = create_app(ServerSettings(models_dir=models_dir, ollama_models_dir=None, include_bundled=False,
                                     **settings))
-    if getattr(app.state, "observability", None) is None:  # create_app may already install it once wired
-        observability.install(app)
     return app
 
 

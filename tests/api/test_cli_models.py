@@ -92,3 +92,19 @@ def test_run_via_server(server) -> None:
         run_via_server(server.host, "nope", "x", out=io.StringIO())
     assert "not found" in str(exc.value)
     assert run_via_server(f"127.0.0.1:{free_port()}", "tiny", "x", out=io.StringIO()) is False
+
+
+def test_run_command_goes_through_the_server(server) -> None:
+    """`ollama-distributed run` streams from the server at OLLAMA_HOST when one answers: its text equals the
+    server's own greedy /api/generate answer for the same prompt."""
+    import httpx
+
+    body = {"model": "tiny", "prompt": "Hello there", "stream": False,
+            "options": {"temperature": 0, "num_predict": 12}}
+    expected = httpx.post(f"{server.url}/api/generate", json=body, timeout=300).json()["response"]
+    r = cli(server, "run", "tiny", "Hello there", "--temperature", "0", "--num-predict", "12")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == expected
+    # An unknown model is the server's 404, reported as one line.
+    r = cli(server, "run", "no-such-model", "hi")
+    assert r.returncode == 1 and "not found" in r.stderr

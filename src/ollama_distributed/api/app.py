@@ -13,7 +13,7 @@ from .. import __version__
 from ..service.models import ExecutorFactory, ModelManager
 from ..service.settings import ServerSettings
 from ..service.store import ModelStore
-from . import distributed, models, ollama, openai
+from . import distributed, models, observability, ollama, openai
 from .common import AppState
 from .errors import install_error_handlers
 
@@ -57,4 +57,6 @@ def create_app(settings: ServerSettings, executor_factory: ExecutorFactory | Non
     install_error_handlers(app)
     for router in (models.router, ollama.router, openai.router, distributed.router):
         app.include_router(router)
+    # /metrics, /dashboard and the strategy/history endpoints; the model manager's runners report to its loop.
+    manager.learning = observability.install(app)
     return app

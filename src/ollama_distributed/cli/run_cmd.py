@@ -21,6 +21,7 @@ import typer
 
 from ..model.bundled import BUNDLED_MODELS, bundled_model_path
 from ..model.options import GenerationOptions, InvalidOptionError
+from ..service.client import ServerError, run_via_server
 from ._app import app
 
 log = logging.getLogger(__name__)
@@ -192,8 +193,10 @@ def run_command(
     num_ctx: Optional[int] = typer.Option(None, "--num-ctx", help="Context window (default OLLAMA_CONTEXT_LENGTH or 4096)."),
     num_thread: Optional[int] = typer.Option(None, "--num-thread", help="CPU threads (default: all)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show timings for the response."),
+    embedded: bool = typer.Option(
+        False, "--embedded", help="Run in this process even when a server answers at OLLAMA_HOST."),
 ) -> None:
-    """Run a model (in this process)."""
+    """Run a model: through the server at OLLAMA_HOST when one answers, else in this process."""
     try:
         base = GenerationOptions()
         env_ctx = os.environ.get("OLLAMA_CONTEXT_LENGTH")
@@ -204,8 +207,18 @@ def run_command(
                 raise InvalidOptionError(f"OLLAMA_CONTEXT_LENGTH={env_ctx!r} is not a positive integer") from exc
         given = {"temperature": temperature, "seed": seed, "num_predict": num_predict, "num_ctx": num_ctx,
                  "num_thread": num_thread}
-        options = GenerationOptions.from_dict({k: v for k, v in given.items() if v is not None}, base=base)
-        code = run_embedded(model, prompt, options, verbose=verbose)
+        requested = {k: v for k, v in given.items() if v is not None}
+        options = GenerationOptions.from_dict(requested, base=base)
+        # Like `ollama run`: a running server does the work; without one the README's one-command demo still
+        # works, embedded. A file path and --verbose timings are only handled by the embedded path.
+        use_server = not (embedded or verbose or Path(model).expanduser().exists())
+        if use_server and run_via_server(None, model, prompt, options=requested or None):
+            code = 0
+        else:
+            code = run_embedded(model, prompt, options, verbose=verbose)
+    except ServerError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from None
     except (ModelNotFoundError, InvalidOptionError) as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(1) from None

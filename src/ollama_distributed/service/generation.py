@@ -139,19 +139,24 @@ def submit(view: ModelView, ids: list[int], options: GenerationOptions, fmt: Any
            request_id: str | None = None) -> RequestHandle:
     """Queue a generation; with a `format`, register the JSON constraint for its sequence before its first step.
     Raises QueueFullError (503), ContextLengthError (400), ValueError (empty prompt)."""
-    engine = view.runner.engine
+    runner = view.runner
+    engine = runner.engine
     req = GenerationRequest(prompt_ids=ids, options=options, request_id=request_id, truncate=truncate)
     if fmt is None:
-        return engine.submit(req)
-    executor = view.runner.executor
-    num_ctx = min(options.num_ctx, engine.context_limit)
-    n_prompt = min(len(ids), num_ctx)
-    budget = num_ctx - n_prompt
-    if options.num_predict >= 0:
-        budget = min(budget, options.num_predict)
-    with executor.lock:  # the engine's step waits on this lock, so the constraint is in place before step one
         handle = engine.submit(req)
-        executor.register(handle.seq_id, n_prompt, budget)
+    else:
+        executor = runner.executor
+        num_ctx = min(options.num_ctx, engine.context_limit)
+        n_prompt = min(len(ids), num_ctx)
+        budget = num_ctx - n_prompt
+        if options.num_predict >= 0:
+            budget = min(budget, options.num_predict)
+        with executor.lock:  # the engine's step waits on this lock, so the constraint is in place before step one
+            handle = engine.submit(req)
+            executor.register(handle.seq_id, n_prompt, budget)
+    if runner.learning is not None:
+        # Time-to-first-token / inter-token metrics as it streams, and a measurement report when it ends.
+        handle = runner.learning.track(runner.name, handle, batch_fn=lambda: engine.stats()["running"])
     return handle
 
 

@@ -56,6 +56,7 @@ class Runner:
     expires_at: float = math.inf  # wall-clock seconds; inf while in use or kept forever
     keep_alive_s: float = 300.0
     last_used: float = field(default_factory=time.monotonic)
+    learning: Any | None = None  # service.learning.LearningLoop that requests on this runner report to
 
     @property
     def context_length(self) -> int:
@@ -92,6 +93,8 @@ class ModelManager:
         self._runners: dict[str, Runner] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task | None = None
+        # The learning loop (api.observability.install sets it): runners report measurements to it.
+        self.learning: Any | None = None
 
     # ---- executors ----------------------------------------------------------------------------------------------
 
@@ -220,6 +223,8 @@ class ModelManager:
     async def _unload(self, key: str) -> None:
         r = self._runners.pop(key, None)
         if r is not None:
+            if r.learning is not None:
+                r.learning.detach(r.name)
             await asyncio.to_thread(r.engine.close)
             log.info("unloaded %s", r.name)
 
@@ -254,8 +259,14 @@ class ModelManager:
         )
         took = int((time.perf_counter() - t0) * 1e9)
         log.info("loaded %s in %.2f s", entry.name.display, took / 1e9)
+        if self.learning is not None and self.settings.distributed:
+            # Calibration needs the plan the runtime placed and the cluster's measurements (in-process models
+            # have neither; their requests still feed the metrics through `track`).
+            self.learning.attach_loaded(entry.name.display, path, inner.placement(), self.cluster(),
+                                        self.settings.dtype)
         return Runner(key=key, name=entry.name.display, entry=entry, tokenizer=tokenizer,
-                      chat_template=chat_template, executor=executor, engine=engine, load_duration_ns=took)
+                      chat_template=chat_template, executor=executor, engine=engine, load_duration_ns=took,
+                      learning=self.learning)
 
     # ---- introspection ------------------------------------------------------------------------------------------
 
