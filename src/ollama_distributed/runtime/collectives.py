@@ -1,0 +1,172 @@
+"""Every torch.distributed call of the runtime lives here: one world per plan, a tensor-parallel group per stage,
+point-to-point sends between consecutive stages.
+
+Ranks are numbered stage-major: stage 0's shards are ranks 0..p0-1, stage 1's follow, and so on. Inside a stage
+all shards hold the same residual stream after each all-reduce, so any of them can feed the next stage: receiver j
+of stage s+1 takes its input from shard j mod p_s of stage s, which spreads the sends over the senders when the
+stages have different widths (e.g. 2-way TP feeding 3-way TP).
+
+Backend: gloo (CPU tensors, TCP) unless every shard has a GPU, then NCCL. A GPU shard in a gloo world stages its
+tensors through host memory. Collectives over a group of one return
+at once (no process group is even created for it).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """Where one rank sits in a plan's world.
+
+    rank/world: global rank and world size. stage: pipeline stage index; tp_rank: index within the stage.
+    stage_ranks: the global ranks of every stage (same list on every rank). recv_from: the rank of the previous
+    stage this rank takes hidden states from (None on stage 0). send_to: ranks of the next stage it feeds.
+    """
+
+    rank: int
+    world: int
+    stage: int
+    tp_rank: int
+    stage_ranks: tuple[tuple[int, ...], ...]
+    recv_from: int | None
+    send_to: tuple[int, ...]
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.stage_ranks)
+
+    @property
+    def tp_size(self) -> int:
+        return len(self.stage_ranks[self.stage])
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage == self.n_stages - 1
+
+
+def plan_layout(stage_sizes: list[int]) -> list[RankLayout]:
+    """RankLayouts of every rank for stages of the given tensor-parallel widths (see module docstring)."""
+    if not stage_sizes or min(stage_sizes) < 1:
+        raise ValueError(f"every stage needs at least one shard, got widths {stage_sizes}")
+    ranks, start = [], 0
+    for size in stage_sizes:
+        ranks.append(tuple(range(start, start + size)))
+        start += size
+    stage_ranks = tuple(ranks)
+    out = []
+    for s, members in enumerate(stage_ranks):
+        for t, rank in enumerate(members):
+            recv = stage_ranks[s - 1][t % len(stage_ranks[s - 1])] if s > 0 else None
+            send: tuple[int, ...] = ()
+            if s + 1 < len(stage_ranks):
+                nxt = stage_ranks[s + 1]
+                send = tuple(r for j, r in enumerate(nxt) if j % len(members) == t)
+            out.append(RankLayout(rank, start, s, t, stage_ranks, recv, send))
+    return out
+
+
+def bind_gloo_to(ip: str) -> None:
+    """Make gloo use the network interface that holds `ip` (this node's Ray address).
+
+    Left alone, gloo picks the address the machine's hostname resolves to — often 127.0.0.1 from /etc/hosts — and
+    advertises it to its peers, which then cannot connect from another machine (seen with two network
+    namespaces: "connectFullMesh failed ... Connection refused, remote=[127.0.0.1]"). An explicit
+    GLOO_SOCKET_IFNAME set by the operator wins.
+    """
+    import os
+
+    import psutil
+
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    for ifname, addrs in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addrs):
+            os.environ["GLOO_SOCKET_IFNAME"] = ifname
+            return
+    log.warning("no network interface holds %s; gloo will pick one from the hostname", ip)
+
+
+class PlanComm:
+    """One rank's handle on the plan's process groups. Create on every rank with the same arguments."""
+
+    def __init__(self, layout: RankLayout, master_addr: str, master_port: int, backend: str = "gloo",
+                 timeout_s: float = 120.0, node_ip: str = "127.0.0.1") -> None:
+        import torch.distributed as dist
+
+        self.layout = layout
+        self.backend = backend
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        bind_gloo_to(node_ip)
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=layout.rank,
+            world_size=layout.world,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        # new_group is collective over the whole world: every rank creates every stage's group, in stage order.
+        self.tp_group = None
+        for members in layout.stage_ranks:
+            if len(members) > 1:
+                group = dist.new_group(list(members))
+                if layout.rank in members:
+                    self.tp_group = group
+        self._pending: list = []
+
+    # -- tensor parallel ----------------------------------------------------------------------------------------
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over this stage's shards (in place) and return it; a one-shard stage returns `t` unchanged."""
+        if self.tp_group is None:
+            return t
+        import torch.distributed as dist
+
+        if t.device != self.device:  # a GPU shard in a gloo world: reduce a host copy
+            host = t.to(self.device)
+            dist.all_reduce(host, op=dist.ReduceOp.SUM, group=self.tp_group)
+            t.copy_(host)
+            return t
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.tp_group)
+        return t
+
+    # -- pipeline ----------------------------------------------------------------------------------------------
+    def recv_hidden(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Block until the previous stage's hidden states for this micro-batch arrive."""
+        import torch.distributed as dist
+
+        assert self.layout.recv_from is not None, "stage 0 receives token ids from the driver, not hidden states"
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(buf, src=self.layout.recv_from)
+        return buf
+
+    def send_hidden(self, t: torch.Tensor) -> None:
+        """Start sending `t` to the next stage's shards without waiting (the next micro-batch can compute
+        meanwhile); `flush()` waits for all outstanding sends."""
+        import torch.distributed as dist
+
+        t = t.to(self.device).contiguous()  # gloo sends host tensors; NCCL device tensors
+        for dst in self.layout.send_to:
+            self._pending.append((dist.isend(t, dst=dst), t))  # keep t alive until the send completes
+
+    def flush(self) -> None:
+        for work, _ in self._pending:
+            work.wait()
+        self._pending.clear()
+
+    def destroy(self) -> None:
+        import torch.distributed as dist
+
+        self._pending.clear()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,199 @@
+"""Plan JSON → the shards to start: one `ShardPlacement` per shard, with its ShardSpec, rank and Ray node.
+
+Follows the plan format of scheduler/plan.py: shard j of stage i becomes
+ShardSpec(stage.layers, shard.kv_heads, shard.ffn, has_embedding=(i == 0), has_output=(i == last and j == 0)).
+The plan is checked against the model (every layer once, every KV head / FFN column of a stage once, heads =
+kv_heads × group size) and against the cluster (every named node alive, no node over its memory budget) before
+anything is started, so a bad plan fails fast with the numbers in the message instead of an actor that never
+schedules.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ..model.config import ModelConfig
+from ..model.shard import ShardSpec
+from .cluster import MEMORY_RESOURCE, MIB, ClusterHandle, NodeNotFoundError
+from .collectives import RankLayout, plan_layout
+
+
+class PlacementError(ValueError):
+    """A plan cannot be placed on this model or cluster; the message names the shard, node and numbers."""
+
+
+@dataclass(frozen=True)
+class ShardPlacement:
+    """One shard to start: where (node name + Ray node id), what (spec) and who it talks to (layout)."""
+
+    stage: int
+    index: int  # position within the stage (tensor-parallel rank)
+    node: str
+    node_id: str
+    spec: ShardSpec
+    memory_bytes: int
+    layout: RankLayout
+    gpus: float = 0.0
+    resources: Mapping[str, float] | None = None  # Ray custom resources the actor reserves (its memory budget)
+
+    @property
+    def rank(self) -> int:
+        return self.layout.rank
+
+
+def plan_dict(plan: Any) -> dict[str, Any]:
+    """A PartitionPlan (scheduler/plan.py) or its JSON dict → the JSON dict."""
+    if isinstance(plan, Mapping):
+        return dict(plan)
+    to_dict = getattr(plan, "to_dict", None)
+    if to_dict is None:
+        raise PlacementError(f"expected a PartitionPlan or its JSON dict, got {type(plan).__name__}")
+    return to_dict()
+
+
+def shard_specs(plan: Mapping[str, Any], cfg: ModelConfig) -> list[list[tuple[str, ShardSpec, int]]]:
+    """(node, ShardSpec, memory_bytes) per shard, stage by stage; raises PlacementError on a malformed plan."""
+    stages = plan.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise PlacementError("plan has no 'stages' list")
+    out: list[list[tuple[str, ShardSpec, int]]] = []
+    next_layer = 0
+    last = len(stages) - 1
+    seen_nodes: set[str] = set()
+    for i, stage in enumerate(stages):
+        try:
+            layers = (int(stage["layers"][0]), int(stage["layers"][1]))
+            shards = stage["shards"]
+        except (KeyError, TypeError, IndexError) as exc:
+            raise PlacementError(f"stage {i} needs 'layers': [start, end) and 'shards': {exc}") from None
+        if layers[0] != next_layer or layers[1] <= layers[0]:
+            raise PlacementError(f"stage {i} covers layers {list(layers)}, expected a non-empty range starting at {next_layer}")
+        next_layer = layers[1]
+        if not shards:
+            raise PlacementError(f"stage {i} has no shards")
+        row = []
+        kv_at, ffn_at = 0, 0
+        for j, sh in enumerate(shards):
+            try:
+                node = str(sh["node"])
+                kv = (int(sh["kv_heads"][0]), int(sh["kv_heads"][1]))
+                ffn = (int(sh["ffn"][0]), int(sh["ffn"][1]))
+                mem = int(sh.get("memory_bytes", 0))
+            except (KeyError, TypeError, IndexError) as exc:
+                raise PlacementError(f"stage {i} shard {j} needs node, kv_heads, ffn: {exc}") from None
+            if node in seen_nodes:
+                raise PlacementError(f"node {node!r} holds more than one shard of the plan")
+            seen_nodes.add(node)
+            if kv[0] != kv_at or ffn[0] != ffn_at:
+                raise PlacementError(
+                    f"stage {i} shard {j} ({node}): kv_heads {list(kv)} / ffn {list(ffn)} do not continue at "
+                    f"kv {kv_at} / ffn {ffn_at}"
+                )
+            kv_at, ffn_at = kv[1], ffn[1]
+            spec = ShardSpec(layers, kv, ffn, has_embedding=(i == 0), has_output=(i == last and j == 0))
+            try:
+                spec.validate(cfg)
+            except ValueError as exc:
+                raise PlacementError(f"stage {i} shard {j} ({node}): {exc}") from None
+            if "heads" in sh and tuple(sh["heads"]) != spec.heads(cfg):
+                raise PlacementError(
+                    f"stage {i} shard {j} ({node}): heads {list(sh['heads'])} are not kv_heads {list(kv)} × "
+                    f"group size {cfg.group_size} = {list(spec.heads(cfg))}"
+                )
+            row.append((node, spec, mem))
+        if kv_at != cfg.n_kv_heads or ffn_at != cfg.ffn_size:
+            raise PlacementError(
+                f"stage {i} covers kv heads [0, {kv_at}) of {cfg.n_kv_heads} and ffn [0, {ffn_at}) of {cfg.ffn_size}"
+            )
+        out.append(row)
+    if next_layer != cfg.n_layers:
+        raise PlacementError(f"stages cover layers [0, {next_layer}) of the model's {cfg.n_layers}")
+    return out
+
+
+def place(plan: Any, cfg: ModelConfig, cluster: ClusterHandle) -> list[list[ShardPlacement]]:
+    """Check `plan` against `cfg` and the cluster's alive nodes; return placements[stage][tp_rank]."""
+    specs = shard_specs(plan_dict(plan), cfg)
+    nodes = {n.name: n for n in cluster.nodes()}
+    layouts = iter(plan_layout([len(row) for row in specs]))
+    out = []
+    for i, row in enumerate(specs):
+        placed = []
+        for j, (name, spec, mem) in enumerate(row):
+            node = nodes.get(name)
+            if node is None:
+                raise NodeNotFoundError(
+                    f"plan puts stage {i} shard {j} on node {name!r}, which is not alive; alive: {', '.join(nodes) or 'none'}"
+                )
+            if node.memory_budget is not None and mem > node.memory_budget:
+                raise PlacementError(
+                    f"stage {i} shard {j} needs {mem / MIB:.1f} MiB on {name}, whose budget is "
+                    f"{node.memory_budget / MIB:.1f} MiB"
+                )
+            # Reserve the planned bytes from the node's budget so Ray's accounting matches the plan (nodes that
+            # declare no budget — joined clusters without `od_memory_mib` — reserve nothing).
+            res = {MEMORY_RESOURCE: float(math.ceil(mem / MIB))} if node.memory_budget is not None and mem > 0 else {}
+            placed.append(ShardPlacement(i, j, name, node.node_id, spec, mem, next(layouts), min(1.0, node.gpus), res))
+        out.append(placed)
+    return out
+
+
+def _split(n: int, weights: list[float]) -> list[tuple[int, int]]:
+    """Half-open ranges covering [0, n) with sizes proportional to `weights` (largest remainder)."""
+    total = sum(weights)
+    exact = [n * w / total for w in weights]
+    sizes = [int(e) for e in exact]
+    for i in sorted(range(len(weights)), key=lambda i: exact[i] - sizes[i], reverse=True)[: n - sum(sizes)]:
+        sizes[i] += 1
+    out, start = [], 0
+    for size in sizes:
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def shard_weight_bytes(cfg: ModelConfig, spec: ShardSpec, dtype_bytes: int = 4) -> int:
+    """Bytes of the weights a shard holds, from the model's shapes alone (what load_weights returns for it)."""
+    hd, h = cfg.head_dim, cfg.hidden_size
+    heads = spec.heads(cfg)[1] - spec.heads(cfg)[0]
+    kv = spec.kv_heads[1] - spec.kv_heads[0]
+    ffn = spec.ffn[1] - spec.ffn[0]
+    per_layer = 2 * h + (heads + 2 * kv) * hd * h + h * heads * hd + 3 * ffn * h
+    if cfg.attention_bias:
+        per_layer += (heads + 2 * kv) * hd
+    n = spec.n_layers * per_layer
+    embed = cfg.vocab_size * h
+    if spec.has_embedding:
+        n += embed
+    if spec.has_output:
+        n += h + (0 if (cfg.tie_embeddings and spec.has_embedding) else embed)
+    return n * dtype_bytes
+
+
+def uniform_plan(cfg: ModelConfig, stage_nodes: list[list[str]], model: str = "model", dtype_bytes: int = 4) -> dict[str, Any]:
+    """A plan JSON with layers split evenly over the stages and, within a stage, KV groups split evenly over its
+    nodes (FFN columns in the same proportion) — for tests, benchmarks and `--strategy` without a planner."""
+    if len(stage_nodes) > cfg.n_layers:
+        raise PlacementError(f"{len(stage_nodes)} stages for {cfg.n_layers} layers")
+    stages = []
+    last = len(stage_nodes) - 1
+    for i, (layers, nodes) in enumerate(zip(_split(cfg.n_layers, [1.0] * len(stage_nodes)), stage_nodes)):
+        if len(nodes) > cfg.n_kv_heads:
+            raise PlacementError(f"stage {i}: {len(nodes)} tensor-parallel shards for {cfg.n_kv_heads} KV heads")
+        kvs = _split(cfg.n_kv_heads, [1.0] * len(nodes))
+        ffns = _split(cfg.ffn_size, [float(e - s) for s, e in kvs])
+        shards = []
+        for j, (node, kv, ffn) in enumerate(zip(nodes, kvs, ffns)):
+            spec = ShardSpec(layers, kv, ffn, i == 0, i == last and j == 0)
+            shards.append({"node": node, "heads": list(spec.heads(cfg)), "kv_heads": list(kv), "ffn": list(ffn),
+                           "memory_bytes": shard_weight_bytes(cfg, spec, dtype_bytes)})
+        stages.append({"layers": list(layers), "shards": shards})
+    shape = "x".join(str(len(n)) for n in stage_nodes)
+    strategy = ("single" if len(stage_nodes) == 1 and len(stage_nodes[0]) == 1 else
+                "pipeline" if all(len(n) == 1 for n in stage_nodes) else
+                "tensor" if len(stage_nodes) == 1 else "hybrid")
+    return {"model": model, "strategy": strategy, "stages": stages,
+            "predicted": {"decode_ms_per_token": 0.0, "prefill_ms": 0.0, "tokens_per_s": 0.0},
+            "reason": f"uniform split, stage widths {shape}"}
