@@ -76,3 +76,19 @@ def test_format_duration_like_go():
     assert format_duration(0.0123456) == "12.3456ms"
     assert format_duration(0.000002) == "2µs"
     assert format_duration(0) == "0s"
+
+
+@pytest.mark.slow
+def test_run_on_local_pipeline_equals_in_process(tiny_gguf, expected):
+    """`run --local-nodes 2 --strategy pipeline` (real raylets, in a subprocess so Ray owns its own driver) streams
+    the same seeded answer as the in-process engine, and says where the layers went."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "ollama_distributed.cli", "run", str(tiny_gguf), "Why is the sky blue?", *ARGS,
+           "--local-nodes", "2", "--node-memory", "34MiB", "--strategy", "pipeline", "--verbose"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, COLUMNS="200"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout == expected([{"role": "user", "content": "Why is the sky blue?"}]) + "\n"
+    assert "plan: pipeline (layers 0-" in r.stderr and "node1" in r.stderr, r.stderr[-2000:]

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import Any, Optional, TextIO
 
 import typer
 
@@ -31,6 +32,17 @@ HELP_TEXT = """Available commands:
   /bye            Exit
   /?, /help       Help for a command
 """
+
+
+@dataclass(frozen=True)
+class ClusterArgs:
+    """Where `run` places the model: `address` (a Ray cluster) or `local_nodes` raylets on this machine (each
+    with `node_memory`), planned with `strategy` (auto|single|pipeline|tensor|hybrid)."""
+
+    address: str | None = None
+    local_nodes: int | None = None
+    node_memory: str | None = None
+    strategy: str = "auto"
 
 
 class ModelNotFoundError(LookupError):
@@ -91,15 +103,18 @@ def run_embedded(
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
     max_batch: int = 4,
+    cluster: ClusterArgs | None = None,
 ) -> int:
-    """Run MODEL in this process; answer PROMPT, or chat over stdin. Returns the exit code."""
+    """Run MODEL from this process; answer PROMPT, or chat over stdin. Returns the exit code.
+
+    With `cluster` the model runs on Ray (an embedded local cluster of `local_nodes`, or the one at `address`)
+    through the scheduler's plan for `strategy`; otherwise in this process."""
     import time
 
     import torch
 
     from ..model.chat_template import ChatTemplate
     from ..model.tokenizer import Tokenizer
-    from ..runtime.engine import GenerationRequest, InferenceEngine
     from ..runtime.local_executor import LocalExecutor
 
     stdin = stdin or sys.stdin
@@ -111,8 +126,35 @@ def run_embedded(
     t0 = time.perf_counter()
     tokenizer = Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_hf_dir(path)
     template = ChatTemplate.from_tokenizer(tokenizer)
-    executor = LocalExecutor(path, max_seq_len=options.num_ctx)
+    handle_cluster = None
+    if cluster is None:
+        executor = LocalExecutor(path, max_seq_len=options.num_ctx)
+    else:
+        from ..runtime.cluster import cluster_from_cli
+        from ..runtime.distributed_run import build_executor
+
+        handle_cluster = cluster_from_cli(cluster.address, cluster.local_nodes, cluster.node_memory)
+        executor = build_executor(path, handle_cluster, cluster.strategy, max_seq_len=options.num_ctx)
+        if verbose:
+            plan = executor.placement()
+            stages = ", ".join(
+                f"layers {st['layers'][0]}-{st['layers'][1]} on " + "+".join(sh["node"] for sh in st["shards"])
+                for st in plan["stages"])
+            stderr.write(f"plan: {plan['strategy']} ({stages})\n")
     load_s = time.perf_counter() - t0
+    try:
+        return _chat(executor, tokenizer, template, options, prompt, max_batch=max_batch, verbose=verbose,
+                     load_s=load_s, stdin=stdin, stdout=stdout, stderr=stderr)
+    finally:
+        if handle_cluster is not None:
+            handle_cluster.shutdown()
+
+
+def _chat(executor: Any, tokenizer: Any, template: Any, options: GenerationOptions, prompt: str | None, *,
+          max_batch: int, verbose: bool, load_s: float, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
+    """Answer `prompt`, or chat over stdin, with an engine over `executor` (closed on return)."""
+    from ..runtime.engine import GenerationRequest, InferenceEngine
+
     history: list[dict[str, str]] = []
     pending_load = [load_s]  # reported once, with the first answer
 
@@ -195,6 +237,11 @@ def run_command(
     verbose: bool = typer.Option(False, "--verbose", help="Show timings for the response."),
     embedded: bool = typer.Option(
         False, "--embedded", help="Run in this process even when a server answers at OLLAMA_HOST."),
+    address: Optional[str] = typer.Option(None, "--address", help="Run on the Ray cluster at HEAD:PORT (or auto)."),
+    local_nodes: Optional[int] = typer.Option(
+        None, "--local-nodes", help="Run on N local Ray nodes (separate raylets on 127.0.0.1)."),
+    node_memory: Optional[str] = typer.Option(None, "--node-memory", help="Memory budget per local node, e.g. 2GB."),
+    strategy: str = typer.Option("auto", "--strategy", help="auto|single|pipeline|tensor|hybrid (with a cluster)."),
 ) -> None:
     """Run a model: through the server at OLLAMA_HOST when one answers, else in this process."""
     try:
@@ -211,11 +258,13 @@ def run_command(
         options = GenerationOptions.from_dict(requested, base=base)
         # Like `ollama run`: a running server does the work; without one the README's one-command demo still
         # works, embedded. A file path and --verbose timings are only handled by the embedded path.
-        use_server = not (embedded or verbose or Path(model).expanduser().exists())
+        distributed = address is not None or local_nodes is not None
+        cluster = ClusterArgs(address, local_nodes, node_memory, strategy) if distributed else None
+        use_server = not (embedded or verbose or distributed or Path(model).expanduser().exists())
         if use_server and run_via_server(None, model, prompt, options=requested or None):
             code = 0
         else:
-            code = run_embedded(model, prompt, options, verbose=verbose)
+            code = run_embedded(model, prompt, options, verbose=verbose, cluster=cluster)
     except ServerError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(1) from None
