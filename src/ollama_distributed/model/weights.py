@@ -1,0 +1,322 @@
+"""Model files → `ModelConfig` and the tensors one shard owns.
+
+GGUF is read through `gguf.GGUFReader`, which memory-maps the file: a shard touches (and so pays RSS for) only
+the bytes of the rows it dequantises. Column-parallel weights (q/k/v, gate/up, embedding, lm_head) are split by
+output rows, and quantised blocks never straddle a row, so rows are selected *before* dequantising.
+Row-parallel weights (o, down) are split by input columns, which may cut through a quantisation block, so they
+are dequantised in bounded row chunks and the columns sliced from each chunk.
+
+HF directories (config.json + safetensors) are delegated to `model/hf.py`, which returns the same canonical names.
+
+Canonical names and layouts are fixed in /work/notes/contracts.md ("model/weights.py").
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from .config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
+from .errors import ModelFileError, UnsupportedArchitectureError
+from .shard import ShardSpec
+
+log = logging.getLogger(__name__)
+
+# GGUF `general.architecture` → our arch. llama.cpp writes Mistral (v0.1-v0.3) checkpoints as "llama"; older
+# conversions used "mistral" with the same tensor layout (convert_hf_to_gguf.py: MistralModel(LlamaModel)).
+_ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_GGUF_ARCHS = tuple(_ARCH_ALIASES)
+# Dequantise at most this many elements at once (float32 temporaries ≈ 4 × this many bytes).
+_CHUNK_ELEMS = 1 << 22
+
+
+class _Truncated(Exception):
+    def __init__(self, end: int, size: int, in_data: bool) -> None:
+        super().__init__(end, size, in_data)
+        self.end, self.size, self.in_data = end, size, in_data
+
+
+class _CheckedReader(gguf.GGUFReader):
+    """GGUFReader that notices reads past the end of the file.
+
+    The upstream reader slices its memmap, and a slice past the end silently comes back short, surfacing later
+    as an unrelated numpy reshape error; checking the extent here lets us say "truncated" with byte counts.
+    """
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        end = int(offset) + int(count) * np.dtype(dtype).itemsize
+        if end > len(self.data):
+            in_data = getattr(self, "data_offset", None) is not None and offset >= self.data_offset
+            raise _Truncated(end, len(self.data), in_data)
+        return super()._get(offset, dtype, count, *args, **kwargs)
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+@functools.lru_cache(maxsize=4)
+def _open_cached(path: str, mtime_ns: int, size: int) -> gguf.GGUFReader:
+    del mtime_ns  # part of the cache key only: a rewritten file is parsed again
+    try:
+        return _CheckedReader(path)
+    except _Truncated as exc:
+        if exc.in_data:
+            problem = f"truncated: tensor data runs to byte {exc.end} but the file has {exc.size} bytes"
+        else:
+            problem = f"truncated or corrupt header: it needs byte {exc.end} but the file has {exc.size} bytes"
+        raise ModelFileError(path, problem) from None
+    except Exception as exc:  # noqa: BLE001 — any failure to parse untrusted bytes means a corrupt file
+        raise ModelFileError(path, f"corrupt GGUF header ({type(exc).__name__}: {exc})") from None
+
+
+def open_gguf(path: str | Path) -> gguf.GGUFReader:
+    """A parsed (memory-mapped, cached) GGUF reader, or ModelFileError naming the file and the problem."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelFileError(p, "file does not exist")
+    if p.is_dir():
+        raise ModelFileError(p, "is a directory without config.json, not a GGUF file or HF model directory")
+    st = p.stat()
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if len(magic) < 4:
+        raise ModelFileError(p, f"truncated: {st.st_size} bytes is too short to be a GGUF file")
+    if magic != b"GGUF":
+        raise ModelFileError(p, f"not a GGUF file: magic {magic!r}, expected b'GGUF'")
+    return _open_cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def _field_value(path: Path, field: Any) -> Any:
+    try:
+        return field.contents()
+    except (ValueError, IndexError, UnicodeDecodeError) as exc:
+        raise ModelFileError(path, f"corrupt metadata field {field.name!r} ({exc})") from None
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Every GGUF key/value field as plain Python values (token/merge arrays included as lists)."""
+    p = Path(path)
+    reader = open_gguf(p)
+    return {name: _field_value(p, field) for name, field in reader.fields.items()}
+
+
+_REQUIRED = object()
+
+
+def _uniform(path: Path, key: str, value: Any) -> Any:
+    """Some GGUFs store per-layer arrays (e.g. head_count_kv); we support only one value for all layers."""
+    if isinstance(value, list):
+        if not value or any(v != value[0] for v in value):
+            raise ModelFileError(path, f"{key} varies per layer ({value}); only uniform layers are supported")
+        return value[0]
+    return value
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """ModelConfig of a GGUF file, or of an HF directory (config.json; delegated to model/hf.py)."""
+    p = Path(path)
+    if _is_hf_dir(p):
+        from .hf import read_hf_config  # lazy: the HF reader is optional for GGUF-only use
+
+        return read_hf_config(p)
+    reader = open_gguf(p)
+    fields = reader.fields
+
+    def get(key: str, default: Any = _REQUIRED) -> Any:
+        field = fields.get(key)
+        if field is None:
+            if default is _REQUIRED:
+                raise ModelFileError(p, f"metadata key {key!r} is missing")
+            return default
+        return _uniform(p, key, _field_value(p, field))
+
+    gguf_arch = str(get("general.architecture"))
+    arch = _ARCH_ALIASES.get(gguf_arch)
+    if arch is None:
+        raise UnsupportedArchitectureError(p, gguf_arch, _GGUF_ARCHS)
+    assert arch in SUPPORTED_ARCHITECTURES
+    a = gguf_arch
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ModelFileError(p, "tensor 'token_embd.weight' is missing")
+    # GGUF dims are listed fastest-varying first: token_embd is [hidden, vocab].
+    embd_hidden, embd_vocab = (int(d) for d in tensors["token_embd.weight"].shape[:2])
+    n_heads = int(get(f"{a}.attention.head_count"))
+    try:
+        cfg = ModelConfig(
+            arch=arch,
+            n_layers=int(get(f"{a}.block_count")),
+            hidden_size=int(get(f"{a}.embedding_length")),
+            n_heads=n_heads,
+            n_kv_heads=int(get(f"{a}.attention.head_count_kv", n_heads)),
+            ffn_size=int(get(f"{a}.feed_forward_length")),
+            vocab_size=embd_vocab,
+            context_length=int(get(f"{a}.context_length", 2048)),
+            rope_theta=float(get(f"{a}.rope.freq_base", 10000.0)),
+            rms_norm_eps=float(get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+            # transformers' GGUF loader ties exactly when the file has no separate output head.
+            tie_embeddings="output.weight" not in tensors,
+            attention_bias="blk.0.attn_q.bias" in tensors,
+            head_dim=int(get(f"{a}.attention.key_length", 0)),
+            rope_scaling=_rope_scaling(p, get, a, reader),
+            name=str(get("general.name", "")),
+        )
+    except ValueError as exc:
+        if isinstance(exc, ModelFileError):
+            raise
+        raise ModelFileError(p, f"inconsistent model metadata: {exc}") from None
+    if embd_hidden != cfg.hidden_size:
+        raise ModelFileError(p, f"token_embd.weight is {embd_hidden} wide but embedding_length is {cfg.hidden_size}")
+    return cfg
+
+
+def _rope_scaling(p: Path, get: Any, a: str, reader: gguf.GGUFReader) -> RopeScaling:
+    """RoPE scaling from `{arch}.rope.scaling.*` (llama.cpp's keys) or a llama3 `rope_freqs.weight` tensor.
+
+    llama.cpp's converter stores Llama-3.1/3.2 scaling not as metadata but as per-frequency divisors in the
+    `rope_freqs.weight` tensor (convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors). The engine applies
+    that tensor exactly (load_weights returns it as "rope_freqs"); the config records kind "llama3" with the
+    largest divisor as `factor`, for display and planning only.
+    """
+    kind = str(get(f"{a}.rope.scaling.type", "none"))
+    factor = float(get(f"{a}.rope.scaling.factor", 1.0))
+    if kind == "none" and (linear := get(f"{a}.rope.scale_linear", None)) is not None:  # pre-2024 key
+        kind, factor = "linear", float(linear)
+    orig = int(get(f"{a}.rope.scaling.original_context_length", 8192))
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None and kind == "none":
+        return RopeScaling("llama3", float(np.max(gguf.quants.dequantize(freqs.data, freqs.tensor_type))), 1.0, 4.0, orig)
+    if kind not in ("none", "linear"):
+        raise ModelFileError(p, f"RoPE scaling type {kind!r} is not supported by the engine (supported: none, linear)")
+    if kind == "linear" and factor == 1.0:
+        kind = "none"
+    return RopeScaling(kind, factor if kind != "none" else 1.0, original_context_length=orig)
+
+
+class _ShardReader:
+    """Dequantises selected rows/columns of GGUF tensors into torch tensors of one dtype."""
+
+    def __init__(self, path: Path, reader: gguf.GGUFReader, dtype: torch.dtype) -> None:
+        self.path = path
+        self.tensors = {t.name: t for t in reader.tensors}
+        self.dtype = dtype
+
+    def _tensor(self, name: str, shape: tuple[int, ...]) -> Any:
+        t = self.tensors.get(name)
+        if t is None:
+            raise ModelFileError(self.path, f"tensor {name!r} is missing")
+        got = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
+        if got != shape:
+            raise ModelFileError(self.path, f"tensor {name!r} has shape {got}, the config implies {shape}")
+        return t
+
+    def _dequant(self, name: str, t: Any, data: np.ndarray) -> np.ndarray:
+        try:
+            return gguf.quants.dequantize(data, t.tensor_type)
+        except NotImplementedError as exc:
+            raise ModelFileError(self.path, f"tensor {name!r}: {exc}") from None
+
+    def _check_finite(self, name: str, values: np.ndarray) -> None:
+        # Garbage bytes in weights decode to NaN/inf often enough to be worth one pass to say so at load time
+        # (checked per dequantised chunk, so the check itself needs no tensor-sized buffer).
+        if not np.isfinite(values).all():
+            raise ModelFileError(self.path, f"tensor {name!r} holds NaN/inf values (corrupt data)")
+
+    def vector(self, name: str, n: int, start: int = 0, end: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Elements [start, end) of a 1-D tensor of length n (norm weights, biases, rope_freqs)."""
+        t = self._tensor(name, (n,))
+        end = n if end is None else end
+        full = self._dequant(name, t, t.data)
+        self._check_finite(name, full)
+        return torch.tensor(np.asarray(full[start:end], dtype=np.float32), dtype=dtype or self.dtype)
+
+    def matrix(self, name: str, shape: tuple[int, int], rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """Rows [r0, r1) × columns [c0, c1) of a 2-D tensor (torch (out, in) layout), dequantised chunk-wise."""
+        t = self._tensor(name, shape)
+        n_rows, n_cols = shape
+        r0, r1 = rows or (0, n_rows)
+        c0, c1 = cols or (0, n_cols)
+        out = torch.empty((r1 - r0, c1 - c0), dtype=self.dtype)
+        # float32/float16 outputs are written through numpy (which casts); others via a float32 staging tensor.
+        direct = out.numpy() if self.dtype in (torch.float32, torch.float16) else None
+        step = max(1, _CHUNK_ELEMS // n_cols)
+        for a in range(r0, r1, step):
+            b = min(a + step, r1)
+            block = self._dequant(name, t, t.data[a:b])[:, c0:c1]
+            self._check_finite(name, block)
+            if direct is not None:
+                direct[a - r0 : b - r0] = block
+            else:
+                stage = torch.empty(block.shape, dtype=torch.float32)
+                stage.numpy()[:] = block
+                out[a - r0 : b - r0] = stage
+        return out
+
+
+def _unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation for interleaved RoPE (convert_hf_to_gguf.py, LlamaModel.permute).
+
+    The converter maps each head's rows from HF's half-split order (2, hd/2) to pairs (hd/2, 2); the inverse
+    (as transformers' GGUF loader does) restores rotate_half order. It acts within a head, so it applies
+    unchanged to any contiguous head range a shard holds.
+    """
+    hd = w.shape[0] // n_head
+    return w.reshape(n_head, hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+def load_weights(path: str | Path, cfg: ModelConfig, spec: ShardSpec, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The tensors shard `spec` owns, under the canonical names of contracts.md, dequantised to `dtype`.
+
+    Extra name: "rope_freqs" (head_dim // 2,) float32 when the GGUF carries llama3 RoPE divisors.
+    """
+    p = Path(path)
+    if _is_hf_dir(p):
+        from .hf import load_hf_weights  # lazy: see read_config
+
+        return load_hf_weights(p, cfg, spec, dtype)
+    spec.validate(cfg)
+    src = _ShardReader(p, open_gguf(p), dtype)
+    hidden, hd = cfg.hidden_size, cfg.head_dim
+    h0, h1 = spec.heads(cfg)
+    k0, k1 = spec.kv_heads
+    f0, f1 = spec.ffn
+    permuted = cfg.arch == "llama"  # qwen2 GGUFs are written in HF order (no permute in Qwen2Model)
+    out: dict[str, torch.Tensor] = {}
+    if spec.has_embedding:
+        out["embed"] = src.matrix("token_embd.weight", (cfg.vocab_size, hidden))
+    if spec.has_output:
+        out["norm"] = src.vector("output_norm.weight", hidden)
+        if cfg.tie_embeddings:
+            out["lm_head"] = out["embed"] if "embed" in out else src.matrix("token_embd.weight", (cfg.vocab_size, hidden))
+        else:
+            out["lm_head"] = src.matrix("output.weight", (cfg.vocab_size, hidden))
+    if "rope_freqs.weight" in src.tensors:
+        out["rope_freqs"] = src.vector("rope_freqs.weight", hd // 2, dtype=torch.float32)
+    for i in range(*spec.layers):
+        b, n = f"blk.{i}.", f"layers.{i}."
+        out[n + "attn_norm"] = src.vector(b + "attn_norm.weight", hidden)
+        out[n + "ffn_norm"] = src.vector(b + "ffn_norm.weight", hidden)
+        q = src.matrix(b + "attn_q.weight", (cfg.n_heads * hd, hidden), rows=(h0 * hd, h1 * hd))
+        k = src.matrix(b + "attn_k.weight", (cfg.n_kv_heads * hd, hidden), rows=(k0 * hd, k1 * hd))
+        out[n + "q"] = _unpermute_rows(q, h1 - h0) if permuted else q
+        out[n + "k"] = _unpermute_rows(k, k1 - k0) if permuted else k
+        out[n + "v"] = src.matrix(b + "attn_v.weight", (cfg.n_kv_heads * hd, hidden), rows=(k0 * hd, k1 * hd))
+        if cfg.attention_bias:
+            qb = src.vector(b + "attn_q.bias", cfg.n_heads * hd, h0 * hd, h1 * hd)
+            kb = src.vector(b + "attn_k.bias", cfg.n_kv_heads * hd, k0 * hd, k1 * hd)
+            out[n + "q_bias"] = _unpermute_rows(qb, h1 - h0) if permuted else qb
+            out[n + "k_bias"] = _unpermute_rows(kb, k1 - k0) if permuted else kb
+            out[n + "v_bias"] = src.vector(b + "attn_v.bias", cfg.n_kv_heads * hd, k0 * hd, k1 * hd)
+        out[n + "o"] = src.matrix(b + "attn_output.weight", (hidden, cfg.n_heads * hd), cols=(h0 * hd, h1 * hd))
+        out[n + "gate"] = src.matrix(b + "ffn_gate.weight", (cfg.ffn_size, hidden), rows=(f0, f1))
+        out[n + "up"] = src.matrix(b + "ffn_up.weight", (cfg.ffn_size, hidden), rows=(f0, f1))
+        out[n + "down"] = src.matrix(b + "ffn_down.weight", (hidden, cfg.ffn_size), cols=(f0, f1))
+    log.debug("loaded %d tensors of %s for shard %s", len(out), p.name, spec)
+    return out
