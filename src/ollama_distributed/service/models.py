@@ -57,6 +57,14 @@ class Runner:
     keep_alive_s: float = 300.0
     last_used: float = field(default_factory=time.monotonic)
     learning: Any | None = None  # service.learning.LearningLoop that requests on this runner report to
+    recovery: Any | None = None  # runtime.recovery.Recovery re-placing the model after a lost shard (Ray only)
+
+    @property
+    def unplaced(self) -> bool:
+        """The cluster lost capacity and the model is not placed (its requests fail until it is re-placed)."""
+        from ..runtime.recovery import UnplacedExecutor
+
+        return isinstance(self.executor.inner, UnplacedExecutor)
 
     @property
     def context_length(self) -> int:
@@ -95,6 +103,7 @@ class ModelManager:
         self._reaper: asyncio.Task | None = None
         # The learning loop (api.observability.install sets it): runners report measurements to it.
         self.learning: Any | None = None
+        self._node_health: Any = None  # runtime.recovery.NodeHealth, shared by every model (created with Ray)
 
     # ---- executors ----------------------------------------------------------------------------------------------
 
@@ -186,6 +195,11 @@ class ModelManager:
         t0 = time.perf_counter()
         async with lock:
             runner = self._runners.get(key)
+            if runner is not None and runner.unplaced:
+                # capacity was lost earlier: try placing the model again (on whatever the cluster has now)
+                log.info("model %s is not placed (lost capacity); re-placing it", runner.name)
+                await self._unload(key)
+                runner = None
             if runner is None:
                 await self._make_room()
                 runner = await asyncio.to_thread(self._load, key, entry)
@@ -253,9 +267,10 @@ class ModelManager:
             chat_template = None
         inner = self.executor_factory(path)
         executor = ConstrainedExecutor(inner, tokenizer)
+        recovery = self._recovery_for(entry.name.display, path) if hasattr(inner, "placement") else None
         engine = InferenceEngine(
             executor, tokenizer, max_batch=self.settings.num_parallel, max_queue=self.settings.max_queue,
-            name=entry.name.display,
+            name=entry.name.display, recover=_recover_into(recovery) if recovery is not None else None,
         )
         took = int((time.perf_counter() - t0) * 1e9)
         log.info("loaded %s in %.2f s", entry.name.display, took / 1e9)
@@ -266,9 +281,57 @@ class ModelManager:
                                         self.settings.dtype)
         return Runner(key=key, name=entry.name.display, entry=entry, tokenizer=tokenizer,
                       chat_template=chat_template, executor=executor, engine=engine, load_duration_ns=took,
-                      learning=self.learning)
+                      learning=self.learning, recovery=recovery)
+
+    def _recovery_for(self, name: str, path: Path) -> Any:
+        """The engine's recover callback for a model on the Ray cluster (runtime/recovery.py): re-plan on the
+        surviving nodes, record the failure against the strategy in the learning loop, back off flaky nodes."""
+        if not self.settings.distributed or self.executor_factory != self._default_executor:
+            return None  # only executors this manager builds on its cluster can be re-planned by it
+        import torch
+
+        from ..runtime.recovery import NodeHealth, Recovery
+
+        if self._node_health is None:
+            self._node_health = NodeHealth()
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.settings.dtype]
+        learning = self.learning
+
+        def on_event(rec: Any) -> None:
+            if learning is None:
+                return
+            # the failure counts against the strategy that was running (PartitionManager via the loop)
+            learning.report(name, None, success=False, error=f"{rec.report.kind}: {rec.report.detail}")
+            if rec.error is None:
+                nodes = ",".join(rec.report.failed_nodes) or None
+                learning.record_recovery(name, f"{rec.report.detail}; re-planned in {rec.seconds:.2f} s "
+                                         f"(excluded: {', '.join(rec.excluded) or 'none'})", node=nodes)
+                # attach may measure the cluster (seconds): keep it off the engine thread
+                threading.Thread(target=_attach_quietly, args=(learning, name, path, rec.placement,
+                                                               self.cluster(), self.settings.dtype),
+                                 daemon=True).start()
+            else:
+                learning.events.record("recovery_failed", f"{name}: {rec.error}", level="error", model=name)
+
+        return Recovery(path, self.cluster(), self.settings.strategy, dtype, self._node_health, on_event)
 
     # ---- introspection ------------------------------------------------------------------------------------------
+
+    def recovery_status(self) -> dict[str, Any]:
+        """Fault-tolerance state for the API: per-node failure counts / back-off, and each model's recent
+        recoveries (what failed, how long re-placing took, which nodes were left out)."""
+        nodes = self._node_health.to_dict() if self._node_health is not None else {}
+        models = {}
+        for r in self._runners.values():
+            if r.recovery is None:
+                continue
+            models[r.name] = {
+                "unplaced": r.unplaced,
+                "recoveries": [{"kind": rec.report.kind, "detail": rec.report.detail, "seconds": round(rec.seconds, 3),
+                                "excluded": list(rec.excluded), "error": rec.error, "time": rec.at}
+                               for rec in r.recovery.records],
+            }
+        return {"nodes": nodes, "models": models}
 
     def runners(self) -> list[Runner]:
         return list(self._runners.values())
@@ -313,6 +376,40 @@ class ModelManager:
             },
             "engine": {**runner.engine.stats(), "kv_sequences": runner.executor.live_sequences},
         }
+
+
+def _recover_into(recovery: Any) -> Callable[[Exception, Any], Any]:
+    """Adapt a runtime Recovery to the engine, whose executor is our ConstrainedExecutor wrapper: the wrapper is
+    kept (requests' JSON constraints are registered on it) and gets the new inner executor."""
+
+    def recover(exc: Exception, failed: ConstrainedExecutor) -> Any:
+        new = recovery(exc, failed.inner)
+        if new is None:
+            return None
+        _rebind(failed, new)
+        return failed
+
+    return recover
+
+
+def _rebind(constrained: ConstrainedExecutor, inner: Any) -> None:
+    """Point `constrained` at a fresh inner executor. The engine replays every sequence from position 0, so each
+    JSON constraint restarts from its initial state with the budget it had before any token was generated."""
+    from .json_format import _Constraint
+
+    with constrained.lock:
+        constrained.inner = inner
+        constrained._live.clear()
+        for sid, c in list(constrained._constraints.items()):
+            constrained._constraints[sid] = _Constraint(n_prompt=c.n_prompt,
+                                                        budget=c.budget + max(0, c.fed - c.n_prompt))
+
+
+def _attach_quietly(learning: Any, name: str, path: Path, placement: Any, cluster: Any, dtype: str) -> None:
+    try:
+        learning.attach_loaded(name, path, placement, cluster, dtype)
+    except Exception as exc:  # noqa: BLE001 - the learning loop is advisory
+        log.warning("could not attach the recovered plan of %s to the learning loop: %s", name, exc)
 
 
 def local_node_id() -> str:

@@ -1,0 +1,229 @@
+"""Routing requests over replicas of one model: least outstanding work, weighted by measured speed (issue 6).
+
+A replica is anything with the engine's `submit(GenerationRequest) -> RequestHandle` (an `InferenceEngine`, each
+over its own executor / plan). The router sends each request to the replica that would finish it soonest:
+
+    score(r) = (outstanding_work(r) + work(request)) / speed(r)
+
+outstanding_work: the work of the replica's live requests in decode-token equivalents — generation tokens still to
+  produce (num_predict − generated; `default_predict` when unbounded) plus prompt tokens still to prefill, the
+  latter weighted by `prefill_weight` (a prefilled token costs a fraction of a decoded one: it shares a GEMM).
+speed: the replica's measured throughput in tokens/s, an exponential moving average (`alpha`) of tokens emitted
+  per second over intervals of at least `sample_s` during which it had work. A replica not measured yet is
+  assumed as fast as the mean of the measured ones (1 token/s when none is), so new replicas get traffic.
+This is "least outstanding requests" load balancing (Envoy's LEAST_REQUEST, NGINX's least_conn) with the request
+count replaced by token work and divided by speed, so a replica half as fast gets about half the share.
+
+Progress is observed on the producer side: the router wraps each returned handle's `_push` (the engine's way of
+delivering a chunk), so counts move as tokens are generated, not as the client reads them.
+
+Test hook: `SlowedExecutor(inner, delay_s)` wraps an executor and sleeps `delay_s` before every step — only for
+tests and benchmarks that need one deliberately slow replica (never used by the server).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """alpha: EMA weight of a new speed sample (0 < alpha <= 1). sample_s: shortest interval a sample spans.
+    prefill_weight: cost of one prompt token relative to one generated token. default_predict: generation work
+    assumed for a request with unbounded num_predict (< 0)."""
+
+    alpha: float = 0.3
+    sample_s: float = 0.2
+    prefill_weight: float = 0.1
+    default_predict: int = 128
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"RouterConfig.alpha must be in (0, 1], got {self.alpha}")
+        if self.sample_s <= 0 or self.prefill_weight < 0 or self.default_predict < 1:
+            raise ValueError(f"RouterConfig: sample_s ({self.sample_s}) must be > 0, prefill_weight "
+                             f"({self.prefill_weight}) >= 0, default_predict ({self.default_predict}) >= 1")
+
+
+@dataclass
+class _Live:
+    prompt_left: int
+    predict_left: float
+
+
+@dataclass
+class ReplicaState:
+    """Router-side view of one replica (read with the router's lock held)."""
+
+    index: int
+    engine: Any
+    live: dict[int, _Live] = field(default_factory=dict)
+    ema_tps: float | None = None
+    served: int = 0  # requests routed here
+    tokens: int = 0  # tokens it emitted
+    _window_tokens: int = 0
+    _window_start: float | None = None
+
+    def outstanding(self, prefill_weight: float) -> float:
+        return sum(r.predict_left + prefill_weight * r.prompt_left for r in self.live.values())
+
+
+class ReplicaRouter:
+    """Sends each request to the replica that would finish it soonest (see module docstring)."""
+
+    def __init__(self, replicas: Sequence[Any], config: RouterConfig = RouterConfig(),
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if not replicas:
+            raise ValueError("ReplicaRouter needs at least one replica")
+        self.router_config = config
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.replicas = [ReplicaState(i, e) for i, e in enumerate(replicas)]
+        self._ids = 0
+
+    # ---- engine-like surface ------------------------------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        """The model's configuration (every replica runs the same model)."""
+        return self.replicas[0].engine.config
+
+    @property
+    def context_limit(self) -> int:
+        return min(int(r.engine.context_limit) for r in self.replicas)
+
+    def submit(self, request: Any) -> Any:
+        """Route `request` and submit it; the replica's QueueFullError passes through only when every replica
+        is full (a full replica is skipped)."""
+        work = self._work(request)
+        order = self._ranked(work)
+        last_exc: Exception | None = None
+        for rep in order:
+            try:
+                handle = rep.engine.submit(request)
+            except Exception as exc:  # noqa: BLE001 - QueueFullError & co: try the next best replica
+                if type(exc).__name__ != "QueueFullError":
+                    raise
+                last_exc = exc
+                continue
+            self._track(rep, handle, request, work)
+            return handle
+        assert last_exc is not None
+        raise last_exc
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"replicas": [{"index": r.index, "outstanding": round(r.outstanding(self.router_config.prefill_weight), 1),
+                                  "live": len(r.live), "ema_tokens_per_s": r.ema_tps, "served": r.served,
+                                  "tokens": r.tokens} for r in self.replicas]}
+
+    def close(self) -> None:
+        for r in self.replicas:
+            r.engine.close()
+
+    # ---- internals ----------------------------------------------------------------------------------------------
+    def _work(self, request: Any) -> tuple[int, float]:
+        n = int(getattr(request.options, "num_predict", -1))
+        return len(request.prompt_ids), float(n if n >= 0 else self.router_config.default_predict)
+
+    def _ranked(self, work: tuple[int, float]) -> list[ReplicaState]:
+        w = work[1] + self.router_config.prefill_weight * work[0]
+        with self._lock:
+            known = [r.ema_tps for r in self.replicas if r.ema_tps]
+            prior = sum(known) / len(known) if known else 1.0
+            scored = [((r.outstanding(self.router_config.prefill_weight) + w) / (r.ema_tps or prior), r.index, r)
+                      for r in self.replicas]
+        scored.sort(key=lambda x: (x[0], x[1]))
+        return [r for _, _, r in scored]
+
+    def _track(self, rep: ReplicaState, handle: Any, request: Any, work: tuple[int, float]) -> None:
+        with self._lock:
+            self._ids += 1
+            key = self._ids
+            rep.live[key] = _Live(work[0], work[1])
+            rep.served += 1
+            if rep._window_start is None:
+                rep._window_start = self._clock()
+                rep._window_tokens = 0
+        push = handle._push
+
+        def tracked_push(chunk: Any) -> None:
+            self._observe(rep, key, chunk)
+            push(chunk)
+
+        handle._push = tracked_push  # the engine delivers chunks through this attribute (see module docstring)
+
+    def _observe(self, rep: ReplicaState, key: int, chunk: Any) -> None:
+        now = self._clock()
+        n = len(getattr(chunk, "token_ids", ()) or ())
+        with self._lock:
+            live = rep.live.get(key)
+            if live is not None:
+                if n:
+                    live.prompt_left = 0
+                    live.predict_left = max(0.0, live.predict_left - n)
+                if chunk.done:
+                    del rep.live[key]
+            rep.tokens += n
+            rep._window_tokens += n
+            start = rep._window_start if rep._window_start is not None else now
+            if now - start >= self.router_config.sample_s and rep._window_tokens:
+                rate = rep._window_tokens / (now - start)
+                a = self.router_config.alpha
+                rep.ema_tps = rate if rep.ema_tps is None else a * rate + (1 - a) * rep.ema_tps
+                rep._window_start, rep._window_tokens = now, 0
+            if not rep.live:
+                # idle time is not slowness: the next sample starts when work arrives again
+                rep._window_start = None
+                rep._window_tokens = 0
+
+
+class SlowedExecutor:
+    """TEST HOOK: an executor that sleeps `delay_s` before every step of `inner` (to make one replica slow in
+    routing tests and benchmarks). Everything else passes through."""
+
+    def __init__(self, inner: Any, delay_s: float) -> None:
+        if delay_s < 0:
+            raise ValueError(f"delay_s must be >= 0, got {delay_s}")
+        self.inner = inner
+        self.delay_s = delay_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def step(self, seq_ids: list[int], tokens: list[list[int]]) -> Any:
+        time.sleep(self.delay_s)
+        return self.inner.step(seq_ids, tokens)
+
+
+def build_replica_executors(model_path: Any, cluster: Any, strategy: str = "auto", max_replicas: int = 0,
+                            dtype: Any = None, exclude: Sequence[str] = ()) -> list[Any]:
+    """One RayExecutor per replica the scheduler places on disjoint nodes of `cluster` (scheduler
+    `plan_replicas`: plan, remove the nodes used, repeat while the model fits; `max_replicas` 0 = no limit).
+    Raises scheduler InfeasiblePlanError when not even one copy fits."""
+    import torch
+
+    from ..runtime.distributed_run import build_executor
+    from ..runtime.recovery import planning_inputs
+    from ..scheduler.config import PlanConfig
+    from ..scheduler.planner import plan_replicas
+
+    dtype = dtype if dtype is not None else torch.float32
+    keep = [n.name for n in cluster.nodes() if n.name not in set(exclude)]
+    profile, spec, workload = planning_inputs(model_path, cluster.measure(), keep, dtype)
+    plans = plan_replicas(profile, spec, workload, PlanConfig(strategy=strategy), max_replicas)
+    log.info("%d replica(s): %s", len(plans), [sorted(p.nodes) for p in plans])
+    executors: list[Any] = []
+    try:
+        for p in plans:
+            executors.append(build_executor(model_path, cluster, plan=p, dtype=dtype))
+    except BaseException:
+        for ex in executors:
+            ex.close()
+        raise
+    return executors

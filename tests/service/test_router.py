@@ -1,0 +1,103 @@
+"""ReplicaRouter over two real engines of the tiny model, one slowed by the SlowedExecutor test hook: the fast
+replica serves the larger share, every answer equals the reference, and a full replica is skipped."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from ollama_distributed.model.options import GenerationOptions
+from ollama_distributed.model.tokenizer import Tokenizer
+from ollama_distributed.runtime.engine import InferenceEngine
+from ollama_distributed.runtime.local_executor import LocalExecutor
+from ollama_distributed.runtime.requests import GenerationRequest
+from ollama_distributed.service.router import ReplicaRouter, RouterConfig, SlowedExecutor
+
+pytestmark = pytest.mark.timeout(180)
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "In a distant galaxy", "Hello! How are"]
+
+
+def _req(tok, prompt: str, n: int = 24) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=tok.encode(prompt), options=GenerationOptions(temperature=0, num_predict=n))
+
+
+def test_fast_replica_serves_the_larger_share(tiny_gguf: Path) -> None:
+    tok = Tokenizer.from_gguf(tiny_gguf)
+    with InferenceEngine(LocalExecutor(tiny_gguf), tok) as ref:
+        want = {p: ref.generate(_req(tok, p)).text for p in PROMPTS}
+    fast = InferenceEngine(LocalExecutor(tiny_gguf), tok, name="fast")
+    slow = InferenceEngine(SlowedExecutor(LocalExecutor(tiny_gguf), 0.04), tok, name="slow")
+    router = ReplicaRouter([fast, slow], RouterConfig(sample_s=0.1))
+    try:
+        handles = []
+        for i in range(32):
+            p = PROMPTS[i % len(PROMPTS)]
+            handles.append((p, router.submit(_req(tok, p))))
+            time.sleep(0.03)  # requests arrive over time, so the router sees speeds and queues evolve
+        for p, h in handles:
+            assert h.result(timeout=120).text == want[p]
+        stats = router.stats()["replicas"]
+        fast_n, slow_n = stats[0]["served"], stats[1]["served"]
+        assert fast_n + slow_n == 32
+        assert stats[0]["ema_tokens_per_s"] > stats[1]["ema_tokens_per_s"], stats
+        assert fast_n > 1.5 * slow_n, stats  # not an equal share
+        assert slow_n >= 1  # the slow replica is measured and used, not starved by an unknown prior
+        assert all(s["live"] == 0 and s["outstanding"] == 0 for s in stats)
+    finally:
+        router.close()
+
+
+def test_equal_replicas_share_and_full_replica_is_skipped(tiny_gguf: Path) -> None:
+    tok = Tokenizer.from_gguf(tiny_gguf)
+    # max_batch 1, max_queue 0: each replica holds exactly one request, so a third concurrent one finds both full
+    a = InferenceEngine(SlowedExecutor(LocalExecutor(tiny_gguf), 0.02), tok, max_batch=1, max_queue=0)
+    b = InferenceEngine(SlowedExecutor(LocalExecutor(tiny_gguf), 0.02), tok, max_batch=1, max_queue=0)
+    router = ReplicaRouter([a, b])
+    try:
+        h1 = router.submit(_req(tok, PROMPTS[0], 40))
+        h2 = router.submit(_req(tok, PROMPTS[1], 40))
+        assert [s["served"] for s in router.stats()["replicas"]] == [1, 1]  # least outstanding work
+        time.sleep(0.2)
+        from ollama_distributed.runtime.requests import QueueFullError
+
+        with pytest.raises(QueueFullError):
+            router.submit(_req(tok, PROMPTS[2], 4))
+        h1.result(timeout=60), h2.result(timeout=60)
+        router.submit(_req(tok, PROMPTS[2], 4)).result(timeout=60)  # capacity back: served again
+    finally:
+        router.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_replicas_on_a_real_cluster_one_slowed(tiny_gguf: Path) -> None:
+    """Two local Ray nodes that each hold the whole tiny model: the scheduler places two replicas on disjoint
+    nodes; with one slowed (test hook) the router gives the other the larger share, answers stay exact."""
+    from ollama_distributed.runtime.cluster import ClusterHandle
+    from ollama_distributed.service.router import build_replica_executors
+
+    tok = Tokenizer.from_gguf(tiny_gguf)
+    with InferenceEngine(LocalExecutor(tiny_gguf), tok) as ref:
+        want = {p: ref.generate(_req(tok, p)).text for p in PROMPTS}
+    with ClusterHandle.start_local(2, "256MiB") as cluster:
+        executors = build_replica_executors(tiny_gguf, cluster, "single", max_replicas=2)
+        assert len(executors) == 2
+        nodes = [{s["node"] for st in ex.placement()["stages"] for s in st["shards"]} for ex in executors]
+        assert not nodes[0] & nodes[1], nodes
+        engines = [InferenceEngine(executors[0], tok), InferenceEngine(SlowedExecutor(executors[1], 0.05), tok)]
+        router = ReplicaRouter(engines, RouterConfig(sample_s=0.1))
+        try:
+            handles = []
+            for i in range(24):
+                p = PROMPTS[i % len(PROMPTS)]
+                handles.append((p, router.submit(_req(tok, p))))
+                time.sleep(0.03)
+            for p, h in handles:
+                assert h.result(timeout=120).text == want[p]
+            served = [s["served"] for s in router.stats()["replicas"]]
+            assert served[0] > 1.5 * served[1] and served[1] >= 1, router.stats()
+        finally:
+            router.close()
