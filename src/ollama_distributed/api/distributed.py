@@ -3,6 +3,7 @@
 `{"nodes": [{"id", "address", "state", "resources", "measured"}], "models": [{"name", "plans": [PLAN, ...]}]}`
 where PLAN is the scheduler's plan JSON (one per replica) whose shards also carry "node_id" and "pid" — taken
 from the executor's `placement()` (Ray executor) or, for in-process serving, this node and this process.
+`"recovery"` adds the fault-tolerance state: node back-off and each model's recoveries.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def distributed_status(manager: ModelManager) -> dict[str, Any]:
         plans = placement.get("plans") if isinstance(placement.get("plans"), list) else [placement]
         models.append({"name": runner.name, "plans": plans,
                        "engine": {**runner.engine.stats(), "kv_sequences": runner.executor.live_sequences}})
-    return {"nodes": nodes, "models": models}
+    # fault tolerance: per-node failure counts / back-off and each model's recoveries (empty when in-process)
+    return {"nodes": nodes, "models": models, "recovery": manager.recovery_status()}
 
 
 @router.get("/api/distributed/status")

@@ -1,8 +1,8 @@
 """Typed errors → HTTP responses, in Ollama's shape (`{"error": "..."}`) or, under /v1, OpenAI's
 (`{"error": {"message", "type", "param", "code"}}`, ollama openai/openai.go NewError).
 
-Status codes per the checklist §0: 400 bad input, 404 unknown model or route, 405 wrong method, 503 queue full,
-500 otherwise. Handlers raise `APIError` (or any mapped typed error) and never build error bodies themselves.
+Status codes per the checklist §0: 400 bad input, 404 unknown model or route, 405 wrong method, 503 queue full
+or a cluster that cannot hold the model, 500 otherwise. Handlers raise `APIError` (or any mapped typed error) and never build error bodies themselves.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..model.errors import ModelFileError
 from ..model.options import InvalidOptionError
+from ..runtime.recovery import CapacityError
 from ..runtime.requests import ContextLengthError, EngineClosedError, QueueFullError
+from ..scheduler.errors import InfeasiblePlanError
 from ..service.generation import UnsupportedRequestError
 from ..service.modelfile import ModelfileError
 from ..service.names import InvalidModelNameError
@@ -43,7 +45,7 @@ class APIError(Exception):
 MAPPED_ERRORS: tuple[type[BaseException], ...] = (
     APIError, InvalidModelNameError, StoreError, QueueFullError, EngineClosedError, ModelFileError,
     InvalidOptionError, InvalidDurationError, ModelfileError, ContextLengthError, UnsupportedRequestError,
-    ValidationError,
+    ValidationError, InfeasiblePlanError, CapacityError,
 )
 
 
@@ -59,6 +61,9 @@ def status_and_message(exc: BaseException) -> tuple[int, str]:
         return 503, SERVER_BUSY
     if isinstance(exc, EngineClosedError):
         return 503, f"model unloaded while the request was queued: {exc}"
+    if isinstance(exc, (InfeasiblePlanError, CapacityError)):
+        # the cluster cannot hold the model right now (a node is gone or too small): retry when capacity returns
+        return 503, str(exc)
     if isinstance(exc, (ModelFileError, InvalidOptionError, InvalidDurationError, ModelfileError,
                         ContextLengthError, UnsupportedRequestError)):
         return 400, str(exc)

@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 ExecutorFactory = Callable[[Path], Any]
 
 
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded (the message says which and why)."""
-
-
 @dataclass
 class Runner:
     """One loaded weights file and the engine serving it."""
