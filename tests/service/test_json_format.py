@@ -98,3 +98,50 @@ def test_constrained_and_free_sequences_batch_together(engine) -> None:
     mixed = [_run(engine, "prompt 1", greedy, constrained=False), _run(engine, "x", opts, constrained=True)]
     assert mixed[0].result().text == alone  # unconstrained rows are untouched by masking others
     mixed[1].result()
+
+
+@pytest.mark.slow
+def test_rebind_replays_a_constrained_sequence_exactly(smollm2_path: Path) -> None:
+    """After a failure the wrapper gets a fresh executor and the engine replays prompt + generated tokens from
+    position 0: the constraint must restart with its original budget, so seeded output equals a run without
+    the switch (the budget matters: near its end the mask forces the shortest JSON completion)."""
+    import torch
+
+    tok = Tokenizer.from_gguf(smollm2_path)
+    # SmolLM2 writes a real object here (the tiny random model only ever closes "{}" at once)
+    prompt = tok.encode("<|im_start|>user\nDescribe a cat as JSON with name and age.<|im_end|>\n"
+                        "<|im_start|>assistant\n")
+    budget = 24
+
+    def sample(ex: ConstrainedExecutor, seq: int, history: list[int], feed: list[int], n: int) -> list[int]:
+        """n tokens sampled at temperature 1.5 with a generator seeded by the position: reproducible."""
+        out: list[int] = []
+        for _ in range(n):
+            probs = torch.softmax(ex.step([seq], [feed])[0] / 1.5, dim=-1)
+            g = torch.Generator().manual_seed(1000 + len(history) + len(out))
+            nxt = int(torch.multinomial(probs, 1, generator=g))
+            out.append(nxt)
+            feed = [nxt]
+        history.extend(out)
+        return out
+
+    ref_ex = ConstrainedExecutor(LocalExecutor(smollm2_path), tok)
+    ref_ex.register(1, len(prompt), budget)
+    reference = sample(ref_ex, 1, [], prompt, budget)
+    end = next((i for i, t in enumerate(reference) if t in tok.eos_ids), len(reference))
+    assert isinstance(json.loads(tok.decode(reference[:end])), dict)
+    assert end > 10, "the switch below must happen while the JSON object is still open"
+
+    ex = ConstrainedExecutor(LocalExecutor(smollm2_path), tok)
+    ex.register(7, len(prompt), budget)
+    generated: list[int] = []
+    sample(ex, 7, generated, prompt, 10)
+    old = ex.inner
+    ex.rebind(LocalExecutor(smollm2_path))
+    old.close()
+    assert ex.live_sequences == 0
+    # replay: the prompt and the first 9 generated tokens are fed again; the 10th is fed as the next step's input
+    replayed = prompt + generated[:-1]
+    ex.step([7], [replayed])
+    sample(ex, 7, generated, [generated[-1]], budget - 10)
+    assert generated == reference

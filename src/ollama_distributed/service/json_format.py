@@ -241,6 +241,16 @@ class ConstrainedExecutor:
             self._texts = TokenTexts(self.tokenizer, self.inner.config.vocab_size)
         self._constraints[seq_id] = _Constraint(n_prompt=n_prompt, budget=max(1, budget))
 
+    def rebind(self, inner: Any) -> None:
+        """Serve from a fresh `inner` executor after a failure. The engine replays every sequence from position
+        0, so each constraint restarts from its initial state with the budget it had before generating."""
+        with self.lock:
+            self.inner = inner
+            self._live.clear()
+            for sid, c in list(self._constraints.items()):
+                self._constraints[sid] = _Constraint(n_prompt=c.n_prompt,
+                                                     budget=c.budget + max(0, c.fed - c.n_prompt))
+
     def step(self, seq_ids: list[int], tokens: list[list[int]]) -> torch.Tensor:
         with self.lock:
             self._live.update(seq_ids)

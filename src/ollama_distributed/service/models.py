@@ -382,23 +382,10 @@ def _recover_into(recovery: Any) -> Callable[[Exception, Any], Any]:
         new = recovery(exc, failed.inner)
         if new is None:
             return None
-        _rebind(failed, new)
+        failed.rebind(new)
         return failed
 
     return recover
-
-
-def _rebind(constrained: ConstrainedExecutor, inner: Any) -> None:
-    """Point `constrained` at a fresh inner executor. The engine replays every sequence from position 0, so each
-    JSON constraint restarts from its initial state with the budget it had before any token was generated."""
-    from .json_format import _Constraint
-
-    with constrained.lock:
-        constrained.inner = inner
-        constrained._live.clear()
-        for sid, c in list(constrained._constraints.items()):
-            constrained._constraints[sid] = _Constraint(n_prompt=c.n_prompt,
-                                                        budget=c.budget + max(0, c.fed - c.n_prompt))
 
 
 def _attach_quietly(learning: Any, name: str, path: Path, placement: Any, cluster: Any, dtype: str) -> None:
