@@ -73,3 +73,22 @@ def tiny_hf_dir_factory(tmp_path_factory: pytest.TempPathFactory):
 def tiny_hf_dir(tiny_hf_dir_factory) -> Path:
     """Default tiny llama as an HF directory (vocab 1024, no tokenizer files); twin of tiny_gguf_factory(vocab=1024)."""
     return tiny_hf_dir_factory()
+
+
+# One real Ray cluster for the whole test session: 4 local nodes (separate raylets) bound to 127.0.0.1. Started
+# lazily by the first test that asks for `ray_cluster`, shut down at the end of the session. Tests must not shut
+# it down or start another Ray connection in this process while it may be up (Ray allows one driver connection
+# per process): tests that need their own cluster run it in a subprocess (the server tests do).
+RAY_LOCAL_NODES = 4
+RAY_NODE_MEMORY = "2GiB"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    from ollama_distributed.runtime.cluster import ClusterHandle
+
+    handle = ClusterHandle.start_local(RAY_LOCAL_NODES, RAY_NODE_MEMORY)
+    try:
+        yield handle
+    finally:
+        handle.shutdown()

@@ -73,31 +73,29 @@ def test_equal_replicas_share_and_full_replica_is_skipped(tiny_gguf: Path) -> No
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_replicas_on_a_real_cluster_one_slowed(tiny_gguf: Path) -> None:
-    """Two local Ray nodes that each hold the whole tiny model: the scheduler places two replicas on disjoint
+def test_replicas_on_a_real_cluster_one_slowed(tiny_gguf: Path, ray_cluster) -> None:
+    """Local Ray nodes that each hold the whole tiny model: the scheduler places two replicas on disjoint
     nodes; with one slowed (test hook) the router gives the other the larger share, answers stay exact."""
-    from ollama_distributed.runtime.cluster import ClusterHandle
     from ollama_distributed.service.router import build_replica_executors
 
     tok = Tokenizer.from_gguf(tiny_gguf)
     with InferenceEngine(LocalExecutor(tiny_gguf), tok) as ref:
         want = {p: ref.generate(_req(tok, p)).text for p in PROMPTS}
-    with ClusterHandle.start_local(2, "256MiB") as cluster:
-        executors = build_replica_executors(tiny_gguf, cluster, "single", max_replicas=2)
-        assert len(executors) == 2
-        nodes = [{s["node"] for st in ex.placement()["stages"] for s in st["shards"]} for ex in executors]
-        assert not nodes[0] & nodes[1], nodes
-        engines = [InferenceEngine(executors[0], tok), InferenceEngine(SlowedExecutor(executors[1], 0.05), tok)]
-        router = ReplicaRouter(engines, RouterConfig(sample_s=0.1))
-        try:
-            handles = []
-            for i in range(24):
-                p = PROMPTS[i % len(PROMPTS)]
-                handles.append((p, router.submit(_req(tok, p))))
-                time.sleep(0.03)
-            for p, h in handles:
-                assert h.result(timeout=120).text == want[p]
-            served = [s["served"] for s in router.stats()["replicas"]]
-            assert served[0] > 1.5 * served[1] and served[1] >= 1, router.stats()
-        finally:
-            router.close()
+    executors = build_replica_executors(tiny_gguf, ray_cluster, "single", max_replicas=2)
+    assert len(executors) == 2
+    nodes = [{s["node"] for st in ex.placement()["stages"] for s in st["shards"]} for ex in executors]
+    assert not nodes[0] & nodes[1], nodes
+    engines = [InferenceEngine(executors[0], tok), InferenceEngine(SlowedExecutor(executors[1], 0.05), tok)]
+    router = ReplicaRouter(engines, RouterConfig(sample_s=0.1))
+    try:
+        handles = []
+        for i in range(24):
+            p = PROMPTS[i % len(PROMPTS)]
+            handles.append((p, router.submit(_req(tok, p))))
+            time.sleep(0.03)
+        for p, h in handles:
+            assert h.result(timeout=120).text == want[p]
+        served = [s["served"] for s in router.stats()["replicas"]]
+        assert served[0] > 1.5 * served[1] and served[1] >= 1, router.stats()
+    finally:
+        router.close()
