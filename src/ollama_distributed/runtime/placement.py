@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from ..model.config import ModelConfig
 from ..model.shard import ShardSpec
+from ..model.tp_local import split_evenly
 from .cluster import MEMORY_RESOURCE, MIB, ClusterHandle, NodeNotFoundError
 from .collectives import RankLayout, plan_layout
 
@@ -140,20 +141,6 @@ def place(plan: Any, cfg: ModelConfig, cluster: ClusterHandle) -> list[list[Shar
     return out
 
 
-def _split(n: int, weights: list[float]) -> list[tuple[int, int]]:
-    """Half-open ranges covering [0, n) with sizes proportional to `weights` (largest remainder)."""
-    total = sum(weights)
-    exact = [n * w / total for w in weights]
-    sizes = [int(e) for e in exact]
-    for i in sorted(range(len(weights)), key=lambda i: exact[i] - sizes[i], reverse=True)[: n - sum(sizes)]:
-        sizes[i] += 1
-    out, start = [], 0
-    for size in sizes:
-        out.append((start, start + size))
-        start += size
-    return out
-
-
 def shard_weight_bytes(cfg: ModelConfig, spec: ShardSpec, dtype_bytes: int = 4) -> int:
     """Bytes of the weights a shard holds, from the model's shapes alone (what load_weights returns for it)."""
     hd, h = cfg.head_dim, cfg.hidden_size
@@ -179,11 +166,11 @@ def uniform_plan(cfg: ModelConfig, stage_nodes: list[list[str]], model: str = "m
         raise PlacementError(f"{len(stage_nodes)} stages for {cfg.n_layers} layers")
     stages = []
     last = len(stage_nodes) - 1
-    for i, (layers, nodes) in enumerate(zip(_split(cfg.n_layers, [1.0] * len(stage_nodes)), stage_nodes)):
+    for i, (layers, nodes) in enumerate(zip(split_evenly(cfg.n_layers, [1.0] * len(stage_nodes)), stage_nodes)):
         if len(nodes) > cfg.n_kv_heads:
             raise PlacementError(f"stage {i}: {len(nodes)} tensor-parallel shards for {cfg.n_kv_heads} KV heads")
-        kvs = _split(cfg.n_kv_heads, [1.0] * len(nodes))
-        ffns = _split(cfg.ffn_size, [float(e - s) for s, e in kvs])
+        kvs = split_evenly(cfg.n_kv_heads, [1.0] * len(nodes))
+        ffns = split_evenly(cfg.ffn_size, [float(e - s) for s, e in kvs])
         shards = []
         for j, (node, kv, ffn) in enumerate(zip(nodes, kvs, ffns)):
             spec = ShardSpec(layers, kv, ffn, i == 0, i == last and j == 0)
