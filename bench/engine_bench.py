@@ -1,4 +1,5 @@
-"""Engine throughput on SmolLM2-135M: our ModelShard (fp32, bf16) vs transformers fp32, same GGUF, same threads.
+"""Engine throughput on SmolLM2-135M: our ModelShard (fp32, bf16) vs transformers fp32 and llama-cpp-python (if
+installed), same GGUF, same threads.
 
 Prefill: one forward over a P-token prompt (tokens/s = P / time). Decode: greedy, one token per step with the
 KV cache (tokens/s = steps / time), single sequence; plus our batched decode (B sequences per step).
@@ -86,6 +87,46 @@ class Transformers:
         return time.perf_counter() - t0
 
 
+class LlamaCpp:
+    """llama-cpp-python on the same GGUF (its own Q4_1 kernels), greedy over its last-token logits.
+
+    Bench-only peer (issue 8 target); not a package or test dependency. Skipped when it is not installed.
+    """
+
+    def __init__(self, path, threads: int) -> None:
+        import llama_cpp
+        from llama_cpp import Llama
+
+        # This build segfaults in llama_decode for any batch of > 1 token when weights go to the "extra" CPU
+        # buffer types (AMX / runtime repacking: the CPU reports amx_int8, measured 2026-11-28); single tokens work.
+        # Plain Q4_1 buffers (use_extra_bufts=False, llama.cpp's --no-repack) run both phases.
+        default_params = llama_cpp.llama_model_default_params
+
+        def no_extra_bufts():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama.llama_cpp.llama_model_default_params = no_extra_bufts
+        self.llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
+                         verbose=False)
+
+    def prefill(self, ids: list[int]) -> None:
+        self.llm.reset()
+        self.llm.eval(ids)
+
+    def decode(self, ids: list[int], steps: int, batch: int = 1) -> float:
+        import numpy as np
+
+        assert batch == 1
+        self.llm.reset()
+        self.llm.eval(ids)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.llm.eval([int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))])
+        return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -114,6 +155,10 @@ def main() -> None:
         ("ours", "bf16"): Ours(path, torch.bfloat16),
         ("transformers", "fp32"): Transformers(path, torch.float32),
     }
+    try:
+        engines[("llama.cpp", "Q4_1")] = LlamaCpp(path, args.threads)
+    except ImportError:
+        print("llama-cpp-python not installed: llama.cpp row skipped", file=sys.stderr)
     best: dict[tuple[str, str, str], float] = {}
     for eng in engines.values():  # warm-up: first-call allocations, oneDNN kernel selection
         eng.prefill(short)
@@ -131,15 +176,18 @@ def main() -> None:
                 print(f"  {key[0]} {key[1]} {what}: {tps:.1f} tok/s", file=sys.stderr, flush=True)
 
     base = {w: best[("transformers", "fp32", w)] for w in ("prefill", "decode")}
+    peer = {w: best.get(("llama.cpp", "Q4_1", w)) for w in ("prefill", "decode")}
     print(f"machine: {cpu_model()}, {os.cpu_count()} cpus, torch {torch.__version__}, threads {args.threads}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load avg {os.getloadavg()[0]:.1f}")
     print(f"model: {path.name}; prompt {args.prompt} tokens, decode {args.decode} steps after a 16-token prompt, "
           f"best of {args.rounds} rounds")
-    print(f"{'engine':<14}{'dtype':<7}{'phase':<12}{'tokens/s':>10}{'vs transformers fp32':>22}")
+    print(f"{'engine':<14}{'dtype':<7}{'phase':<12}{'tokens/s':>10}{'vs transformers fp32':>22}{'vs llama.cpp':>14}")
     for (engine, dtype, what), tps in sorted(best.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
         ref = base.get(what.split()[0]) if what in base or what.startswith("decode") else None
         ratio = f"{tps / ref:.2f}x" if ref else ""
-        print(f"{engine:<14}{dtype:<7}{what:<12}{tps:>10.1f}{ratio:>22}")
+        ref2 = peer.get(what.split()[0])
+        ratio2 = f"{tps / ref2:.2f}x" if ref2 else ""
+        print(f"{engine:<14}{dtype:<7}{what:<12}{tps:>10.1f}{ratio:>22}{ratio2:>14}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu": cpu_model(), "threads": args.threads, "results": [
