@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 
 from ..service.models import ModelManager, local_node_id
 from .common import state
+from .errors import APIError
 
 router = APIRouter()
 log = logging.getLogger(__name__)
@@ -87,3 +88,18 @@ def distributed_status(manager: ModelManager) -> dict[str, Any]:
 @router.get("/api/distributed/status")
 async def status(request: Request) -> dict[str, Any]:
     return await asyncio.to_thread(distributed_status, state(request).manager)
+
+
+@router.post("/api/distributed/nodes/{node}/drain")
+async def drain(request: Request, node: str) -> dict[str, Any]:
+    """Move every model off `node` without failing requests; nothing is planned on it afterwards."""
+    manager = state(request).manager
+    if not manager.settings.distributed:
+        raise APIError(400, "node drain needs a cluster (serve with --address or --local-nodes)")
+    from ..runtime.cluster import NodeNotFoundError
+
+    try:
+        moved = await asyncio.to_thread(manager.drain, node)
+    except NodeNotFoundError as exc:
+        raise APIError(404, f"node '{node}' not found") from exc
+    return {"node": node, "drained": True, "moved": moved}

@@ -247,11 +247,15 @@ class InferenceEngine:
         """The embedding vector of a text or token ids (see `embedding`)."""
         return self.embedding(inp, truncate=truncate, num_ctx=num_ctx).vector
 
-    def replace_executor(self, executor: Executor, close_old: bool = True) -> None:
+    def replace_executor(self, executor: Executor, close_old: bool = True,
+                         prepare: Callable[[], Any] | None = None) -> None:
         """Switch to another executor at the next step boundary, replaying every running sequence onto it
-        (e.g. after re-planning the cluster). Blocks until the switch is done."""
+        (e.g. after re-planning the cluster). Blocks until the switch is done. `prepare` runs first, on the engine
+        thread between steps (e.g. to point a wrapping executor at a new inner one before the replay)."""
 
         def swap() -> None:
+            if prepare is not None:
+                prepare()
             old = self._install(executor, "executor replaced")
             if close_old:
                 old.close()

@@ -78,6 +78,16 @@ class NodeHealth:
         self._clock = clock
         self._lock = threading.Lock()
         self._failures: dict[str, list[float]] = {}
+        self._drained: set[str] = set()  # taken out of service by an operator (`node drain`), until undrained
+
+    def drain(self, node: str) -> None:
+        """Plan nothing on `node` any more (an operator's `ollama-distributed node drain`)."""
+        with self._lock:
+            self._drained.add(node)
+
+    def undrain(self, node: str) -> None:
+        with self._lock:
+            self._drained.discard(node)
 
     def record_failure(self, node: str, now: float | None = None) -> bool:
         """Note one failure of `node`; True when the node is (now) backed off."""
@@ -93,11 +103,12 @@ class NodeHealth:
         return backed
 
     def backed_off(self, now: float | None = None) -> set[str]:
-        """Nodes not to plan on now: `failures` failures within the window, the last less than backoff_s ago."""
+        """Nodes not to plan on now: drained ones, and those with `failures` failures within the window, the last
+        less than backoff_s ago."""
         now = self._clock() if now is None else now
         p = self.policy
         with self._lock:
-            return {
+            return set(self._drained) | {
                 node for node, times in self._failures.items()
                 if times and now - times[-1] < p.backoff_s
                 and sum(1 for t in times if times[-1] - t <= p.window_s) >= p.failures
@@ -107,8 +118,11 @@ class NodeHealth:
         now = self._clock() if now is None else now
         off = self.backed_off(now)
         with self._lock:
-            return {node: {"failures": len(times), "last_failure_s_ago": round(now - times[-1], 1),
-                           "backed_off": node in off} for node, times in self._failures.items()}
+            out: dict[str, Any] = {node: {"failures": len(times), "last_failure_s_ago": round(now - times[-1], 1),
+                                          "backed_off": node in off} for node, times in self._failures.items()}
+            for node in self._drained:
+                out.setdefault(node, {"failures": 0, "backed_off": True})["drained"] = True
+            return out
 
 
 @dataclass(frozen=True)

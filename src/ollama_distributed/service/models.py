@@ -311,6 +311,57 @@ class ModelManager:
 
         return Recovery(path, self.cluster(), self.settings.strategy, dtype, self._node_health, on_event)
 
+    def drain(self, node: str) -> list[str]:
+        """Move every model off `node` without failing requests (blocking): plan nothing on it any more, and for
+        each model with a shard there, between two engine steps, replace its shards with a placement on the other
+        nodes and replay the in-flight sequences (the same replay a failure uses). Returns the moved models.
+        Raises NodeNotFoundError for an unknown node; CapacityError when the other nodes cannot hold a model
+        (that model is then unplaced, its requests end with the shortfall, and it is re-placed at its next
+        load, as after a failure)."""
+        cluster = self.cluster()
+        if cluster is None:
+            raise ValueError("node drain needs a cluster (serve with --address or --local-nodes)")
+        cluster.node(node)  # NodeNotFoundError for a name the cluster does not know
+        from ..runtime.recovery import NodeHealth
+
+        if self._node_health is None:
+            self._node_health = NodeHealth()
+        self._node_health.drain(node)
+        moved = []
+        for r in list(self._runners.values()):
+            if r.recovery is None or r.unplaced:
+                continue
+            placement = r.executor.inner.placement()
+            if not any(sh.get("node") == node for st in placement.get("stages", []) for sh in st["shards"]):
+                continue
+            exclude = self._node_health.backed_off()
+
+            def move(r: Runner = r, exclude: set[str] = exclude) -> None:
+                # Break before make, on the engine thread between steps: the running shards hold their nodes'
+                # memory budget (Ray resources), so a new placement on the same nodes could not start beside
+                # them. Requests pause while the new shards start, then every sequence is replayed.
+                from ..runtime.recovery import CapacityError, UnplacedExecutor
+
+                old = r.executor.inner
+                old.close()
+                try:
+                    new = r.recovery.place(exclude=exclude)
+                except CapacityError as cap:
+                    r.executor.rebind(UnplacedExecutor(old.config, old.max_seq_len, cap))
+                    raise
+                r.executor.rebind(new)
+
+            r.engine.replace_executor(r.executor, close_old=False, prepare=move)
+            new_inner = r.executor.inner
+            log.info("drained %s: %s moved to %s", node, r.name, _placement_of_nodes(new_inner))
+            if self.learning is not None:
+                self.learning.events.record("drain", f"{r.name}: moved off {node}", model=r.name, node=node)
+                threading.Thread(target=_attach_quietly, args=(self.learning, r.name, r.entry.model_path,
+                                                               new_inner.placement(), cluster, self.settings.dtype),
+                                 daemon=True).start()
+            moved.append(r.name)
+        return moved
+
     # ---- introspection ------------------------------------------------------------------------------------------
 
     def recovery_status(self) -> dict[str, Any]:
@@ -386,6 +437,11 @@ def _recover_into(recovery: Any) -> Callable[[Exception, Any], Any]:
         return failed
 
     return recover
+
+
+def _placement_of_nodes(executor: Any) -> str:
+    stages = executor.placement().get("stages", [])
+    return ", ".join("+".join(sh["node"] for sh in st["shards"]) for st in stages)
 
 
 def _attach_quietly(learning: Any, name: str, path: Path, placement: Any, cluster: Any, dtype: str) -> None:
