@@ -7,30 +7,20 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from .conftest import CLI, stop_server
-from .test_fault_tolerance import PROMPTS, Stream, _server, _shards, references  # noqa: F401 (fixture)
+from .conftest import CLI
+# node_server: 3 nodes of 34 MiB, so the tiny model (~40 MB f32) takes 2 pipeline stages and one node is spare.
+# Imported as a module-scoped fixture, this module gets its own server (the fault tests kill nodes of theirs).
+from .test_fault_tolerance import PROMPTS, Stream, _shards, node_server, references  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-@pytest.fixture(scope="module")
-def drain_server(tmp_path_factory, tiny_gguf: Path):
-    # 3 nodes of 34 MiB: the tiny model (~40 MB f32) needs 2 pipeline stages, so one node is spare.
-    srv = _server(tmp_path_factory, tiny_gguf, ["--local-nodes", "3", "--strategy", "pipeline",
-                                                "--node-memory", "34MiB"])
-    try:
-        yield srv
-    finally:
-        stop_server(srv)
-
-
-def test_drain_moves_the_model_without_failing_the_stream(drain_server, references) -> None:
-    srv = drain_server
+def test_drain_moves_the_model_without_failing_the_stream(node_server, references) -> None:
+    srv = node_server
     s = Stream(srv.url, PROMPTS[0])
     s.wait_tokens(30)
     before = _shards(srv)
@@ -59,6 +49,6 @@ def test_drain_moves_the_model_without_failing_the_stream(drain_server, referenc
     assert victim not in {sh["node"] for sh in _shards(srv)}
 
 
-def test_drain_unknown_node_is_404(drain_server) -> None:
-    r = httpx.post(drain_server.url + "/api/distributed/nodes/no-such-node/drain", timeout=60)
+def test_drain_unknown_node_is_404(node_server) -> None:
+    r = httpx.post(node_server.url + "/api/distributed/nodes/no-such-node/drain", timeout=60)
     assert r.status_code == 404 and "not found" in r.json()["error"]
