@@ -11,12 +11,12 @@ Two measurements (numbers and method are written up in bench/README.md):
   profile      one decode token split into weight reads (bytes/token over measured GEMV bandwidth of the dtype),
                attention (SDPA over the cache), per-op dispatch overhead (ops/token x cost of a tiny op) and
                sampling (argmax / full sampler over the vocab).
-  int8         int8 weight-only (torch._weight_int8pack_mm) vs bf16 vs fp32: decode step time and accuracy vs fp32.
+  formats      bf16 and int4 (4-bit layers, int8 head) vs fp32: decode step time and accuracy vs fp32.
 
     python bench/decode_profile.py concurrency [--dtype fp32] [--tokens 48] [--rounds 2]
     python bench/decode_profile.py batch [--dtype fp32] [--context 256] [--rounds 3]
     python bench/decode_profile.py profile [--dtype fp32] [--context 64]
-    python bench/decode_profile.py int8 [--tokens 32] [--rounds 2]
+    python bench/decode_profile.py formats [--tokens 32] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int4": (torch.bfloat16, "int4")}
 
 
 def _best(fn, n: int) -> float:
@@ -54,7 +54,7 @@ def concurrency(args: argparse.Namespace) -> None:
 
     path = bundled_model_path("smollm2:135m")
     tok = Tokenizer.from_gguf(path)
-    eng = InferenceEngine(LocalExecutor(path, dtype=DTYPES[args.dtype], max_seq_len=1024), tok, max_batch=16)
+    eng = InferenceEngine(LocalExecutor(path, *DTYPES[args.dtype][:1], max_seq_len=1024, quant=DTYPES[args.dtype][1]), tok, max_batch=16)
     eng.eos_ids = frozenset()  # decode exactly num_predict tokens per request
     prompts = [tok.encode(f"Request {i}: write a short story about the number {i * 7}.") for i in range(16)]
     opts = GenerationOptions(temperature=0.0, num_predict=args.tokens)
@@ -103,21 +103,22 @@ def profile(args: argparse.Namespace) -> None:
     from ollama_distributed.model.bundled import bundled_model_path
     from ollama_distributed.model.sampling import Sampler, sample_batch
     from ollama_distributed.model.options import GenerationOptions
+    from ollama_distributed.model.quant import linear, weight_tensors
     from ollama_distributed.model.transformer import ModelShard
 
-    dtype = DTYPES[args.dtype]
-    shard = ModelShard.from_file(bundled_model_path("smollm2:135m"), dtype=dtype)
+    dtype, quant = DTYPES[args.dtype]
+    shard = ModelShard.from_file(bundled_model_path("smollm2:135m"), dtype=dtype, quant=quant)
     cfg = shard.cfg
     # 1. weights read per decode token: every layer matrix + lm_head (embedding row read is negligible)
-    layer_bytes = sum(t.nbytes for l in shard.layers for t in (l.wqkv, l.wo, l.wgu, l.wdown))
-    head_bytes = shard.lm_head.nbytes
+    layer_bytes = sum(t.nbytes for l in shard.layers for w in (l.wqkv, l.wo, l.wgu, l.wdown) for t in weight_tensors(w))
+    head_bytes = sum(t.nbytes for t in weight_tensors(shard.lm_head))
     total_bytes = layer_bytes + head_bytes
     # GEMV bandwidth: one (1, hidden) x (ffn*2, hidden)^T product per the biggest layer matrix, and the lm_head
     x = torch.randn(1, cfg.hidden_size, dtype=dtype)
     w = shard.layers[0].wgu
-    t_gu = _best(lambda: [F.linear(x, w) for _ in range(50)], 5) / 50
-    t_head = _best(lambda: [F.linear(x, shard.lm_head) for _ in range(5)], 5) / 5
-    bw_layer, bw_head = w.nbytes / t_gu / 1e9, head_bytes / t_head / 1e9
+    t_gu = _best(lambda: [linear(x, w) for _ in range(50)], 5) / 50
+    t_head = _best(lambda: [linear(x, shard.lm_head) for _ in range(5)], 5) / 5
+    bw_layer, bw_head = sum(t.nbytes for t in weight_tensors(w)) / t_gu / 1e9, head_bytes / t_head / 1e9
     t_weights = layer_bytes / (bw_layer * 1e9) + t_head
     # 2. attention at this context length (one SDPA per layer, GQA as grouped queries)
     kv, g, hd, T = shard.n_kv, shard.n_heads // shard.n_kv, cfg.head_dim, args.context
@@ -140,13 +141,15 @@ def profile(args: argparse.Namespace) -> None:
     s = Sampler(GenerationOptions(temperature=0.8, top_k=40, top_p=0.9, seed=1))
     hist = [list(range(64))]
     t_sample = _best(lambda: [sample_batch(logits, [s], hist) for _ in range(20)], 5) / 20
-    # fused vs separate projections (one layer): what fusing q/k/v and gate/up saves per token
+    # fused vs separate projections (one layer): what fusing q/k/v and gate/up saves per token (dense only)
     l0 = shard.layers[0]
-    parts_qkv = [t.contiguous() for t in l0.wqkv.split([shard.q_dim, shard.kv_dim, shard.kv_dim])]
-    parts_gu = [t.contiguous() for t in l0.wgu.split(shard.ffn_local)]
-    xn = torch.randn(1, cfg.hidden_size, dtype=dtype)
-    fused = _best(lambda: [(F.linear(xn, l0.wqkv), F.linear(xn, l0.wgu)) for _ in range(50)], 5) / 50
-    separate = _best(lambda: [[F.linear(xn, w) for w in parts_qkv + parts_gu] for _ in range(50)], 5) / 50
+    fused = separate = float("nan")
+    if quant is None:
+        parts_qkv = [t.contiguous() for t in l0.wqkv.split([shard.q_dim, shard.kv_dim, shard.kv_dim])]
+        parts_gu = [t.contiguous() for t in l0.wgu.split(shard.ffn_local)]
+        xn = torch.randn(1, cfg.hidden_size, dtype=dtype)
+        fused = _best(lambda: [(F.linear(xn, l0.wqkv), F.linear(xn, l0.wgu)) for _ in range(50)], 5) / 50
+        separate = _best(lambda: [[F.linear(xn, w) for w in parts_qkv + parts_gu] for _ in range(50)], 5) / 50
     # whole step, measured
     cache2 = shard.new_cache(T + 64)
     shard.forward(torch.arange(T), [0], [T], cache2)
@@ -170,7 +173,7 @@ def batch(args: argparse.Namespace) -> None:
     from ollama_distributed.model.bundled import bundled_model_path
     from ollama_distributed.model.transformer import ModelShard
 
-    shard = ModelShard.from_file(bundled_model_path("smollm2:135m"), dtype=DTYPES[args.dtype])
+    shard = ModelShard.from_file(bundled_model_path("smollm2:135m"), *DTYPES[args.dtype])
     g = torch.Generator().manual_seed(0)
     res: dict[tuple[int, bool], float] = {}
     for b in args.conc:
@@ -202,72 +205,51 @@ PROMPTS = [
 ]
 
 
-def _int8_linear(qmap: dict[int, tuple[torch.Tensor, torch.Tensor]]):
-    """F.linear that runs torch._weight_int8pack_mm (int8 weight, per-output-channel scale) for quantised weights."""
-    import torch.nn.functional as F
+def formats(args: argparse.Namespace) -> None:
+    """Each weight format vs fp32 on the same GGUF: decode step time and accuracy (teacher-forced greedy agreement
+    over the fp32 continuations of 20 prompts, and max relative logit error |a - b|max / |a|max per prompt).
 
-    def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        q = qmap.get(id(w))
-        if q is None:
-            return F.linear(x, w, b)
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), *q).reshape(*x.shape[:-1], -1)
-        return y if b is None else y + b
-
-    return linear
-
-
-def int8(args: argparse.Namespace) -> None:
-    """Int8 weight-only (symmetric, per output channel; bf16 activations) vs bf16 and fp32: decode step time and
-    accuracy vs fp32 (teacher-forced greedy agreement over the fp32 continuations of 20 prompts, logit error)."""
-    import types
-
-    import torch.nn.functional as F
-
-    from ollama_distributed.model import transformer as T
+    int4 is the real engine path (ModelShard quant="int4": the file's Q4_1 codes in torch's int4 kernel, int8
+    output head, bf16 activations; model/quant.py)."""
     from ollama_distributed.model.bundled import bundled_model_path
     from ollama_distributed.model.tokenizer import Tokenizer
+    from ollama_distributed.model.transformer import ModelShard
 
     path = bundled_model_path("smollm2:135m")
     tok = Tokenizer.from_gguf(path)
-    ref = T.ModelShard.from_file(path, dtype=torch.float32)
-    bf = T.ModelShard.from_file(path, dtype=torch.bfloat16)
-    i8 = T.ModelShard.from_file(path, dtype=torch.bfloat16)
-    qmap = {}
-    for w in [m for l in i8.layers for m in (l.wqkv, l.wo, l.wgu, l.wdown)] + [i8.lm_head]:
-        scale = w.float().abs().amax(1).clamp_min(1e-12) / 127
-        qmap[id(w)] = (torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.to(w.dtype))
-    plain_F = T.F
-    int8_F = types.SimpleNamespace(**{k: getattr(F, k) for k in dir(F) if not k.startswith("_")})
-    int8_F.linear = _int8_linear(qmap)
-
-    def use(shard):
-        T.F = int8_F if shard is i8 else plain_F
-        return shard
-
-    # fp32 greedy continuations, all prompts decoded together
+    shards = {
+        "fp32": ModelShard.from_file(path, dtype=torch.float32),
+        "bf16": ModelShard.from_file(path, dtype=torch.bfloat16),
+        "int4": ModelShard.from_file(path, quant="int4"),
+    }
+    ref = shards["fp32"]
     ids = [tok.encode(p) for p in PROMPTS]
-    n_new = args.tokens
-    cache = ref.new_cache(256)
     sids = list(range(len(ids)))
-    logits = use(ref).forward(torch.tensor([t for x in ids for t in x]), sids, [len(x) for x in ids], cache)
-    gen = [[] for _ in ids]
-    for _ in range(n_new):
-        nxt = logits.argmax(-1)
-        for g, t in zip(gen, nxt.tolist()):
-            g.append(t)
-        logits = ref.forward(nxt, sids, [1] * len(ids), cache)
+
+    def greedy(shard: ModelShard) -> list[list[int]]:
+        """Free-running greedy continuations of every prompt (decoded together)."""
+        cache = shard.new_cache(256)
+        logits = shard.forward(torch.tensor([t for x in ids for t in x]), sids, [len(x) for x in ids], cache)
+        gen: list[list[int]] = [[] for _ in ids]
+        for _ in range(args.tokens):
+            nxt = logits.argmax(-1)
+            for g, t in zip(gen, nxt.tolist()):
+                g.append(t)
+            logits = shard.forward(nxt, sids, [1] * len(ids), cache)
+        return gen
+
+    gen = greedy(ref)
     full = [x + g for x, g in zip(ids, gen)]
     flat = torch.tensor([t for x in full for t in x])
     counts = [len(x) for x in full]
 
-    def teacher_forced(shard):
-        out = use(shard).forward(flat, sids, counts, shard.new_cache(256), output="all_logits")
-        return out.split(counts)
+    def teacher_forced(shard: ModelShard) -> tuple[torch.Tensor, ...]:
+        return shard.forward(flat, sids, counts, shard.new_cache(256), output="all_logits").split(counts)
 
     want = teacher_forced(ref)
     report = {}
-    for name, shard in (("bf16", bf), ("int8", i8)):
-        got = teacher_forced(shard)
+    for name in ("bf16", "int4"):
+        got = teacher_forced(shards[name])
         agree = total = 0
         errs = []
         for x, a, b in zip(ids, want, got):
@@ -275,29 +257,33 @@ def int8(args: argparse.Namespace) -> None:
             agree += int((a[rows].argmax(-1) == b[rows].argmax(-1)).sum())
             total += a[rows].shape[0]
             errs.append(float((a - b).abs().max() / a.abs().max()))
-        report[name] = (agree / total, max(errs), sum(errs) / len(errs))
-    # decode step time at context ~64, interleaved best-of
-    times = {}
-    for _ in range(args.rounds):
-        for name, shard in (("fp32", ref), ("bf16", bf), ("int8", i8)):
-            use(shard)
+        # free-running: tokens equal to fp32's at the same position, and prompts whose whole output is equal
+        free = greedy(shards[name])
+        same = sum(a == b for f, g in zip(free, gen) for a, b in zip(f, g)) / (len(gen) * args.tokens)
+        whole = sum(f == g for f, g in zip(free, gen))
+        report[name] = (agree / total, max(errs), sum(errs) / len(errs), same, whole)
+    times: dict[str, float] = {}
+    for _ in range(args.rounds):  # decode step time at context ~64, interleaved best-of
+        for name, shard in shards.items():
             c = shard.new_cache(256)
             shard.forward(torch.arange(64), [0], [64], c)
             one = torch.tensor([1])
             shard.forward(one, [0], [1], c)
             t = _best(lambda: shard.forward(one, [0], [1], c), 20)
             times[name] = min(times.get(name, 1e9), t)
-    T.F = plain_F
-    print(f"load avg {os.getloadavg()[0]:.1f}; {len(PROMPTS)} prompts x {n_new} fp32-greedy tokens, teacher-forced")
-    print(f"{'format':<8}{'decode ms':>10}{'tok/s':>8}{'greedy agree':>14}{'max rel logit err':>19}{'mean':>8}")
-    print(f"{'fp32':<8}{times['fp32'] * 1e3:>10.2f}{1 / times['fp32']:>8.1f}{'(reference)':>14}")
-    for name, (agree, emax, emean) in report.items():
-        print(f"{name:<8}{times[name] * 1e3:>10.2f}{1 / times[name]:>8.1f}{agree * 100:>13.1f}%{emax:>19.4f}{emean:>8.4f}")
+    print(f"load avg {os.getloadavg()[0]:.1f}; {len(PROMPTS)} prompts x {args.tokens} fp32-greedy tokens, teacher-forced")
+    print(f"{'format':<8}{'MB':>6}{'decode ms':>10}{'tok/s':>8}{'greedy agree':>14}{'max rel logit err':>19}{'mean':>8}"
+          f"{'free-running same':>19}{'whole outputs same':>20}")
+    mb = {k: v.weight_bytes() / 1e6 for k, v in shards.items()}
+    print(f"{'fp32':<8}{mb['fp32']:>6.0f}{times['fp32'] * 1e3:>10.2f}{1 / times['fp32']:>8.1f}{'(reference)':>14}")
+    for name, (agree, emax, emean, same, whole) in report.items():
+        print(f"{name:<8}{mb[name]:>6.0f}{times[name] * 1e3:>10.2f}{1 / times[name]:>8.1f}{agree * 100:>13.1f}%{emax:>19.4f}"
+              f"{emean:>8.4f}{same * 100:>18.1f}%{whole:>15d}/{len(gen)}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("concurrency", "batch", "profile", "int8"))
+    ap.add_argument("what", choices=("concurrency", "batch", "profile", "formats"))
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=48)
@@ -310,7 +296,7 @@ def main() -> None:
 
     logging.disable(logging.WARNING)
     torch.set_num_threads(args.threads)
-    {"concurrency": concurrency, "batch": batch, "profile": profile, "int8": int8}[args.what](args)
+    {"concurrency": concurrency, "batch": batch, "profile": profile, "formats": formats}[args.what](args)
 
 
 if __name__ == "__main__":

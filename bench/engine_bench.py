@@ -1,5 +1,5 @@
-"""Engine throughput on SmolLM2-135M: our ModelShard (fp32, bf16) vs transformers fp32 and llama-cpp-python (if
-installed), same GGUF, same threads.
+"""Engine throughput on SmolLM2-135M: our ModelShard (fp32, bf16, int4 = the file's 4-bit codes) vs transformers
+fp32 and llama-cpp-python (if installed), same GGUF, same threads.
 
 Prefill: one forward over a P-token prompt (tokens/s = P / time). Decode: greedy, one token per step with the
 KV cache (tokens/s = steps / time), single sequence; plus our batched decode (B sequences per step).
@@ -48,10 +48,10 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 class Ours:
-    def __init__(self, path, dtype: torch.dtype) -> None:
+    def __init__(self, path, dtype: torch.dtype, quant: str | None = None) -> None:
         from ollama_distributed.model.transformer import ModelShard
 
-        self.shard = ModelShard.from_file(path, dtype=dtype)
+        self.shard = ModelShard.from_file(path, dtype=dtype, quant=quant)
 
     def prefill(self, ids: list[int]) -> None:
         self.shard.forward(torch.tensor(ids), [0], [len(ids)], self.shard.new_cache(len(ids) + 1))
@@ -153,6 +153,7 @@ def main() -> None:
     engines = {
         ("ours", "fp32"): Ours(path, torch.float32),
         ("ours", "bf16"): Ours(path, torch.bfloat16),
+        ("ours", "int4"): Ours(path, torch.bfloat16, quant="int4"),
         ("transformers", "fp32"): Transformers(path, torch.float32),
     }
     try:

@@ -92,3 +92,48 @@ def test_run_on_local_pipeline_equals_in_process(tiny_gguf, expected):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout == expected([{"role": "user", "content": "Why is the sky blue?"}]) + "\n"
     assert "plan: pipeline (layers 0-" in r.stderr and "node1" in r.stderr, r.stderr[-2000:]
+
+
+def test_run_int4_streams_the_int4_engine_answer(tiny_gguf_factory):
+    """`--dtype int4` loads the file's 4-bit blocks in-process; the CLI prints what that engine generates."""
+    path = tiny_gguf_factory(dtype="q4_1")
+    tok = Tokenizer.from_gguf(path)
+    template = ChatTemplate.from_tokenizer(tok)
+    eng = InferenceEngine(LocalExecutor(path, max_seq_len=4096, quant="int4"), tok)
+    try:
+        ids = tok.encode(template.render([{"role": "user", "content": "hi"}], add_generation_prompt=True))
+        want = eng.generate(GenerationRequest(ids, GenerationOptions.from_dict(OPTS))).text
+    finally:
+        eng.close()
+    r = runner.invoke(app, ["run", str(path), "hi", *ARGS, "--dtype", "int4"])
+    assert r.exit_code == 0, r.output
+    assert want.strip() and r.stdout == want + "\n"
+    bad = runner.invoke(app, ["run", str(path), "hi", "--dtype", "int3"])
+    assert bad.exit_code == 1 and "unknown dtype 'int3': expected float32|bfloat16|float16|int4" in bad.stderr
+
+
+def test_run_int4_on_local_pipeline_fits_where_float32_does_not(tiny_gguf_factory):
+    """Two 14 MiB nodes cannot hold the tiny model in float32 (41.9 MB with its KV cache), but hold it as int4:
+    the plan is sized for 4-bit layers and the workers load them (real raylets, in a subprocess)."""
+    import os
+    import subprocess
+    import sys
+
+    path = tiny_gguf_factory(dtype="q4_1")
+    base = [sys.executable, "-m", "ollama_distributed.cli", "run", str(path), "hi", *ARGS,
+            "--local-nodes", "2", "--node-memory", "14MiB", "--strategy", "pipeline"]
+    env = dict(os.environ, COLUMNS="200")
+    r = subprocess.run(base + ["--dtype", "int4", "--verbose"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tok = Tokenizer.from_gguf(path)
+    eng = InferenceEngine(LocalExecutor(path, max_seq_len=4096, quant="int4"), tok)
+    try:
+        ids = tok.encode(ChatTemplate.from_tokenizer(tok).render([{"role": "user", "content": "hi"}],
+                                                                 add_generation_prompt=True))
+        want = eng.generate(GenerationRequest(ids, GenerationOptions.from_dict(OPTS))).text
+    finally:
+        eng.close()
+    assert r.stdout == want + "\n"  # pipeline stages of an int4 model compute exactly what one process does
+    assert "plan: pipeline (layers 0-" in r.stderr
+    f32 = subprocess.run(base, capture_output=True, text=True, timeout=600, env=env)
+    assert f32.returncode == 1 and "needs 41.9 MB" in f32.stderr

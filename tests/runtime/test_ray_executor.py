@@ -227,3 +227,32 @@ def test_smollm2_tensor_parallel_matches(shape, smollm2_path, smol_ref, ray_clus
             assert_close(a, b)
     finally:
         ex.close()
+
+
+@pytest.mark.parametrize("shape", ["pp2", "tp2"])
+def test_int4_shards_on_ray_match_in_process_int4(shape, tiny_gguf_factory, ray_cluster):
+    """Workers load int4 shards (model/quant.py) from a Q4_1 file: the Ray run of a plan gives the tokens and
+    logits of the same plan's shards run in this process (same bf16 arithmetic, so equal to float rounding)."""
+    from ollama_distributed.model.shard import ShardSpec
+
+    path = tiny_gguf_factory(dtype="q4_1")
+    cfg = read_config(path)
+    plan = uniform_plan(cfg, SHAPES[shape], "tiny-q4")
+    specs = [[ShardSpec(tuple(st["layers"]), tuple(sh["kv_heads"]), tuple(sh["ffn"]), i == 0,
+                        i == len(plan["stages"]) - 1 and j == 0) for j, sh in enumerate(st["shards"])]
+             for i, st in enumerate(plan["stages"])]
+    local = LocalExecutor.from_plan(path, specs, max_seq_len=256, quant="int4")
+    ex = RayExecutor(plan, path, ray_cluster, max_seq_len=256, quant="int4")
+    try:
+        # each worker holds its int4 shard: the same bytes as the in-process shards of the same plan
+        assert sorted(i["weight_bytes"] for i in ex.shard_info()) == sorted(
+            sh.weight_bytes() for stage in local.stages for sh in stage)
+        for i, p in enumerate(PROMPTS[:2]):
+            toks, logits = greedy(ex, i, p, 6)
+            ref_toks, ref_logits = greedy(local, i, p, 6)
+            assert toks == ref_toks
+            for a, b in zip(logits, ref_logits):
+                assert_close(a, b, tol=1e-3)
+    finally:
+        ex.close()
+        local.close()

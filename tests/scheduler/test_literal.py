@@ -138,3 +138,18 @@ def test_tied_embedding_counted_once_on_a_single_node_twice_across_stages():
     two = plan(prof, cluster(node("a", mem), node("b", mem)), W, PlanConfig(strategy="pipeline"))
     assert len(two.stages) == 2  # the second copy of the head does not fit next to two layers
     assert two.stages[1].shards[0].memory_bytes == int(cm.layer_mem + prof.head_bytes)
+
+
+def test_int4_profile_counts_4bit_layers_and_a_float16_head():
+    """SmolLM2 in our int4 format (model/quant.py): layers at 4 bits + a bf16 scale and zero per 32 weights
+    (0.625 B), the tied embedding/head table in float16 (2 B). 123.0 MB is what ModelShard.weight_bytes()
+    reports for the int4 SmolLM2 shard (bench/decode_profile.py formats)."""
+    prof = preset_profile("smollm2-135m", "int4")
+    layer_params = 3 * (2 * 3 + 2) * 64 * 576 + 1536 * 3 * 576 + 2 * 576  # KV groups + FFN columns + norms
+    assert prof.layer_bytes == layer_params * 0.625
+    assert prof.embedding_bytes == 49152 * 576 * 2
+    assert prof.head_extra_bytes(True) == 576 * 0.625  # tied head beside the embedding: only the final norm
+    assert prof.head_extra_bytes(False) == 49152 * 576 * 2 + 576 * 0.625
+    assert prof.total_weight_bytes == 30 * layer_params * 0.625 + 49152 * 576 * 2 + 576 * 0.625 == 123_000_264
+    f32 = preset_profile("smollm2-135m", "f32")
+    assert f32.embed_bytes == 0 and f32.total_weight_bytes == f32.total_params * 4

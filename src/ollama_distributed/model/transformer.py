@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import rope
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .quant import ACT_DTYPE, GROUP, QUANT_FORMATS, HalfLinear, QuantMatrix, Weight, linear, pack, quantize_rtn, weight_tensors
 from .shard import ShardSpec
 from .weights import load_weights, read_config
 
@@ -41,11 +42,11 @@ class _Layer:
 
     attn_norm: torch.Tensor
     ffn_norm: torch.Tensor
-    wqkv: torch.Tensor  # (q_dim + 2 * kv_dim, hidden)
+    wqkv: Weight  # (q_dim + 2 * kv_dim, hidden)
     bqkv: torch.Tensor | None
-    wo: torch.Tensor  # (hidden, q_dim)
-    wgu: torch.Tensor  # (2 * ffn_local, hidden)
-    wdown: torch.Tensor  # (hidden, ffn_local)
+    wo: Weight  # (hidden, q_dim)
+    wgu: Weight  # (2 * ffn_local, hidden)
+    wdown: Weight  # (hidden, ffn_local)
 
 
 @dataclass
@@ -101,13 +102,20 @@ class _DecodeBatch:
 class ModelShard:
     """Layers `spec.layers` of `cfg`, for the heads and FFN columns `spec` names. See module docstring."""
 
-    def __init__(self, cfg: ModelConfig, spec: ShardSpec, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, cfg: ModelConfig, spec: ShardSpec, weights: dict[str, Any], quant: str | None = None) -> None:
         """Build from canonical weights (contracts.md).
 
         `weights` is consumed: each layer's entries are popped as they are fused/transposed into this shard's
         layout, so building needs about one layer of extra memory instead of a second copy of the shard.
+        quant="int4" (implied when `weights` holds QuantMatrix entries): layer matrices run as 4-bit groups, the
+        output head as int8 rows and activations in bf16 (model/quant.py); dense matrices are quantised here.
         """
         spec.validate(cfg)
+        if quant is None and any(isinstance(w, QuantMatrix) for w in weights.values()):
+            quant = "int4"
+        if quant is not None and quant not in QUANT_FORMATS:
+            raise ValueError(f"unknown weight quantisation {quant!r}: expected one of {QUANT_FORMATS}")
+        self.quant = quant
         self.cfg, self.spec = cfg, spec
         h0, h1 = spec.heads(cfg)
         self.n_heads = h1 - h0
@@ -115,45 +123,71 @@ class ModelShard:
         self.ffn_local = spec.ffn[1] - spec.ffn[0]
         self.q_dim = self.n_heads * cfg.head_dim
         self.kv_dim = self.n_kv * cfg.head_dim
-        self.embed = weights["embed"] if spec.has_embedding else None
-        self.norm = weights["norm"] if spec.has_output else None
-        self.lm_head = weights["lm_head"] if spec.has_output else None
+        dense = self._dense
+        self.embed = dense(weights["embed"]) if spec.has_embedding else None
+        self.norm = dense(weights["norm"]) if spec.has_output else None
+        self.lm_head: Weight | None = None
+        if spec.has_output:
+            self.lm_head = HalfLinear(weights["lm_head"]) if quant else weights["lm_head"]
+            if quant and cfg.tie_embeddings and self.embed is not None:
+                self.embed = self.lm_head.weight  # one float16 table for both ends (rows are cast on lookup)
         self.layers: list[_Layer] = []
         for i in range(*spec.layers):
             n = f"layers.{i}."
             w = {k: weights.pop(n + k) for k in _LAYER_KEYS + (_BIAS_KEYS if cfg.attention_bias else ())}
-            bias = torch.cat([w["q_bias"], w["k_bias"], w["v_bias"]]) if cfg.attention_bias else None
+            bias = dense(torch.cat([w["q_bias"], w["k_bias"], w["v_bias"]])) if cfg.attention_bias else None
             self.layers.append(
                 _Layer(
-                    attn_norm=w["attn_norm"],
-                    ffn_norm=w["ffn_norm"],
-                    wqkv=torch.cat([w["q"], w["k"], w["v"]]),
+                    attn_norm=dense(w["attn_norm"]),
+                    ffn_norm=dense(w["ffn_norm"]),
+                    wqkv=self._fused([w["q"], w["k"], w["v"]]),
                     bqkv=bias,
-                    wo=w["o"],
-                    wgu=torch.cat([w["gate"], w["up"]]),
-                    wdown=w["down"],
+                    wo=self._fused([w["o"]]),
+                    wgu=self._fused([w["gate"], w["up"]]),
+                    wdown=self._fused([w["down"]]),
                 )
             )
-        some = self.layers[0].wqkv if self.layers else (self.embed if self.embed is not None else self.lm_head)
-        if some is None:
+        if not self.layers and self.embed is None and self.lm_head is None:
             raise ValueError(f"shard {spec} holds no layers, embedding or output head")
-        self.dtype = some.dtype
+        if quant:
+            self.dtype = ACT_DTYPE
+        else:
+            some = self.layers[0].wqkv if self.layers else (self.embed if self.embed is not None else self.lm_head)
+            assert isinstance(some, torch.Tensor)
+            self.dtype = some.dtype
         self.inv_freq = rope.inv_freq(cfg, weights.get("rope_freqs"))
         # One masked attention call for all decode sequences of a step (False: one call per sequence, the
         # reference path the batched one is tested against).
         self.batched_decode = True
 
+    def _dense(self, t: torch.Tensor) -> torch.Tensor:
+        """Norms, biases and the embedding table: kept as loaded, or in the activation dtype when quantised."""
+        return t.to(ACT_DTYPE) if self.quant else t
+
+    def _fused(self, parts: list[Any]) -> Weight:
+        """Output-row concatenation of q/k/v or gate/up (one GEMM each: fewer ops per token), packed when quantised."""
+        if not self.quant:
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
+        if parts[0].shape[1] % GROUP:  # inputs cut off the group grid (an uneven row-parallel split): stay dense
+            dense = [p.dequantize() if isinstance(p, QuantMatrix) else p for p in parts]
+            return torch.cat(dense).to(ACT_DTYPE)
+        qms = [p if isinstance(p, QuantMatrix) else quantize_rtn(p) for p in parts]
+        return pack(QuantMatrix.cat(qms) if len(qms) > 1 else qms[0])
+
     @classmethod
-    def from_file(cls, path: str | Path, spec: ShardSpec | None = None, dtype: torch.dtype = torch.float32) -> "ModelShard":
-        """Read config and only this shard's weights from a GGUF file or HF directory (whole model by default)."""
+    def from_file(cls, path: str | Path, spec: ShardSpec | None = None, dtype: torch.dtype = torch.float32,
+                  quant: str | None = None) -> "ModelShard":
+        """Read config and only this shard's weights from a GGUF file or HF directory (whole model by default).
+        With quant="int4", `dtype` applies to nothing (activations are bf16); see __init__."""
         cfg = read_config(path)
         spec = spec or ShardSpec.full(cfg)
-        return cls(cfg, spec, load_weights(path, cfg, spec, dtype))
+        return cls(cfg, spec, load_weights(path, cfg, spec, ACT_DTYPE if quant else dtype, quant), quant)
 
     def weight_bytes(self) -> int:
-        """Bytes of the distinct tensor storages this shard holds (a tied output head counts once)."""
-        tensors = [self.embed, self.norm, self.lm_head, self.inv_freq]
-        tensors += [t for layer in self.layers for t in vars(layer).values()]
+        """Bytes of the distinct weight storages this shard holds (a tied output head counts once; the RoPE table,
+        derived from the config, is not a weight)."""
+        tensors = [self.embed, self.norm, *weight_tensors(self.lm_head)]
+        tensors += [t for layer in self.layers for w in vars(layer).values() for t in weight_tensors(w)]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
         return sum(storages.values())
 
@@ -196,7 +230,7 @@ class ModelShard:
         cos, sin = rope.cos_sin(self.inv_freq, pos, self.dtype)
         dec = _DecodeBatch.build(seqs, n_tok) if self.batched_decode else None
 
-        h = F.embedding(x, self.embed) if self.spec.has_embedding else x.to(self.dtype)
+        h = F.embedding(x, self.embed).to(self.dtype) if self.spec.has_embedding else x.to(self.dtype)
         for li, layer in enumerate(self.layers):
             h = self._block(li, layer, h, cos, sin, seqs, dec, slot_idx, pos, cache, all_reduce)
         cache.commit(seq_ids, token_counts)
@@ -207,7 +241,8 @@ class ModelShard:
         h = self._rms_norm(h, self.norm)
         if output == "hidden":
             return h.float()
-        return F.linear(h, self.lm_head).float()
+        assert self.lm_head is not None
+        return linear(h, self.lm_head).float()
 
     __call__ = forward
 
@@ -230,7 +265,9 @@ class ModelShard:
         return n_tok
 
     def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
+        if x.dtype == torch.float32 or self.quant:
+            # One fused op. For quantised shards there is no bf16 reference to match, and torch's kernel
+            # accumulates in float32 anyway (4 fewer ops per layer per token than the transformers-exact form).
             return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_norm_eps)
         # Low precision: normalise in float32, scale in the model dtype (as transformers' LlamaRMSNorm).
         return w * F.rms_norm(x.float(), (x.shape[-1],), None, self.cfg.rms_norm_eps).to(x.dtype)
@@ -250,7 +287,7 @@ class ModelShard:
         all_reduce: AllReduce | None,
     ) -> torch.Tensor:
         n_tok, hd = h.shape[0], self.cfg.head_dim
-        qkv = F.linear(self._rms_norm(h, layer.attn_norm), layer.wqkv, layer.bqkv)
+        qkv = linear(self._rms_norm(h, layer.attn_norm), layer.wqkv, layer.bqkv)
         # q and k are adjacent columns of qkv: rotate them as one (N, heads + kv, hd) tensor (half the ops).
         qk = rope.apply(qkv[:, : self.q_dim + self.kv_dim].view(n_tok, self.n_heads + self.n_kv, hd), cos, sin)
         q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]  # (N, heads, hd), (N, kv, hd)
@@ -268,13 +305,13 @@ class ModelShard:
             for s in seqs:
                 if s.count > 1:
                     attn[s.offset : s.offset + s.count] = self._attend(q, ck, cv, s)
-        out = F.linear(attn, layer.wo)
+        out = linear(attn, layer.wo)
         if all_reduce is not None:
             out = all_reduce(out)
         h = h + out
-        gu = F.linear(self._rms_norm(h, layer.ffn_norm), layer.wgu)
+        gu = linear(self._rms_norm(h, layer.ffn_norm), layer.wgu)
         gate, up = gu.split(self.ffn_local, dim=-1)
-        out = F.linear(F.silu(gate) * up, layer.wdown)
+        out = linear(F.silu(gate) * up, layer.wdown)
         if all_reduce is not None:
             out = all_reduce(out)
         return h + out

@@ -24,6 +24,7 @@ import torch
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
 from .errors import ModelFileError, UnsupportedArchitectureError
+from .quant import GROUP, QUANT_FORMATS, QuantMatrix, from_gguf_blocks, quantize_rtn
 from .shard import ShardSpec
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,16 @@ def _is_hf_dir(path: Path) -> bool:
 @functools.lru_cache(maxsize=4)
 def _open_cached(path: str, mtime_ns: int, size: int) -> gguf.GGUFReader:
     del mtime_ns  # part of the cache key only: a rewritten file is parsed again
+    from .gguf_index import GGUFIndex, NotHandled, Truncated
+
     try:
-        return _CheckedReader(path)
-    except _Truncated as exc:
+        try:
+            # The fast header parser (~20 ms; GGUFReader takes ~2 s on a 49k-token vocabulary, paid by every
+            # shard worker the runtime starts). It exposes the fields/tensors interface used here.
+            return GGUFIndex(path)  # type: ignore[return-value]
+        except NotHandled:  # byte-swapped files, nested arrays
+            return _CheckedReader(path)
+    except (_Truncated, Truncated) as exc:
         if exc.in_data:
             problem = f"truncated: tensor data runs to byte {exc.end} but the file has {exc.size} bytes"
         else:
@@ -237,15 +245,17 @@ class _ShardReader:
         self._check_finite(name, full)
         return torch.tensor(np.asarray(full[start:end], dtype=np.float32), dtype=dtype or self.dtype)
 
-    def matrix(self, name: str, shape: tuple[int, int], rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> torch.Tensor:
+    def matrix(self, name: str, shape: tuple[int, int], rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows [r0, r1) × columns [c0, c1) of a 2-D tensor (torch (out, in) layout), dequantised chunk-wise."""
         t = self._tensor(name, shape)
         n_rows, n_cols = shape
         r0, r1 = rows or (0, n_rows)
         c0, c1 = cols or (0, n_cols)
-        out = torch.empty((r1 - r0, c1 - c0), dtype=self.dtype)
+        dtype = dtype or self.dtype
+        out = torch.empty((r1 - r0, c1 - c0), dtype=dtype)
         # float32/float16 outputs are written through numpy (which casts); others via a float32 staging tensor.
-        direct = out.numpy() if self.dtype in (torch.float32, torch.float16) else None
+        direct = out.numpy() if dtype in (torch.float32, torch.float16) else None
         step = max(1, _CHUNK_ELEMS // n_cols)
         for a in range(r0, r1, step):
             b = min(a + step, r1)
@@ -259,6 +269,29 @@ class _ShardReader:
                 out[a - r0 : b - r0] = stage
         return out
 
+    def quant_matrix(self, name: str, shape: tuple[int, int], rows: tuple[int, int] | None = None,
+                     cols: tuple[int, int] | None = None) -> QuantMatrix | torch.Tensor:
+        """Rows × columns of a 2-D tensor as 4-bit groups: the file's own codes for Q4_0/Q4_1 (exact), otherwise
+        the float32 values re-quantised per group (model/quant.py); a float32 tensor when the columns cannot
+        form whole groups (a row-parallel cut off the 32-column grid), which the shard keeps dense."""
+        t = self._tensor(name, shape)
+        r0, r1 = rows or (0, shape[0])
+        c0, c1 = cols or (0, shape[1])
+        qm = from_gguf_blocks(t.data[r0:r1], t.tensor_type.name, (c0, c1))
+        if qm is None:
+            dense = self.matrix(name, shape, rows, cols, dtype=torch.float32)
+            return quantize_rtn(dense) if (c1 - c0) % GROUP == 0 else dense
+        if not (torch.isfinite(qm.scale).all() and torch.isfinite(qm.zero).all()):
+            raise ModelFileError(self.path, f"tensor {name!r} holds NaN/inf block scales (corrupt data)")
+        return qm
+
+
+def _unpermute(w: Any, n_head: int) -> Any:
+    """_unpermute_rows for a dense tensor or a QuantMatrix (whose codes, scales and zeros share the rows)."""
+    if isinstance(w, QuantMatrix):
+        return w.map_rows(lambda t: _unpermute_rows(t, n_head))
+    return _unpermute_rows(w, n_head)
+
 
 def _unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row permutation for interleaved RoPE (convert_hf_to_gguf.py, LlamaModel.permute).
@@ -271,18 +304,24 @@ def _unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
 
 
-def load_weights(path: str | Path, cfg: ModelConfig, spec: ShardSpec, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def load_weights(path: str | Path, cfg: ModelConfig, spec: ShardSpec, dtype: torch.dtype = torch.float32,
+                 quant: str | None = None) -> dict[str, Any]:
     """The tensors shard `spec` owns, under the canonical names of contracts.md, dequantised to `dtype`.
 
+    quant="int4": the layers' seven matrices come back as `QuantMatrix` (4-bit codes, model/quant.py) instead of
+    dense tensors; an HF directory's dense matrices are quantised by `ModelShard` itself.
     Extra name: "rope_freqs" (head_dim // 2,) float32 when the GGUF carries llama3 RoPE divisors.
     """
     p = Path(path)
+    if quant is not None and quant not in QUANT_FORMATS:
+        raise ValueError(f"unknown weight quantisation {quant!r}: expected one of {QUANT_FORMATS}")
     if _is_hf_dir(p):
         from .hf import load_hf_weights  # lazy: see read_config
 
         return load_hf_weights(p, cfg, spec, dtype)
     spec.validate(cfg)
     src = _ShardReader(p, open_gguf(p), dtype)
+    matrix = src.quant_matrix if quant else src.matrix
     hidden, hd = cfg.hidden_size, cfg.head_dim
     h0, h1 = spec.heads(cfg)
     k0, k1 = spec.kv_heads
@@ -293,30 +332,33 @@ def load_weights(path: str | Path, cfg: ModelConfig, spec: ShardSpec, dtype: tor
         out["embed"] = src.matrix("token_embd.weight", (cfg.vocab_size, hidden))
     if spec.has_output:
         out["norm"] = src.vector("output_norm.weight", hidden)
-        if cfg.tie_embeddings:
-            out["lm_head"] = out["embed"] if "embed" in out else src.matrix("token_embd.weight", (cfg.vocab_size, hidden))
+        head = "token_embd.weight" if cfg.tie_embeddings else "output.weight"
+        if quant:  # float32, for ModelShard to round to int8 rows once (not bf16 first)
+            out["lm_head"] = src.matrix(head, (cfg.vocab_size, hidden), dtype=torch.float32)
+        elif cfg.tie_embeddings and "embed" in out:
+            out["lm_head"] = out["embed"]
         else:
-            out["lm_head"] = src.matrix("output.weight", (cfg.vocab_size, hidden))
+            out["lm_head"] = src.matrix(head, (cfg.vocab_size, hidden))
     if "rope_freqs.weight" in src.tensors:
         out["rope_freqs"] = src.vector("rope_freqs.weight", hd // 2, dtype=torch.float32)
     for i in range(*spec.layers):
         b, n = f"blk.{i}.", f"layers.{i}."
         out[n + "attn_norm"] = src.vector(b + "attn_norm.weight", hidden)
         out[n + "ffn_norm"] = src.vector(b + "ffn_norm.weight", hidden)
-        q = src.matrix(b + "attn_q.weight", (cfg.n_heads * hd, hidden), rows=(h0 * hd, h1 * hd))
-        k = src.matrix(b + "attn_k.weight", (cfg.n_kv_heads * hd, hidden), rows=(k0 * hd, k1 * hd))
-        out[n + "q"] = _unpermute_rows(q, h1 - h0) if permuted else q
-        out[n + "k"] = _unpermute_rows(k, k1 - k0) if permuted else k
-        out[n + "v"] = src.matrix(b + "attn_v.weight", (cfg.n_kv_heads * hd, hidden), rows=(k0 * hd, k1 * hd))
+        q = matrix(b + "attn_q.weight", (cfg.n_heads * hd, hidden), rows=(h0 * hd, h1 * hd))
+        k = matrix(b + "attn_k.weight", (cfg.n_kv_heads * hd, hidden), rows=(k0 * hd, k1 * hd))
+        out[n + "q"] = _unpermute(q, h1 - h0) if permuted else q
+        out[n + "k"] = _unpermute(k, k1 - k0) if permuted else k
+        out[n + "v"] = matrix(b + "attn_v.weight", (cfg.n_kv_heads * hd, hidden), rows=(k0 * hd, k1 * hd))
         if cfg.attention_bias:
             qb = src.vector(b + "attn_q.bias", cfg.n_heads * hd, h0 * hd, h1 * hd)
             kb = src.vector(b + "attn_k.bias", cfg.n_kv_heads * hd, k0 * hd, k1 * hd)
             out[n + "q_bias"] = _unpermute_rows(qb, h1 - h0) if permuted else qb
             out[n + "k_bias"] = _unpermute_rows(kb, k1 - k0) if permuted else kb
             out[n + "v_bias"] = src.vector(b + "attn_v.bias", cfg.n_kv_heads * hd, k0 * hd, k1 * hd)
-        out[n + "o"] = src.matrix(b + "attn_output.weight", (hidden, cfg.n_heads * hd), cols=(h0 * hd, h1 * hd))
-        out[n + "gate"] = src.matrix(b + "ffn_gate.weight", (cfg.ffn_size, hidden), rows=(f0, f1))
-        out[n + "up"] = src.matrix(b + "ffn_up.weight", (cfg.ffn_size, hidden), rows=(f0, f1))
-        out[n + "down"] = src.matrix(b + "ffn_down.weight", (hidden, cfg.ffn_size), cols=(f0, f1))
+        out[n + "o"] = matrix(b + "attn_output.weight", (hidden, cfg.n_heads * hd), cols=(h0 * hd, h1 * hd))
+        out[n + "gate"] = matrix(b + "ffn_gate.weight", (cfg.ffn_size, hidden), rows=(f0, f1))
+        out[n + "up"] = matrix(b + "ffn_up.weight", (cfg.ffn_size, hidden), rows=(f0, f1))
+        out[n + "down"] = matrix(b + "ffn_down.weight", (hidden, cfg.ffn_size), cols=(f0, f1))
     log.debug("loaded %d tensors of %s for shard %s", len(out), p.name, spec)
     return out

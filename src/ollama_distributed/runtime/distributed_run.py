@@ -28,8 +28,10 @@ def plan_for_cluster(
     dtype: torch.dtype = torch.float32,
     workload: Any = None,
     max_seq_len: int | None = None,
+    quant: str | None = None,
 ) -> Any:
-    """The scheduler's plan (PartitionPlan) for this model on this cluster's measured nodes and links."""
+    """The scheduler's plan (PartitionPlan) for this model on this cluster's measured nodes and links (sized for
+    int4 weights when quant="int4")."""
     from ..model.weights import read_config
     from ..scheduler.config import PlanConfig
     from ..scheduler.planner import plan
@@ -38,7 +40,7 @@ def plan_for_cluster(
     from .measure import to_cluster_spec
 
     cfg = read_config(model_path)
-    profile = ModelProfile.from_config(cfg, dtype=_PROFILE_DTYPE[dtype], name=Path(model_path).stem)
+    profile = ModelProfile.from_config(cfg, dtype=quant or _PROFILE_DTYPE[dtype], name=Path(model_path).stem)
     spec = to_cluster_spec(cluster.measure())
     if workload is None:
         ctx = min(cfg.context_length, max_seq_len or 2048)
@@ -55,9 +57,10 @@ def build_executor(
     plan: Any = None,
     dtype: torch.dtype = torch.float32,
     max_seq_len: int | None = None,
+    quant: str | None = None,
     **executor_options: Any,
 ) -> RayExecutor:
     """A RayExecutor for `model_path` on `cluster`, on `plan` or on the scheduler's plan for `strategy`."""
     if plan is None:
-        plan = plan_for_cluster(model_path, cluster, strategy, dtype, max_seq_len=max_seq_len)
-    return RayExecutor(plan, model_path, cluster, dtype=dtype, max_seq_len=max_seq_len, **executor_options)
+        plan = plan_for_cluster(model_path, cluster, strategy, dtype, max_seq_len=max_seq_len, quant=quant)
+    return RayExecutor(plan, model_path, cluster, dtype=dtype, max_seq_len=max_seq_len, quant=quant, **executor_options)

@@ -24,6 +24,16 @@ class ExecutorError(RuntimeError):
     requests with the message as their error."""
 
 
+class ShardLostError(ExecutorError):
+    """Shards of a distributed plan stopped working (a hung process found by the step time-out's liveness
+    probe, runtime/step_timeout.py). `nodes`: names of the nodes whose shards were lost, for recovery's
+    bookkeeping (runtime/recovery.py classify_failure)."""
+
+    def __init__(self, message: str, nodes: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.nodes = tuple(nodes)
+
+
 class CacheFullError(ExecutorError):
     """A sequence would grow past the executor's `max_seq_len`."""
 

@@ -35,6 +35,7 @@ class LocalExecutor:
     path: GGUF file or HF directory. dtype: compute dtype of the weights and cache.
     max_seq_len: most tokens per sequence (KV cache bound); default min(model context, 8192). The cache grows on
     demand, so a large bound costs nothing until used.
+    quant: "int4" runs the layers on 4-bit weights with bf16 activations (model/quant.py; dtype is then unused).
     """
 
     def __init__(
@@ -42,18 +43,20 @@ class LocalExecutor:
         path: str | Path,
         dtype: torch.dtype = torch.float32,
         max_seq_len: int | None = None,
+        quant: str | None = None,
     ) -> None:
-        shard = ModelShard.from_file(path, None, dtype)
+        shard = ModelShard.from_file(path, None, dtype, quant)
         self._init([[shard]], max_seq_len)
         self.path = Path(path)
 
     @classmethod
     def from_plan(
-        cls, path: str | Path, plan: list[list[ShardSpec]], dtype: torch.dtype = torch.float32, max_seq_len: int | None = None
+        cls, path: str | Path, plan: list[list[ShardSpec]], dtype: torch.dtype = torch.float32, max_seq_len: int | None = None,
+        quant: str | None = None,
     ) -> "LocalExecutor":
         """Load `plan[stage][tp_rank]` shards from one file (each reads only its tensors) and run them in-process."""
         cfg = read_config(path)
-        stages = [[ModelShard(cfg, spec, load_weights(path, cfg, spec, dtype)) for spec in stage] for stage in plan]
+        stages = [[ModelShard(cfg, spec, load_weights(path, cfg, spec, dtype, quant), quant) for spec in stage] for stage in plan]
         self = cls.from_shards(stages, max_seq_len)
         self.path = Path(path)
         return self

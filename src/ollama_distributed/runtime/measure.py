@@ -270,14 +270,32 @@ def measure_cluster(
             ray.kill(a)
 
 
+# The runtime's fixed time per decode step (scheduler/cluster.py StepOverhead), measured by
+# bench/overhead_bench.py on the 2-core test machine (tiny model through the engine and the Ray executor, 1-3
+# pipeline stages, 1 and 4 sequences; fit of measured = a·compute + o_step + k·o_stage + b·o_seq): 1.8-2.4 ms per
+# step and 0.9-1.0 ms per sequence (sampling over the vocabulary, stop checks, streaming). The per-stage term is
+# 0-1.3 ms depending on how much of each hop's fixed cost the probed link latency (same Ray/gloo path) already
+# holds: 0 when probed under load, 1.3 ms when probed on an idle machine. It is left at 0 here (the link probe
+# is part of every measured cluster) and learnt by calibration (scheduler/calibration.py) from the server's own
+# reports when they come from plans with different stage counts.
+def _ray_step_overhead() -> Any:
+    from ..scheduler.cluster import StepOverhead
+
+    return StepOverhead(step_s=2.0e-3, stage_s=0.0, seq_s=1.0e-3)
+
+
+RAY_STEP_OVERHEAD = _ray_step_overhead()
+
+
 def to_cluster_spec(measurement: ClusterMeasurement, declared: Any = None):
     """The scheduler's ClusterSpec with measured values; `declared` (a ClusterSpec) fills what was not measured.
 
     Nodes are the measured ones (a plan can only use nodes that exist); a declared node of the same name lends
     nothing, since every field is measured — it is kept only for nodes whose probe produced no number (≤ 0).
-    The default link is the slowest measured one (conservative for pairs added later).
+    The default link is the slowest measured one (conservative for pairs added later). The overhead is the
+    declared one when given, else RAY_STEP_OVERHEAD.
     """
-    from ..scheduler.cluster import DEFAULT_LINK, ClusterSpec, LinkSpec, NodeSpec
+    from ..scheduler.cluster import DEFAULT_LINK, ClusterSpec, LinkSpec, NodeSpec, StepOverhead
 
     declared_nodes = {n.name: n for n in declared.nodes} if declared is not None else {}
     nodes = []
@@ -291,4 +309,5 @@ def to_cluster_spec(measurement: ClusterMeasurement, declared: Any = None):
     if links:
         slow = max(links.values(), key=lambda l: l.transfer_time(64 * 1024))
         default = slow
-    return ClusterSpec(tuple(nodes), default, links)
+    overhead = declared.overhead if declared is not None and declared.overhead != StepOverhead() else RAY_STEP_OVERHEAD
+    return ClusterSpec(tuple(nodes), default, links, overhead)

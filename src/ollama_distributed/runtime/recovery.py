@@ -7,13 +7,17 @@ callback for the Ray executor:
 1. classify the failure (`classify_failure`): which nodes of the failed plan are gone — Ray's GCS view, sharpened
    by a direct TCP probe of each raylet's node-manager port (refused at once when the raylet died, so a lost node
    is known before the GCS health check declares it dead) — and which shard worker processes died on nodes that
-   live on (their pid is gone: checked on nodes of this machine);
+   live on (their pid is gone: checked on nodes of this machine), and which shards hung (the executor's adaptive
+   step time-out found them not answering a liveness probe and killed them: ShardLostError names their nodes);
 2. note the failure against those nodes (`NodeHealth`: a node that failed `failures` times within `window_s` is
    backed off — not planned on — until it has been failure-free for `backoff_s`);
-3. close the broken executor (kills its stuck actors: their peers sit in a gloo recv), wait for the GCS to agree
-   that lost nodes are gone, and ask the scheduler for a new plan on the surviving, not backed-off nodes, reusing
-   the measurements taken at load time for nodes that were already measured;
-4. start that plan. If the survivors cannot hold the model, return an `UnplacedExecutor` whose every step raises
+3. keep the failed executor's shards that are alive and idle (`detach_survivors`: weights kept, caches and
+   process groups reset), close the rest (dead, hung, or stuck in a recv for a dead peer), wait for the GCS to
+   agree that lost nodes are gone, and ask the scheduler for a new plan on the surviving, not backed-off nodes,
+   reusing the measurements taken at load time for nodes that were already measured;
+4. start that plan, taking over the kept shards where the new plan has the same shard on the same node (after a
+   worker died and its node lives the plan is usually unchanged, so only the lost shard starts). If the survivors
+   cannot hold the model, return an `UnplacedExecutor` whose every step raises
    `CapacityError` naming the shortfall, so the affected requests end with that message and the owner (service/
    models.py) can re-place the model when capacity returns.
 
@@ -30,9 +34,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
-from .executor import ExecutorError
+from .executor import ExecutorError, ShardLostError
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +131,9 @@ class NodeHealth:
 
 @dataclass(frozen=True)
 class FailureReport:
-    """What a failed step lost. kind: "node_lost" (a node of the plan is gone), "worker_died" (a shard's process
-    died, its node lives), "timeout" (a step took too long), "capacity" (the model was not placed), or "unknown".
+    """What a failed step lost. kind: "node_lost" (a node of the plan is gone), "hung" (a shard stopped answering
+    and was killed: ShardLostError), "worker_died" (a shard's process died, its node lives), "timeout" (a step
+    took too long while every shard answered), "capacity" (the model was not placed), or "unknown".
     lost_nodes: node names that are gone; failed_nodes: every node a failure is recorded against."""
 
     kind: str
@@ -194,10 +199,14 @@ def classify_failure(exc: BaseException, placement: dict[str, Any], states: dict
                 if name not in died:
                     died.append(name)
     text = str(exc)
+    hung = [n for n in (exc.nodes if isinstance(exc, ShardLostError) else ()) if n not in lost]
     if isinstance(exc, CapacityError):
         kind = "capacity"
     elif lost:
         kind = "node_lost"
+    elif hung:
+        kind = "hung"
+        died = hung + [n for n in died if n not in hung]
     elif died:
         kind = "worker_died"
     elif "did not finish within" in text:
@@ -206,7 +215,7 @@ def classify_failure(exc: BaseException, placement: dict[str, Any], states: dict
         kind = "unknown"
     failed = tuple(lost + [n for n in died if n not in lost])
     detail = {"node_lost": f"lost node(s) {', '.join(lost)}", "worker_died": f"shard worker died on {', '.join(died)}",
-              }.get(kind, text)
+              "hung": f"shard worker hung on {', '.join(hung)}"}.get(kind, text)
     return FailureReport(kind, tuple(lost), failed, detail)
 
 
@@ -245,6 +254,8 @@ class RecoveryRecord:
     error: str | None = None
     excluded: tuple[str, ...] = ()
     at: float = field(default_factory=time.time)
+    reused_shards: int = 0  # shards of the failed executor the new one took over (not restarted)
+    start_s: float | None = None  # time the new executor took to start its shards and connect them
 
 
 class Recovery:
@@ -252,11 +263,13 @@ class Recovery:
 
     build: (plan) → executor; default `runtime.distributed_run.build_executor(path, cluster, plan=..., dtype=...)`.
     on_event: called with each RecoveryRecord (after a success or a capacity failure), on the engine thread.
+    reuse_survivors: let the new executor take over the failed one's live shards (see RayExecutor.reuse);
+      False restarts every shard (the behaviour before; bench/recovery_bench.py compares the two).
     """
 
     def __init__(self, model_path: str | Path, cluster: Any, strategy: str = "auto", dtype: Any = None,
                  health: NodeHealth | None = None, on_event: Callable[[RecoveryRecord], None] | None = None,
-                 build: Callable[[Any], Any] | None = None) -> None:
+                 build: Callable[[Any], Any] | None = None, reuse_survivors: bool = True) -> None:
         import torch
 
         self.model_path = Path(model_path)
@@ -266,6 +279,7 @@ class Recovery:
         self.health = health or NodeHealth()
         self.on_event = on_event
         self._build = build
+        self.reuse_survivors = reuse_survivors
         self.records: list[RecoveryRecord] = []
         # The measurements the model was planned with (the cluster caches them, so this costs nothing right
         # after a load). Re-planning on a subset of these nodes reuses them: the survivors did not get slower,
@@ -289,26 +303,37 @@ class Recovery:
         for node in report.failed_nodes:
             self.health.record_failure(node)
         log.warning("executor failure (%s): %s; re-planning", report.kind, report.detail)
+        # Shards that are alive and idle keep their weights for the new plan (rebuilding only what was lost);
+        # the rest are killed by close(): they are dead, hung, or stuck waiting for a dead peer.
+        survivors: list[Any] = []
+        if self.reuse_survivors and callable(getattr(failed, "detach_survivors", None)):
+            try:
+                survivors = failed.detach_survivors()
+            except Exception as det_exc:  # noqa: BLE001 - fall back to starting every shard afresh
+                log.warning("keeping the surviving shards failed: %s", det_exc)
         try:
-            failed.close()  # kills the surviving shards, which are stuck waiting for the dead one
+            failed.close()
         except Exception as close_exc:  # noqa: BLE001 - it is broken anyway
             log.warning("closing the failed executor: %s", close_exc)
         lost_ids = {nid for nid, st in states.items() if not st["alive"]}
         self._wait_gcs_agrees(lost_ids)
         excluded = tuple(sorted(set(report.lost_nodes) | self.health.backed_off()))
         try:
-            new = self.place(exclude=set(excluded))
+            new = self.place(exclude=set(excluded), reuse=survivors)
         except CapacityError as cap:
+            _release(survivors)
             rec = RecoveryRecord(report, time.perf_counter() - t0, error=str(cap), excluded=excluded)
             self._emit(rec)
             return UnplacedExecutor(failed.config, failed.max_seq_len, cap)
-        rec = RecoveryRecord(report, time.perf_counter() - t0, placement=_placement_of(new), excluded=excluded)
+        rec = RecoveryRecord(report, time.perf_counter() - t0, placement=_placement_of(new), excluded=excluded,
+                             reused_shards=int(getattr(new, "reused_shards", 0)), start_s=getattr(new, "start_s", None))
         log.warning("recovered from %s in %.2f s", report.detail, rec.seconds)
         self._emit(rec)
         return new
 
-    def place(self, exclude: Iterable[str] = ()) -> Any:
-        """A new executor on a plan over the alive nodes not in `exclude`; CapacityError when none fits."""
+    def place(self, exclude: Iterable[str] = (), reuse: Sequence[Any] = ()) -> Any:
+        """A new executor on a plan over the alive nodes not in `exclude`; CapacityError when none fits.
+        reuse: live shards of the failed executor (RayExecutor.detach_survivors) the new one may take over."""
         from ..scheduler.errors import InfeasiblePlanError
 
         try:
@@ -317,10 +342,15 @@ class Recovery:
             raise CapacityError(f"the surviving nodes cannot hold the model: {exc}",
                                 exc.needed_bytes, exc.available_bytes) from exc
         if self._build is not None:
+            _release(reuse)
             return self._build(chosen)
         from .distributed_run import build_executor
 
-        return build_executor(self.model_path, self.cluster, plan=chosen, dtype=self.dtype)
+        try:
+            return build_executor(self.model_path, self.cluster, plan=chosen, dtype=self.dtype, reuse=tuple(reuse))
+        except BaseException:
+            _release(reuse)  # the executor kills what it took over when its start fails; the rest here
+            raise
 
     def plan(self, exclude: Iterable[str] = ()) -> Any:
         """The scheduler's plan on the alive nodes minus `exclude` (mirrors distributed_run.plan_for_cluster,
@@ -381,6 +411,20 @@ def planning_inputs(model_path: str | Path, measurement: Any, keep: Iterable[str
     ctx = min(cfg.context_length, 2048)
     workload = Workload(prompt_tokens=min(512, ctx // 2), output_tokens=min(256, ctx // 2), context_tokens=ctx)
     return profile, to_cluster_spec(ClusterMeasurement(nodes, links)), workload
+
+
+def _release(shards: Iterable[Any]) -> None:
+    """Kill live shards nobody took over (LiveShard.actor)."""
+    shards = list(shards)
+    if not shards:
+        return
+    import ray
+
+    for sh in shards:
+        try:
+            ray.kill(sh.actor, no_restart=True)
+        except Exception as exc:  # noqa: BLE001 - already gone
+            log.debug("kill: %s", exc)
 
 
 def _placement_of(executor: Any) -> dict[str, Any]:

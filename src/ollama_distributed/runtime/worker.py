@@ -34,7 +34,6 @@ from ..model.shard import ShardSpec
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _rss() -> int:
@@ -95,7 +94,9 @@ class ShardWorker:
 
     # ---- setup ---------------------------------------------------------------------------------------------
     def load(self, model_path: str, spec: dict[str, Any], dtype: str, max_seq_len: int) -> dict[str, Any]:
-        """Read this shard's weights from `model_path` (on this node) and allocate its KV cache."""
+        """Read this shard's weights from `model_path` (on this node) and allocate its KV cache. `dtype` names a
+        weight format (model/quant.py WEIGHT_FORMATS: float32, bfloat16, float16, int4)."""
+        from ..model.quant import weight_format
         from ..model.transformer import ModelShard
         from ..model.weights import load_weights, read_config
 
@@ -107,13 +108,16 @@ class ShardWorker:
         _trim_heap()
         self.rss_baseline = _rss()  # torch + model code imported, nothing of the model loaded yet
         self.anon_baseline = _rss_anon()
-        weights = load_weights(model_path, cfg, self.spec, DTYPES[dtype])
+        torch_dtype, quant = weight_format(dtype)
+        if quant and self.device.type != "cpu":
+            raise ValueError(f"--dtype {dtype} runs on CPU workers only (its kernel is torch's CPU int4 matmul)")
+        weights = load_weights(model_path, cfg, self.spec, torch_dtype, quant)
         if self.device.type == "cuda":
             weights = {k: v.to(self.device) for k, v in weights.items()}
             # After loading (the GGUF reader builds host tensors): the KV cache, RoPE tables and index tensors
             # that ModelShard creates from here on follow the weights onto the GPU.
             torch.set_default_device(self.device)
-        self.shard = ModelShard(cfg, self.spec, weights)
+        self.shard = ModelShard(cfg, self.spec, weights, quant)
         del weights
         self.cache = self.shard.new_cache(max_seq_len)
         _trim_heap()
@@ -122,19 +126,7 @@ class ShardWorker:
 
     def weight_bytes(self) -> int:
         """Bytes of distinct tensor storages the shard holds (a tied output head counts once)."""
-        s = self.shard
-        tensors = [s.embed, s.norm, s.lm_head]
-        for layer in s.layers:
-            tensors += [layer.attn_norm, layer.ffn_norm, layer.wqkv, layer.bqkv, layer.wo, layer.wgu, layer.wdown]
-        seen, total = set(), 0
-        for t in tensors:
-            if t is None:
-                continue
-            key = t.untyped_storage().data_ptr()
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-        return total
+        return self.shard.weight_bytes()
 
     def info(self) -> dict[str, Any]:
         """Where this worker really runs (asked of Ray, not taken from the plan) and what it holds."""
@@ -241,6 +233,25 @@ class ShardWorker:
     def free(self, seq_ids: list[int]) -> None:
         for sid in seq_ids:
             self.cache.free(sid)
+
+    # ---- liveness and reuse ------------------------------------------------------------------------------
+    def ping(self) -> int:
+        """Liveness probe. RayExecutor calls it in the actor's "health" concurrency group, served by its own
+        thread, so a shard busy in a long forward or waiting in a recv still answers (torch releases the GIL
+        there) while a stopped or wedged process does not (runtime/step_timeout.py)."""
+        return os.getpid()
+
+    def reset(self) -> bool:
+        """Forget every cached sequence and leave the plan's process groups, keeping the weights: after a
+        failure elsewhere in the plan this shard joins the replacement plan without loading again (the engine
+        replays every sequence from position 0, so no cache entry may survive)."""
+        if self.comm is not None:
+            self.comm.destroy()
+            self.comm = None
+        if self.cache is not None:
+            for sid in list(self.cache.seq_ids()):
+                self.cache.free(sid)
+        return True
 
     def close(self) -> None:
         if self.comm is not None:

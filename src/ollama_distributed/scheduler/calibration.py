@@ -18,6 +18,14 @@ Attribution of one report (decode step of a plan with stages 1..k):
     network between stages: its ratio goes to the links between consecutive stage representatives and the
     return link;
   * only the total given: one ratio for every node and link the plan uses.
+Fixed overhead (StepOverhead: per step and per stage; cost.py) is calibrated separately, before the factors:
+each report adds a point (predicted compute + network on the base cluster, stages, measured) to a window, and
+scheduler/overhead.py fits measured = a·compute + o_step + k·o_stage + b·o_seq over it where the data identify it
+(the base
+cluster's overhead — the runtime's measured default — elsewhere). The factors then learn from the measured time
+minus that overhead, folded with weight α·share, share = (measured − overhead) / measured: a step that is almost
+all overhead says little about a node's speed (on a tiny model the factors otherwise absorb the overhead: ×4 and
+more). With zero overhead this is exactly the scheme above.
 Pure: no clocks (callers pass `now`), no I/O; a lock keeps concurrent reports consistent.
 
 Decisions built on it (issue 7, "Learning loop"):
@@ -34,10 +42,11 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
-from .cluster import ClusterSpec, LinkSpec, _pair
+from .cluster import ClusterSpec, LinkSpec, StepOverhead, _pair
 from .config import PlanConfig
 from .cost import CostModel
 from .errors import InfeasiblePlanError, SchedulerError
+from .overhead import OverheadFit, OverheadPoint, fit_overhead
 from .plan import PartitionPlan, Prediction
 from .planner import plan_candidates
 from .profile import ModelProfile
@@ -49,12 +58,18 @@ class CalibrationConfig:
     """alpha: EMA weight of a new measurement in (0, 1]. min_factor/max_factor: sanity clamp of one ratio (a
     broken timer must not make a node look infinitely slow). The range is wide on purpose: the roofline has no
     fixed per-step term, so on a tiny model the Python/launch overhead alone can be 100-1000× the predicted
-    compute, and the factor has to absorb it. history_size: reports kept (oldest dropped)."""
+    compute, and the factor has to absorb it. history_size: reports kept (oldest dropped).
+    fit_overhead: learn the StepOverhead from the reports (scheduler/overhead.py); False keeps the base
+    cluster's. overhead_window: reports the fit uses (the most recent). overhead_min_reports: reports needed
+    before the first fit."""
 
     alpha: float = 0.3
     min_factor: float = 1e-3
     max_factor: float = 1e4
     history_size: int = 200
+    fit_overhead: bool = True
+    overhead_window: int = 50
+    overhead_min_reports: int = 4
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
@@ -63,6 +78,9 @@ class CalibrationConfig:
             raise ValueError(f"need 0 < min_factor <= 1 <= max_factor, got {self.min_factor}, {self.max_factor}")
         if self.history_size < 1:
             raise ValueError(f"history_size must be >= 1, got {self.history_size}")
+        if self.overhead_window < 1 or self.overhead_min_reports < 1:
+            raise ValueError(f"overhead_window and overhead_min_reports must be >= 1, got "
+                             f"{self.overhead_window}, {self.overhead_min_reports}")
 
 
 @dataclass(frozen=True)
@@ -131,6 +149,9 @@ class Calibrator:
         self._node_n: dict[str, int] = {}
         self._history: deque[dict[str, Any]] = deque(maxlen=self.config.history_size)
         self._reports = 0
+        self._points: deque[OverheadPoint] = deque(maxlen=self.config.overhead_window)
+        self._window: deque[tuple[PartitionPlan, ModelProfile, StepTimings]] = deque(maxlen=self.config.overhead_window)
+        self._fit = OverheadFit(base.overhead, 1.0, (), 0.0)
 
     # --- state -------------------------------------------------------------------------------------------
     @property
@@ -142,6 +163,10 @@ class Calibrator:
         with self._lock:
             names = set(base.names)
             self._base = base
+            # the points' compute times were predicted on the old base: start the overhead fit afresh
+            self._points.clear()
+            self._window.clear()
+            self._fit = OverheadFit(base.overhead, 1.0, (), 0.0)
             self._node_log = {n: v for n, v in self._node_log.items() if n in names}
             self._link_log = {p: v for p, v in self._link_log.items() if p[0] in names and p[1] in names}
 
@@ -152,6 +177,11 @@ class Calibrator:
     def link_factors(self) -> dict[str, float]:
         with self._lock:
             return {f"{a}-{b}": math.exp(v) for (a, b), v in self._link_log.items()}
+
+    def overhead(self) -> StepOverhead:
+        """The calibrated per-step / per-stage overhead (the base cluster's until the reports identify it)."""
+        with self._lock:
+            return self._fit.overhead
 
     def cluster(self) -> ClusterSpec:
         """The base cluster with every learnt factor applied (see module docstring)."""
@@ -169,7 +199,7 @@ class Calibrator:
             link = base.link(a, b)
             f = math.exp(lf)
             links[(a, b)] = LinkSpec(link.latency * f, link.bandwidth / f)
-        return ClusterSpec(tuple(nodes), base.default_link, links)
+        return ClusterSpec(tuple(nodes), base.default_link, links, self._fit.overhead)
 
     # --- predictions -------------------------------------------------------------------------------------
     def predict(self, plan: PartitionPlan, profile: ModelProfile, workload: Workload,
@@ -201,54 +231,91 @@ class Calibrator:
             base_cm = CostModel(profile, self._base, wl, "latency")
             before = CostModel(profile, self._calibrated(), wl, "latency").evaluate(plan.stages)[0]
             dec, net = _decode_parts(base_cm, plan)
-            inner, between = _stage_links(plan)
             measured_s = timings.decode_ms_per_token / 1e3
-            ratios: dict[str, float] = {}
-            if timings.stage_ms is not None:
-                for i, st in enumerate(plan.stages):
-                    r = self._clamp(timings.stage_ms[i] / 1e3 / dec[i])
-                    ratios[f"stage{i}"] = r
-                    for sh in st.shards:
-                        self._fold_node(sh.node, r)
-                    for pair in inner[i]:
-                        self._fold_link(pair, r)
-                if between and net > 0:
-                    # floor: a network faster than measurable still counts as (almost) free, not negative
-                    residual = max(measured_s - sum(timings.stage_ms) / 1e3, net * self.config.min_factor)
-                    r = self._clamp(residual / net)
-                    ratios["network"] = r
-                    for pair in between:
-                        self._fold_link(pair, r)
-            else:
-                r = self._clamp(measured_s / (sum(dec) + net))
-                ratios["plan"] = r
-                for n in plan.nodes:
-                    self._fold_node(n, r)
-                for pair in [p for ps in inner for p in ps] + between:
-                    self._fold_link(pair, r)
+            k = len(plan.stages)
+            self._points.append(OverheadPoint(sum(dec) + net, k, measured_s, timings.batch))
+            self._window.append((plan, profile, timings))
+            old = self._fit
+            if self.config.fit_overhead:
+                self._fit = fit_overhead(list(self._points), self._base.overhead, self.config.overhead_min_reports)
+            if self._fit.fitted != old.fitted or _moved(old.overhead, self._fit.overhead, k, timings.batch):
+                # The factors learnt so far subtracted another overhead: learn them again from the reports in the
+                # window (oldest first) with this one, so an early guess does not linger in the EMA.
+                self._node_log.clear()
+                self._link_log.clear()
+                for p_, prof_, t_ in list(self._window)[:-1]:
+                    cm_ = CostModel(prof_, self._base, t_.workload(prof_), "latency")
+                    self._fold(p_, t_, *_decode_parts(cm_, p_))
+            ratios = self._fold(plan, timings, dec, net)
             after = CostModel(profile, self._calibrated(), wl, "latency").evaluate(plan.stages)[0]
             self._reports += 1
             entry = {"report": self._reports, "time": now, "model": profile.name, "plan_id": plan.plan_id,
                      "strategy": plan.strategy, "measured_ms": timings.decode_ms_per_token,
                      "stage_ms": list(timings.stage_ms) if timings.stage_ms is not None else None,
                      "prefill_ms": timings.prefill_ms, "batch": timings.batch,
-                     "predicted_base_ms": (sum(dec) + net) * 1e3,
+                     "predicted_base_ms": (sum(dec) + net + self._base.overhead.total(k, timings.batch)) * 1e3,
                      "predicted_before_ms": before.decode_ms_per_token,
-                     "predicted_after_ms": after.decode_ms_per_token, "ratios": ratios}
+                     "predicted_after_ms": after.decode_ms_per_token, "ratios": ratios,
+                     "overhead": self._overhead_dict()}
             self._history.append(entry)
             return dict(entry)
+
+    def _fold(self, plan: PartitionPlan, timings: StepTimings, dec: list[float], net: float) -> dict[str, float]:
+        """Fold one report's ratios (measured minus the current overhead, over the base prediction) into the
+        node and link factors; returns the ratios."""
+        inner, between = _stage_links(plan)
+        measured_s = timings.decode_ms_per_token / 1e3
+        k = len(plan.stages)
+        o = self._fit.overhead
+        floor = self.config.min_factor
+        ratios: dict[str, float] = {}
+        if timings.stage_ms is not None:
+            for i, st in enumerate(plan.stages):
+                stage_s = timings.stage_ms[i] / 1e3
+                work = stage_s - o.stage_s
+                r = self._clamp(max(work, dec[i] * floor) / dec[i])
+                w = max(0.0, work) / stage_s
+                ratios[f"stage{i}"] = r
+                for sh in st.shards:
+                    self._fold_node(sh.node, r, w)
+                for pair in inner[i]:
+                    self._fold_link(pair, r, w)
+            if between and net > 0:
+                # floor: a network faster than measurable still counts as (almost) free, not negative
+                residual = max(measured_s - sum(timings.stage_ms) / 1e3 - o.step_s - timings.batch * o.seq_s,
+                               net * floor)
+                r = self._clamp(residual / net)
+                ratios["network"] = r
+                for pair in between:
+                    self._fold_link(pair, r)
+        else:
+            work = measured_s - o.total(k, timings.batch)
+            r = self._clamp(max(work, (sum(dec) + net) * floor) / (sum(dec) + net))
+            w = max(0.0, work) / measured_s
+            ratios["plan"] = r
+            for n in plan.nodes:
+                self._fold_node(n, r, w)
+            for pair in [p for ps in inner for p in ps] + between:
+                self._fold_link(pair, r, w)
+        return ratios
 
     def _clamp(self, r: float) -> float:
         return min(self.config.max_factor, max(self.config.min_factor, r))
 
-    def _fold_node(self, node: str, r: float) -> None:
-        a = self.config.alpha
+    def _fold_node(self, node: str, r: float, weight: float = 1.0) -> None:
+        a = self.config.alpha * weight
         self._node_log[node] = (1 - a) * self._node_log.get(node, 0.0) + a * math.log(r)
         self._node_n[node] = self._node_n.get(node, 0) + 1
 
-    def _fold_link(self, pair: tuple[str, str], r: float) -> None:
-        a = self.config.alpha
+    def _fold_link(self, pair: tuple[str, str], r: float, weight: float = 1.0) -> None:
+        a = self.config.alpha * weight
         self._link_log[pair] = (1 - a) * self._link_log.get(pair, 0.0) + a * math.log(r)
+
+    def _overhead_dict(self) -> dict[str, Any]:
+        f = self._fit
+        return {"step_ms": f.overhead.step_s * 1e3, "stage_ms": f.overhead.stage_s * 1e3,
+                "seq_ms": f.overhead.seq_s * 1e3, "fitted": list(f.fitted),
+                "scale": f.scale, "rms_ms": f.rms_s * 1e3, "points": len(self._points)}
 
     # --- export -------------------------------------------------------------------------------------------
     def history(self) -> list[dict[str, Any]]:
@@ -268,6 +335,7 @@ class Calibrator:
                 "links": {f"{a}-{b}": {"factor": math.exp(v), "latency": cal.link(a, b).latency,
                                        "bandwidth": cal.link(a, b).bandwidth}
                           for (a, b), v in self._link_log.items()},
+                "overhead": self._overhead_dict(),
             }
 
     def replan_check(self, current: PartitionPlan, profile: ModelProfile, workload: Workload, measured_ms: float,
@@ -289,6 +357,12 @@ class Calibrator:
         cur = None if unknown else cm.evaluate(current.stages)[0].decode_ms_per_token
         return propose_replan(current, measured_ms, samples, alts, min_gain=min_gain, min_samples=min_samples,
                               current_predicted_ms=cur)
+
+
+def _moved(a: StepOverhead, b: StepOverhead, stages: int, batch: int, rel: float = 0.25) -> bool:
+    """The overhead of a step like the current one changed by more than `rel` (relative)."""
+    x, y = a.total(stages, batch), b.total(stages, batch)
+    return abs(x - y) > rel * max(x, y, 1e-12)
 
 
 # --- decisions ---------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Declared values come from cluster.yaml; the runtime replaces them with measured ones
 (`ClusterSpec.with_measurements`). Links are symmetric; a pair without an override uses the default link;
-a node talking to itself costs nothing.
+a node talking to itself costs nothing. `overhead` is the runtime's fixed cost per step and per stage (see
+StepOverhead), zero unless declared or measured.
 """
 
 from __future__ import annotations
@@ -57,6 +58,34 @@ class LinkSpec:
         return self.latency + nbytes / self.bandwidth
 
 
+@dataclass(frozen=True)
+class StepOverhead:
+    """Fixed time of one decode step that no roofline term sees: the runtime's own work, independent of the
+    model's size.
+
+    step_s: once per step — the engine's batching, the driver's call into the runtime and the result coming
+      back. stage_s: once per pipeline stage — its worker's task dispatch and the bookkeeping of receiving and
+      sending activations. seq_s: once per sequence in the step — sampling, stop checks, detokenising and
+      streaming its token. All zero for a declared cluster; the runtime measures them (runtime/measure.py
+      RAY_STEP_OVERHEAD) and calibration refits them (scheduler/calibration.py).
+    """
+
+    step_s: float = 0.0
+    stage_s: float = 0.0
+    seq_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("step_s", "stage_s", "seq_s"):
+            v = getattr(self, name)
+            if not (v >= 0 and v != float("inf")):
+                raise ClusterSpecError(f"overhead {name} must be a finite number >= 0, got {v}")
+
+    def total(self, stages: int, batch: int = 1) -> float:
+        """Overhead of one step of `batch` sequences through `stages` pipeline stages."""
+        return self.step_s + stages * self.stage_s + batch * self.seq_s
+
+
+NO_OVERHEAD = StepOverhead()
 LOCAL_LINK = LinkSpec(0.0, float("inf"))
 DEFAULT_LINK = LinkSpec(latency=2e-4, bandwidth=125e6)  # 0.2 ms, 1 Gbit/s Ethernet
 
@@ -67,11 +96,13 @@ def _pair(a: str, b: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """Nodes plus links. `link_overrides` maps an unordered node pair (sorted tuple) to its link."""
+    """Nodes plus links. `link_overrides` maps an unordered node pair (sorted tuple) to its link. `overhead`:
+    the runtime's fixed per-step and per-stage time (StepOverhead)."""
 
     nodes: tuple[NodeSpec, ...]
     default_link: LinkSpec = DEFAULT_LINK
     link_overrides: Mapping[tuple[str, str], LinkSpec] = field(default_factory=dict)
+    overhead: StepOverhead = NO_OVERHEAD
 
     def __post_init__(self) -> None:
         if not self.nodes:
@@ -125,7 +156,8 @@ class ClusterSpec:
     def subset(self, names: list[str]) -> "ClusterSpec":
         keep = set(names)
         return ClusterSpec(tuple(n for n in self.nodes if n.name in keep), self.default_link,
-                           {p: l for p, l in self.link_overrides.items() if p[0] in keep and p[1] in keep})
+                           {p: l for p, l in self.link_overrides.items() if p[0] in keep and p[1] in keep},
+                           self.overhead)
 
     def with_measurements(self, nodes: Mapping[str, Mapping[str, float]] | None = None,
                           links: Mapping[tuple[str, str], LinkSpec] | None = None) -> "ClusterSpec":
@@ -149,7 +181,7 @@ class ClusterSpec:
         overrides = dict(self.link_overrides)
         for (a, b), link in (links or {}).items():
             overrides[_pair(a, b)] = link
-        return ClusterSpec(tuple(new_nodes), self.default_link, overrides)
+        return ClusterSpec(tuple(new_nodes), self.default_link, overrides, self.overhead)
 
     # --- YAML / JSON ------------------------------------------------------------------------------------
     @classmethod
@@ -157,6 +189,7 @@ class ClusterSpec:
         """From the cluster.yaml shape:
         nodes: [{name, memory: "8GB", memory_bandwidth: "100GB/s", flops: "2TFLOPS"}]
         links: {default: {latency: "0.2ms", bandwidth: "1Gbit/s"}, "a-b": {latency, bandwidth}}
+        overhead: {step: "1.5ms", stage: "0.4ms", seq: "0.3ms"} (optional; StepOverhead)
         A link key is two node names joined by "-" (or a list [a, b] in a `pairs` list)."""
         if not isinstance(data, Mapping) or "nodes" not in data:
             raise ClusterSpecError("cluster description needs a 'nodes' list")
@@ -187,7 +220,14 @@ class ClusterSpec:
                 default = link
             else:
                 overrides[_split_pair(str(key), names)] = link
-        return cls(tuple(nodes), default, overrides)
+        raw_over = data.get("overhead") or {}
+        if not isinstance(raw_over, Mapping) or set(raw_over) - {"step", "stage", "seq"}:
+            raise ClusterSpecError(f"'overhead' must be a mapping with keys step, stage, seq, got {raw_over!r}")
+        try:
+            overhead = StepOverhead(*(parse_duration(raw_over.get(k, 0)) for k in ("step", "stage", "seq")))
+        except ValueError as exc:
+            raise ClusterSpecError(f"overhead: {exc}") from None
+        return cls(tuple(nodes), default, overrides, overhead)
 
     def to_dict(self) -> dict[str, Any]:
         def ld(l: LinkSpec) -> dict[str, float]:
@@ -199,6 +239,9 @@ class ClusterSpec:
         }
         for (a, b), l in self.link_overrides.items():
             out["links"][f"{a}-{b}"] = ld(l)
+        if self.overhead != NO_OVERHEAD:
+            out["overhead"] = {"step": self.overhead.step_s, "stage": self.overhead.stage_s,
+                               "seq": self.overhead.seq_s}
         return out
 
 

@@ -32,6 +32,15 @@ Since S ≤ k·B always, k·B is the per-token interval. Known simplification: e
 one batch (`concurrency` sequences × context); keeping k batches in flight needs k times that, so size the
 workload's concurrency for what the runtime will really hold. Prefill of the batch's prompts (P tokens each) uses the
 same phases with b·P tokens and causal attention FLOPs 4·d·P(P+1)/2 per query head per sequence, no pipelining.
+
+Fixed overhead (the cluster's StepOverhead, scheduler/cluster.py): the runtime spends time per step that no
+roofline term sees — Python dispatch, one Ray call and its result, each stage's task dispatch and receive/send
+bookkeeping, each sequence's sampling and streaming. On a small model this dominates (bench/overhead_bench.py:
+milliseconds per step against a fraction of a millisecond of predicted compute for the tests' tiny model). With
+o_step, o_stage and o_seq:
+  T_i ← T_i + o_stage        (every stage; so B and the pipeline search see it too)
+  S   ← S + o_step + b·o_seq (the driver's share, once per step);   prefill likewise;
+  throughput: the predicted interval is max(B, o_step + b·o_seq), the objective stays B.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .cluster import ClusterSpec, LinkSpec
+from .cluster import ClusterSpec, LinkSpec, StepOverhead
 from .plan import PartitionPlan, Prediction, StageSpec
 from .profile import ModelProfile
 from .workload import Workload
@@ -111,6 +120,7 @@ class CostModel:
         self.hidden_bytes = p.hidden_bytes_per_token * b
         self.prefill_hidden_bytes = p.hidden_bytes_per_token * b * P
         self.return_bytes = TOKEN_ID_BYTES * b
+        self.overhead: StepOverhead = cluster.overhead
 
     # --- per-node quantities ---------------------------------------------------------------------------
     def t_layer(self, node: str) -> float:
@@ -179,16 +189,23 @@ class CostModel:
         """Prediction of a layout and its objective cost in seconds (S for latency, B for throughput)."""
         k = len(stages)
         reps = [st.shards[0].node for st in stages]
+        o = self.overhead
         dec, pre = zip(*(self.stage_times(st, i == k - 1) for i, st in enumerate(stages)))
+        dec = tuple(d + o.stage_s for d in dec)
         hops = [self.hop(reps[i], reps[i + 1]) for i in range(k - 1)]
         ret = self.return_hop(reps[-1], reps[0]) if k > 1 else 0.0
-        s = sum(dec) + sum(hops) + ret
+        driver = o.step_s + self.batch * o.seq_s
+        s = sum(dec) + sum(hops) + ret + driver
         bottleneck = max(d + h for d, h in zip(dec, hops + [ret]))
-        prefill = sum(pre) + sum(self.hop(reps[i], reps[i + 1], prefill=True) for i in range(k - 1))
+        prefill = (sum(pre) + sum(self.hop(reps[i], reps[i + 1], prefill=True) for i in range(k - 1))
+                   + o.total(k, self.batch))
         b = self.batch
         if self.objective == "latency":
             return Prediction(s * 1e3, prefill * 1e3, b / s), s
-        return Prediction(k * bottleneck * 1e3, prefill * 1e3, b / bottleneck), bottleneck
+        # The driver's share bounds the pipeline's rate too, but it is the same for every layout: it is left out
+        # of the objective (it would only turn real differences between layouts into ties).
+        paced = max(bottleneck, driver)
+        return Prediction(k * paced * 1e3, prefill * 1e3, b / paced), bottleneck
 
     def cost(self, plan: PartitionPlan) -> float:
         return self.evaluate(plan.stages)[1]

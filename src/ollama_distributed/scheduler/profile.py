@@ -31,7 +31,12 @@ DTYPE_BYTES: dict[str, float] = {
     "q8_0": 34 / 32,
     "q4_1": 20 / 32,
     "q4_0": 18 / 32,
+    # Our int4 path (model/quant.py): 4-bit codes + a bf16 scale and zero per 32 weights; its embedding and
+    # output head stay float16 (EMBED_BYTES).
+    "int4": 0.5 + 4 / 32,
 }
+# Bytes per embedding / output-head element where they differ from the layers' (dtype → bytes).
+EMBED_BYTES: dict[str, float] = {"int4": 2.0}
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class ModelProfile:
     embedding matrix. attention_bias: q/k/v carry biases (qwen2). weight_bytes: bytes per weight element in
     the compute dtype. kv_bytes: bytes per KV-cache element. act_bytes: bytes per activation element sent
     between stages / all-reduced. context_length: trained context (workloads longer than it are rejected).
+    embed_bytes: bytes per element of the embedding and output-head matrices where they differ from weight_bytes
+    (0 = the same).
     """
 
     name: str
@@ -58,6 +65,7 @@ class ModelProfile:
     weight_bytes: float = 2.0
     kv_bytes: float = 2.0
     act_bytes: float = 2.0
+    embed_bytes: float = 0.0
 
     def __post_init__(self) -> None:
         for f in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "ffn_size", "vocab_size",
@@ -87,6 +95,7 @@ class ModelProfile:
             head_dim=cfg.head_dim, ffn_size=cfg.ffn_size, vocab_size=cfg.vocab_size,
             context_length=cfg.context_length, tie_embeddings=cfg.tie_embeddings,
             attention_bias=cfg.attention_bias, weight_bytes=wb, kv_bytes=kvb, act_bytes=act,
+            embed_bytes=EMBED_BYTES.get(dtype, 0.0),
         )
 
     # --- granularity --------------------------------------------------------------------------------
@@ -149,13 +158,18 @@ class ModelProfile:
         return self.layer_params * self.weight_bytes
 
     @property
+    def _matrix_bytes(self) -> float:
+        """Bytes per element of the embedding / output-head matrices."""
+        return self.embed_bytes or self.weight_bytes
+
+    @property
     def embedding_bytes(self) -> float:
-        return self.embedding_params * self.weight_bytes
+        return self.embedding_params * self._matrix_bytes
 
     @property
     def head_bytes(self) -> float:
         """Output head + final norm as stored on a node that does NOT also hold the embedding."""
-        return self.head_params * self.weight_bytes
+        return self.vocab_size * self.hidden_size * self._matrix_bytes + self.hidden_size * self.weight_bytes
 
     def head_extra_bytes(self, holds_embedding: bool) -> float:
         """Bytes the output role adds to a node: a tied head on the node that already holds the embedding
@@ -180,7 +194,7 @@ class ModelProfile:
 
     @property
     def total_weight_bytes(self) -> float:
-        return self.total_params * self.weight_bytes
+        return self.n_layers * self.layer_bytes + self.embedding_bytes + self.head_extra_bytes(True)
 
     # --- FLOPs per token ------------------------------------------------------------------------------
     def attn_unit_flops(self, context: float) -> float:

@@ -30,12 +30,17 @@ def solve(cm: CostModel, workers: list[Worker], config: PlanConfig) -> tuple[flo
         pair_hops = [cm.hop(a, b) for a in reps for b in reps if a != b]
         pair_rets = [cm.return_hop(a, b) for a in reps for b in reps if a != b]
         h, r = sum(pair_hops) / len(pair_hops), sum(pair_rets) / len(pair_rets)
+    # Latency: every stage after the first costs the runtime's fixed per-stage overhead (cost.py), charged on
+    # the hop into it; the first stage's and the per-step share are the same for every layout. Throughput: every
+    # stage's time grows by the same constant, which moves the bottleneck but not where it is least.
+    o_stage = cm.overhead.stage_s
     if cm.objective == "latency":
+        h += o_stage
         if uniform:
             res = search.latency_uniform(workers, L, h, r)
             how = "exact DP over node classes and layer cut points"
         elif len(workers) <= config.exact_node_limit:
-            res = search.latency_exact(workers, L, lambda a, b: cm.hop(a.nodes[0], b.nodes[0]),
+            res = search.latency_exact(workers, L, lambda a, b: cm.hop(a.nodes[0], b.nodes[0]) + o_stage,
                                        lambda a, b: cm.return_hop(a.nodes[0], b.nodes[0]))
             how = "exact Held-Karp search over node subsets and orders"
         else:

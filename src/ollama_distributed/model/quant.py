@@ -1,0 +1,175 @@
+"""Weight-only quantised matrices for CPU decode: 4-bit groups for the layers, a float16 output head.
+
+Single-sequence decode reads every weight once per token, so its speed is bytes per token over memory bandwidth
+(bench/README.md, "Where the time goes"). GGUF's 4-bit types already hold the layers as 4-bit codes with an
+affine scale per block of 32 inputs; torch's CPU int4 kernel (`aten._weight_int4pack_mm_for_cpu`) computes
+Y = X Wᵀ with W[n, k] = (q[n, k] − 8) · s[g, n] + z[g, n], g = k // group, on bf16 activations. The GGUF blocks map
+onto that form without re-quantising:
+    Q4_0 (ggml-quants.c dequantize_row_q4_0): w = d · (q − 8)        → s = d, z = 0
+    Q4_1 (dequantize_row_q4_1):               w = d · q + m          → s = d, z = m + 8 d
+so the only change is the scale's rounding from f16 to bf16. Other tensor types (F16, Q8_0, K-quants …) are
+dequantised and re-quantised per group by round-to-nearest over the group's [min, max] (measured cost in
+bench/README.md). The output head (vocab × hidden, a fifth of SmolLM2's bytes) runs in float16 (`HalfLinear`), as
+its logits decide every token; a tied embedding shares that table.
+
+A `QuantMatrix` is the unpacked form (codes + per-group scale/zero in torch (out, in) layout) so that shards can
+select rows, permute heads and fuse q/k/v before packing; `pack` turns it into the kernel's layout, or into a
+dense bf16 matrix where the kernel's shape rules (N % 16, K % group) do not hold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+GROUP = 32  # GGUF's block of 32 inputs (QK4_0 = QK4_1 = 32 in ggml-common.h)
+ACT_DTYPE = torch.bfloat16  # the CPU int4 kernel takes bf16 activations (fp32 ones run ~25x slower)
+QUANT_FORMATS = ("int4",)
+# Resolved once: looking an op up through torch.ops costs a few µs, paid 120 times per decoded token otherwise.
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+# User-facing weight formats (`--dtype`): name → (activation/compute dtype, quantisation).
+WEIGHT_FORMATS: dict[str, tuple[torch.dtype, str | None]] = {
+    "float32": (torch.float32, None),
+    "bfloat16": (torch.bfloat16, None),
+    "float16": (torch.float16, None),
+    "int4": (ACT_DTYPE, "int4"),
+}
+
+
+def weight_format(name: str) -> tuple[torch.dtype, str | None]:
+    """(dtype, quant) for a `--dtype` name; ValueError naming the choices otherwise."""
+    try:
+        return WEIGHT_FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}: expected {'|'.join(WEIGHT_FORMATS)}") from None
+
+
+@dataclass
+class QuantMatrix:
+    """4-bit codes of an (out, in) matrix with an affine (scale, zero) per row and group of GROUP inputs."""
+
+    codes: torch.Tensor  # (N, K) uint8 in [0, 16)
+    scale: torch.Tensor  # (N, K // GROUP) float32
+    zero: torch.Tensor  # (N, K // GROUP) float32: w = (q - 8) * scale + zero
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "QuantMatrix":
+        """Apply the same row transform (a head permutation, a selection) to codes, scales and zeros."""
+        return QuantMatrix(fn(self.codes), fn(self.scale), fn(self.zero))
+
+    @staticmethod
+    def cat(parts: list["QuantMatrix"]) -> "QuantMatrix":
+        """Stack along the output rows (fused q/k/v, gate/up)."""
+        return QuantMatrix(*(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale", "zero")))
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 matrix the codes stand for (tests, and the dense fallback)."""
+        n, k = self.shape
+        q = self.codes.float().view(n, k // GROUP, GROUP) - 8
+        return (q * self.scale[..., None] + self.zero[..., None]).view(n, k)
+
+
+def from_gguf_blocks(raw: np.ndarray, type_name: str, cols: tuple[int, int]) -> QuantMatrix | None:
+    """Exact codes of Q4_0/Q4_1 rows (raw: (rows, bytes per row) uint8), columns [c0, c1); None for other types
+    or block-unaligned columns (the caller re-quantises the dequantised floats instead).
+
+    Block layouts (ggml-common.h): block_q4_0 = {f16 d; u8 qs[16]}, block_q4_1 = {f16 d; f16 m; u8 qs[16]};
+    element j < 16 of a block is qs[j] & 0xF and element j + 16 is qs[j] >> 4.
+    """
+    c0, c1 = cols
+    if type_name not in ("Q4_0", "Q4_1") or c0 % GROUP or c1 % GROUP:
+        return None
+    head = 2 if type_name == "Q4_0" else 4
+    rows = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(rows, -1, head + 16)[:, c0 // GROUP : c1 // GROUP]
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., head:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, c1 - c0)
+    if type_name == "Q4_0":
+        zero = np.zeros_like(d)
+    else:
+        zero = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d
+    return QuantMatrix(torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(zero))
+
+
+def quantize_rtn(w: torch.Tensor) -> QuantMatrix:
+    """Round-to-nearest 4-bit codes over each group's [min, max] (for tensors that are not 4-bit in the file)."""
+    n, k = w.shape
+    if k % GROUP:
+        raise ValueError(f"cannot quantise {k} input columns in groups of {GROUP}")
+    g = w.float().view(n, k // GROUP, GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = (hi - lo) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = ((g - lo[..., None]) / safe[..., None]).round_().clamp_(0, 15).to(torch.uint8).view(n, k)
+    return QuantMatrix(codes, scale, lo + 8 * scale)
+
+
+class Int4Linear:
+    """Y = X Wᵀ with W as packed 4-bit groups (see module docstring); X is cast to bf16."""
+
+    def __init__(self, qm: QuantMatrix) -> None:
+        n, k = qm.shape
+        self.out_features, self.in_features = n, k
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qm.codes.to(torch.int32), 1)
+        self.scales_zeros = torch.stack([qm.scale.t(), qm.zero.t()], dim=-1).to(ACT_DTYPE).contiguous()  # (G, N, 2)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # (the dtype test in Python costs less than dispatching a no-op .to(), 4 times per layer per token)
+        return _INT4_MM(x if x.dtype is ACT_DTYPE else x.to(ACT_DTYPE), self.packed, GROUP, self.scales_zeros)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.packed, self.scales_zeros]
+
+
+class HalfLinear:
+    """Y = X Wᵀ in float16, returned as float32: the output head of quantised shards.
+
+    The head decides every greedy token, and the int kernels return bf16, whose 8-bit mantissa rounds logits near
+    20 to steps of 0.125; near-ties then flip. Free-running greedy output equal to fp32's (20 prompts × 32 tokens,
+    bench/README.md section 5): an int8 head (`aten._weight_int8pack_mm`, bf16 output) 52.3 % of tokens, float16
+    85.3 %, float32 85.3 %. float16 reads 2 bytes per weight (vs 1 for int8), ~0.8 ms more per token for SmolLM2."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.weight = w.to(torch.float16)
+        self.out_features, self.in_features = self.weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.float16), self.weight).float()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+
+Weight = torch.Tensor | Int4Linear | HalfLinear
+
+
+def pack(qm: QuantMatrix) -> Weight:
+    """The kernel form of `qm`, or a dense bf16 matrix where the int4 kernel's shape rules do not hold
+    (`_convert_weight_to_int4pack_for_cpu` needs N % 16 == 0; the group must divide K)."""
+    n, k = qm.shape
+    if n % 16 or k % GROUP:
+        return qm.dequantize().to(ACT_DTYPE)
+    return Int4Linear(qm)
+
+
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for dense and quantised weights alike."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    y = w(x)
+    return y if bias is None else y + bias
+
+
+def weight_tensors(w: Weight | None) -> list[torch.Tensor]:
+    """The tensors holding `w`'s bytes (for memory accounting)."""
+    if w is None:
+        return []
+    return [w] if isinstance(w, torch.Tensor) else w.tensors()
