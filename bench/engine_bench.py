@@ -25,7 +25,16 @@ from typing import Callable
 # policy, two OpenMP threads on a shared 2-core machine whose other core is busy stall each parallel region
 # until the spinning thread is descheduled: measured 34 s vs 1.3 s for the same 16-step decode (see README of
 # bench/). Both engines run in this one process, so the setting is the same for all of them.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+_POLICY = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+import ollama_distributed  # noqa: E402,F401  (its import sets PASSIVE when unset; decided below, before torch loads)
+
+# OMP_WAIT_POLICY=default: libgomp's own default (spin briefly, then sleep), which `run`/`serve` without a cluster
+# use (ollama_distributed.use_spinning_openmp); it is not a value libgomp knows, so it is unset before torch (and
+# llama.cpp's OpenMP) load. Every engine in this process runs under the same policy.
+if _POLICY == "default":
+    os.environ.pop("OMP_WAIT_POLICY", None)
+else:
+    os.environ["OMP_WAIT_POLICY"] = _POLICY
 
 import torch  # noqa: E402
 
@@ -179,7 +188,7 @@ def main() -> None:
     base = {w: best[("transformers", "fp32", w)] for w in ("prefill", "decode")}
     peer = {w: best.get(("llama.cpp", "Q4_1", w)) for w in ("prefill", "decode")}
     print(f"machine: {cpu_model()}, {os.cpu_count()} cpus, torch {torch.__version__}, threads {args.threads}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load avg {os.getloadavg()[0]:.1f}")
+          f"OMP_WAIT_POLICY={_POLICY}, load avg {os.getloadavg()[0]:.1f}")
     print(f"model: {path.name}; prompt {args.prompt} tokens, decode {args.decode} steps after a 16-token prompt, "
           f"best of {args.rounds} rounds")
     print(f"{'engine':<14}{'dtype':<7}{'phase':<12}{'tokens/s':>10}{'vs transformers fp32':>22}{'vs llama.cpp':>14}")

@@ -113,7 +113,7 @@ def test_run_int4_streams_the_int4_engine_answer(tiny_gguf_factory):
 
 
 def test_run_int4_on_local_pipeline_fits_where_float32_does_not(tiny_gguf_factory):
-    """Two 14 MiB nodes cannot hold the tiny model in float32 (41.9 MB with its KV cache), but hold it as int4:
+    """Two 16 MiB nodes cannot hold the tiny model in float32 (41.9 MB with its KV cache), but hold it as int4:
     the plan is sized for 4-bit layers and the workers load them (real raylets, in a subprocess)."""
     import os
     import subprocess
@@ -121,7 +121,7 @@ def test_run_int4_on_local_pipeline_fits_where_float32_does_not(tiny_gguf_factor
 
     path = tiny_gguf_factory(dtype="q4_1")
     base = [sys.executable, "-m", "ollama_distributed.cli", "run", str(path), "hi", *ARGS,
-            "--local-nodes", "2", "--node-memory", "14MiB", "--strategy", "pipeline"]
+            "--local-nodes", "2", "--node-memory", "16MiB", "--strategy", "pipeline"]
     env = dict(os.environ, COLUMNS="200")
     r = subprocess.run(base + ["--dtype", "int4", "--verbose"], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]

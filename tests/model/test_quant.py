@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ollama_distributed.model.quant import (
     GROUP,
     Int4Linear,
-    HalfLinear,
+    RefinedHead,
     QuantMatrix,
     from_gguf_blocks,
     pack,
@@ -87,9 +87,17 @@ def test_int4_and_int8_kernels_match_dense_matmul():
     # Reference with the bf16-rounded scales and zeros the kernel holds; outputs are bf16 (eps 2^-8).
     ref_w = QuantMatrix(qm.codes, qm.scale.bfloat16().float(), qm.zero.bfloat16().float()).dequantize()
     assert rel_err(lin(x), F.linear(x.bfloat16().float(), ref_w)) <= 1e-2
-    w = torch.randn(64, 128, generator=g)
-    head = HalfLinear(w)(x)
-    assert head.dtype == torch.float32 and rel_err(head, F.linear(x, w)) <= 2e-3  # float16: 11-bit mantissa
+    w = torch.randn(300, 128, generator=g)
+    head = RefinedHead(w)
+    exact = F.linear(x.bfloat16().float(), head.table.float())
+    for m in (1, 5):  # gathered refinement: the 64 largest logits of each row are exact, the rest int8-close
+        got = head(x[:m].bfloat16())
+        assert got.dtype == torch.float32 and rel_err(got, exact[:m]) <= 2e-2
+        top = exact[:m].topk(8, dim=-1).indices
+        assert torch.allclose(got.gather(1, top), exact[:m].gather(1, top), rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.argmax(-1), exact[:m].argmax(-1))
+    many = torch.randn(RefinedHead.GATHER_ROWS + 1, 128, generator=g).bfloat16()
+    assert rel_err(head(many), F.linear(many.float(), head.table.float())) <= 2e-3  # float16 GEMM for big batches
     # The int4 kernel needs N % 16 == 0: other shapes stay dense (bf16), with the same values.
     odd = quantize_rtn(torch.randn(20, 64, generator=g))
     dense = pack(odd)
@@ -112,9 +120,9 @@ def test_int4_shard_keeps_the_files_codes(q41_tiny, tiny_gguf_factory):
     for name in ("layers.0.q", "layers.1.k", "layers.2.o", "layers.3.down"):  # q/k un-permuted like dense
         assert rel_err(weights[name].dequantize(), dense[name]) <= 1e-6, name
     assert shard.dtype == torch.bfloat16 and isinstance(shard.layers[0].wgu, Int4Linear)
-    assert isinstance(shard.lm_head, HalfLinear) and shard.embed.dtype == torch.bfloat16  # untied: own table
+    assert isinstance(shard.lm_head, RefinedHead) and shard.embed.dtype == torch.bfloat16  # untied: own table
     tied = ModelShard.from_file(tiny_gguf_factory(dtype="q4_1", tied=True), quant="int4")
-    assert tied.embed is tied.lm_head.weight  # a tied embedding shares the head's float16 table
+    assert tied.embed is tied.lm_head.table  # a tied embedding shares the head's float16 table
 
     def layer_bytes(s: ModelShard) -> int:
         return sum(t.nbytes for layer in s.layers for w in (layer.wqkv, layer.wo, layer.wgu, layer.wdown)

@@ -1,9 +1,13 @@
 """GET /api/distributed/status: the cluster's nodes and, per loaded model, its placement plans.
 
-`{"nodes": [{"id", "address", "state", "resources", "measured"}], "models": [{"name", "plans": [PLAN, ...]}]}`
-where PLAN is the scheduler's plan JSON (one per replica) whose shards also carry "node_id" and "pid" — taken
+`{"nodes": [{"id", "address", "state", "resources", "measured"}], "models": [{"name", "plans": [PLAN, ...],
+"engine": {...,"replicas": [...]}}]}` where PLAN is the scheduler's plan JSON (one per replica, in the order of
+engine.replicas: the router's per-replica requests served, tokens, EMA speed and outstanding work) whose shards also carry "node_id" and "pid" — taken
 from the executor's `placement()` (Ray executor) or, for in-process serving, this node and this process.
 `"recovery"` adds the fault-tolerance state: node back-off and each model's recoveries.
+
+POST /api/distributed/nodes/{node}/drain moves every model off a node now; POST /api/distributed/models/{model}/replan
+queues a re-plan applied when the model is idle.
 """
 
 from __future__ import annotations
@@ -77,9 +81,8 @@ def distributed_status(manager: ModelManager) -> dict[str, Any]:
         nodes = [_local_node(manager.settings.host)]
     models = []
     for runner in manager.runners():
-        placement = manager.placement(runner)
-        plans = placement.get("plans") if isinstance(placement.get("plans"), list) else [placement]
-        models.append({"name": runner.name, "plans": plans,
+        # one plan per replica (same order as engine["replicas"], the router's per-replica counters)
+        models.append({"name": runner.name, "plans": manager.placements(runner),
                        "engine": {**runner.engine.stats(), "kv_sequences": runner.executor.live_sequences}})
     # fault tolerance: per-node failure counts / back-off and each model's recoveries (empty when in-process)
     return {"nodes": nodes, "models": models, "recovery": manager.recovery_status()}
@@ -103,3 +106,35 @@ async def drain(request: Request, node: str) -> dict[str, Any]:
     except NodeNotFoundError as exc:
         raise APIError(404, f"node '{node}' not found") from exc
     return {"node": node, "drained": True, "moved": moved}
+
+
+@router.post("/api/distributed/models/{model}/replan")
+async def replan(request: Request, model: str) -> dict[str, Any]:
+    """Queue a re-plan of a loaded model (optionally `{"exclude": [NODE, ...]}`): the scheduler's plan on the
+    usable nodes, applied between requests once the model is idle (like a drift proposal; /api/distributed/history
+    → "selections" records it)."""
+    manager = state(request).manager
+    if not manager.settings.distributed:
+        raise APIError(400, "re-planning needs a cluster (serve with --address or --local-nodes)")
+    try:
+        body = await request.json()
+    except ValueError:
+        body = {}
+    exclude = (body or {}).get("exclude", []) if isinstance(body, dict) else []
+    if not isinstance(exclude, list) or not all(isinstance(n, str) for n in exclude):
+        raise APIError(400, f"exclude must be a list of node names, got {exclude!r}")
+    runner = next((r for r in manager.runners() if r.name in (model, f"{model}:latest")), None)
+    if runner is None:
+        raise APIError(404, f"model '{model}' is not loaded")
+    from ..service.placement_loop import request_replan
+
+    from ..scheduler.errors import InfeasiblePlanError
+
+    try:
+        proposal = await asyncio.to_thread(request_replan, manager, runner, set(exclude))
+    except InfeasiblePlanError:
+        raise  # 503 with the shortfall (api/errors.py)
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from exc
+    return {"model": runner.name, "current_plan_id": proposal.current_plan_id, "plan": proposal.plan.to_dict(),
+            "reason": proposal.reason, "pending": True}

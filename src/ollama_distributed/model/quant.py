@@ -1,4 +1,4 @@
-"""Weight-only quantised matrices for CPU decode: 4-bit groups for the layers, a float16 output head.
+"""Weight-only quantised matrices for CPU decode: 4-bit groups for the layers, an int8 + float16 output head.
 
 Single-sequence decode reads every weight once per token, so its speed is bytes per token over memory bandwidth
 (bench/README.md, "Where the time goes"). GGUF's 4-bit types already hold the layers as 4-bit codes with an
@@ -9,8 +9,9 @@ onto that form without re-quantising:
     Q4_1 (dequantize_row_q4_1):               w = d · q + m          → s = d, z = m + 8 d
 so the only change is the scale's rounding from f16 to bf16. Other tensor types (F16, Q8_0, K-quants …) are
 dequantised and re-quantised per group by round-to-nearest over the group's [min, max] (measured cost in
-bench/README.md). The output head (vocab × hidden, a fifth of SmolLM2's bytes) runs in float16 (`HalfLinear`), as
-its logits decide every token; a tied embedding shares that table.
+bench/README.md). The output head (vocab × hidden, a fifth of SmolLM2's bytes) reads int8 rows and recomputes its
+top candidates from a float16 table (`RefinedHead`), as its logits decide every token; a tied embedding shares
+that table.
 
 A `QuantMatrix` is the unpacked form (codes + per-group scale/zero in torch (out, in) layout) so that shards can
 select rows, permute heads and fuse q/k/v before packing; `pack` turns it into the kernel's layout, or into a
@@ -27,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 GROUP = 32  # GGUF's block of 32 inputs (QK4_0 = QK4_1 = 32 in ggml-common.h)
-ACT_DTYPE = torch.bfloat16  # the CPU int4 kernel takes bf16 activations (fp32 ones run ~25x slower)
+ACT_DTYPE = torch.bfloat16  # the CPU int4/int8 kernels take bf16 activations (fp32 ones run ~25x slower)
 QUANT_FORMATS = ("int4",)
 # Resolved once: looking an op up through torch.ops costs a few µs, paid 120 times per decoded token otherwise.
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+_INT8_MM = torch.ops.aten._weight_int8pack_mm
 # User-facing weight formats (`--dtype`): name → (activation/compute dtype, quantisation).
 WEIGHT_FORMATS: dict[str, tuple[torch.dtype, str | None]] = {
     "float32": (torch.float32, None),
@@ -129,26 +131,42 @@ class Int4Linear:
         return [self.packed, self.scales_zeros]
 
 
-class HalfLinear:
-    """Y = X Wᵀ in float16, returned as float32: the output head of quantised shards.
+class RefinedHead:
+    """The output head of quantised shards: every logit from int8 rows (one symmetric scale per row,
+    `aten._weight_int8pack_mm`), then each row's top REFINE logits recomputed in float32 from a float16 copy.
 
-    The head decides every greedy token, and the int kernels return bf16, whose 8-bit mantissa rounds logits near
-    20 to steps of 0.125; near-ties then flip. Free-running greedy output equal to fp32's (20 prompts × 32 tokens,
-    bench/README.md section 5): an int8 head (`aten._weight_int8pack_mm`, bf16 output) 52.3 % of tokens, float16
-    85.3 %, float32 85.3 %. float16 reads 2 bytes per weight (vs 1 for int8), ~0.8 ms more per token for SmolLM2."""
+    The head decides every greedy token, and the int8 kernel returns bf16, whose 8-bit mantissa rounds logits near
+    20 to steps of 0.125, so near-ties flip. A float16 head fixes that but reads twice the bytes (SmolLM2: 14.2 vs
+    11.5 ms per token). Refining only the candidates keeps the int8 read: the true maximum is within the int8
+    top-64 unless 64 logits sit within the int8 error of it. Free-running greedy output equal to fp32's (20 prompts
+    × 32 tokens, bench/README.md section 5): int8 head 52.3 % of tokens, float16 head 85.3 %, refined head see there.
+    Rows of larger batches (prefill logits) take the float16 matmul itself: same top values, no (M, 64, H) gather.
+    """
+
+    REFINE = 64
+    GATHER_ROWS = 64  # rows refined by gathering, (M, 64, H) float32 (9 MB for SmolLM2); more take the GEMM
 
     def __init__(self, w: torch.Tensor) -> None:
-        self.weight = w.to(torch.float16)
-        self.out_features, self.in_features = self.weight.shape
+        w = w.float()
+        self.out_features, self.in_features = w.shape
+        scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        self.int8 = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        self.scales = scale.to(ACT_DTYPE)
+        self.table = w.to(torch.float16)  # (V, H); also the embedding table of a tied model (ModelShard)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(torch.float16), self.weight).float()
+        if x.shape[0] > self.GATHER_ROWS:
+            return F.linear(x.to(torch.float16), self.table).float()
+        approx = _INT8_MM(x if x.dtype is ACT_DTYPE else x.to(ACT_DTYPE), self.int8, self.scales).float()  # (M, V)
+        idx = approx.topk(min(self.REFINE, self.out_features), dim=-1, sorted=False).indices  # (M, k)
+        exact = torch.bmm(self.table[idx].float(), x.float()[:, :, None])[..., 0]  # (M, k, H) @ (M, H, 1)
+        return approx.scatter_(1, idx, exact)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.weight]
+        return [self.int8, self.scales, self.table]
 
 
-Weight = torch.Tensor | Int4Linear | HalfLinear
+Weight = torch.Tensor | Int4Linear | RefinedHead
 
 
 def pack(qm: QuantMatrix) -> Weight:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import rope
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .quant import ACT_DTYPE, GROUP, QUANT_FORMATS, HalfLinear, QuantMatrix, Weight, linear, pack, quantize_rtn, weight_tensors
+from .quant import ACT_DTYPE, GROUP, QUANT_FORMATS, RefinedHead, QuantMatrix, Weight, linear, pack, quantize_rtn, weight_tensors
 from .shard import ShardSpec
 from .weights import load_weights, read_config
 
@@ -128,9 +128,9 @@ class ModelShard:
         self.norm = dense(weights["norm"]) if spec.has_output else None
         self.lm_head: Weight | None = None
         if spec.has_output:
-            self.lm_head = HalfLinear(weights["lm_head"]) if quant else weights["lm_head"]
+            self.lm_head = RefinedHead(weights["lm_head"]) if quant else weights["lm_head"]
             if quant and cfg.tie_embeddings and self.embed is not None:
-                self.embed = self.lm_head.weight  # one float16 table for both ends (rows are cast on lookup)
+                self.embed = self.lm_head.table  # one float16 table for both ends (rows are cast on lookup)
         self.layers: list[_Layer] = []
         for i in range(*spec.layers):
             n = f"layers.{i}."

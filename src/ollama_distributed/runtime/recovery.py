@@ -400,14 +400,14 @@ def planning_inputs(model_path: str | Path, measurement: Any, keep: Iterable[str
     from ..model.weights import read_config
     from ..scheduler.profile import ModelProfile
     from ..scheduler.workload import Workload
-    from .distributed_run import _PROFILE_DTYPE
+    from .distributed_run import profile_dtype
     from .measure import ClusterMeasurement, to_cluster_spec
 
     keep = set(keep)
     nodes = tuple(n for n in measurement.nodes if n.name in keep)
     links = tuple(l for l in measurement.links if l.a in keep and l.b in keep)
     cfg = read_config(model_path)
-    profile = ModelProfile.from_config(cfg, dtype=_PROFILE_DTYPE[dtype], name=Path(model_path).stem)
+    profile = ModelProfile.from_config(cfg, dtype=profile_dtype(dtype), name=Path(model_path).stem)
     ctx = min(cfg.context_length, 2048)
     workload = Workload(prompt_tokens=min(512, ctx // 2), output_tokens=min(256, ctx // 2), context_tokens=ctx)
     return profile, to_cluster_spec(ClusterMeasurement(nodes, links)), workload

@@ -32,11 +32,13 @@ DTYPE_BYTES: dict[str, float] = {
     "q4_1": 20 / 32,
     "q4_0": 18 / 32,
     # Our int4 path (model/quant.py): 4-bit codes + a bf16 scale and zero per 32 weights; its embedding and
-    # output head stay float16 (EMBED_BYTES).
+    # output head are larger (EMBED_BYTES).
     "int4": 0.5 + 4 / 32,
 }
 # Bytes per embedding / output-head element where they differ from the layers' (dtype → bytes).
-EMBED_BYTES: dict[str, float] = {"int4": 2.0}
+# int4: the head's int8 rows (1 B) + its float16 table for refining the top logits (2 B), which a tied embedding
+# shares; an embedding-only shard holds just a 2-byte table, so 3 B slightly over-counts it (model/quant.py).
+EMBED_BYTES: dict[str, float] = {"int4": 3.0}
 
 
 @dataclass(frozen=True)

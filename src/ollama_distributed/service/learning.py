@@ -8,7 +8,7 @@ per-stage times and success or failure. `LearningLoop` sends each report to
   * ServerMetrics and the EventLog (failures, recoveries, re-plan proposals are decisions people want to see);
 and every `drift_every` reports asks the calibrated planner whether another layout would now be much faster
 (`propose_replan`); a proposal waits in `pending_replan(model)` until the model is idle and the owner applies it
-(`replan_applied`). Autotune on load: `autotune(model, trials)` keeps the fastest measured candidate and records why.
+(`replan_applied`) or gives up on it (`replan_dismissed`); both land in the history's selections. Autotune on load: `autotune(model, trials)` keeps the fastest measured candidate and records why.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .metrics import ServerMetrics, TimedHandle
 
 log = logging.getLogger(__name__)
 
-_PROFILE_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+_PROFILE_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int4": "int4"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class LearningLoop:
         self._lock = threading.RLock()
         self._running: dict[str, _Running] = {}
         self._autotune: list[dict[str, Any]] = []
+        self._replans: list[dict[str, Any]] = []  # applied / dismissed re-plans, for the history endpoint
         self.events.subscribe(lambda ev: self.metrics.observe_event(ev.kind))
 
     # --- plans ----------------------------------------------------------------------------------------------
@@ -246,28 +247,69 @@ class LearningLoop:
             r = self._running.get(model)
             return r.pending if r else None
 
-    def replan_applied(self, model: str, plan: PartitionPlan, cluster: ClusterSpec | None = None) -> None:
-        """The owner switched `model` to `plan` (after a proposal, or on its own)."""
+    def replan_applied(self, model: str, plan: PartitionPlan | Mapping[str, Any], cluster: ClusterSpec | None = None,
+                       reason: str | None = None, seconds: float | None = None) -> None:
+        """The owner switched `model` to `plan` (after a proposal, or on its own, e.g. a node joined): an event,
+        a history entry (why, and how long the switch took) and the new plan attached with the old profile."""
+        p = plan if isinstance(plan, PartitionPlan) else PartitionPlan.from_dict(dict(plan))
         with self._lock:
             old = self._running.get(model)
             prev = old.plan.plan_id if old else None
             profile, wl = (old.profile, old.workload) if old else (None, None)
+            why = reason or (old.pending.reason if old and old.pending else "re-plan")
+            self._replans.append({"time": self._clock(), "model": model, "applied": True, "previous_plan_id": prev,
+                                  "plan_id": p.plan_id, "strategy": p.strategy, "reason": why,
+                                  "seconds": round(seconds, 3) if seconds is not None else None})
+            del self._replans[:-100]
         self.metrics.observe_replan(model, "applied")
-        self.events.record("replan", f"{model}: re-planned {prev} → {plan.strategy} {plan.plan_id}", model=model,
-                           previous_plan_id=prev, plan_id=plan.plan_id, strategy=plan.strategy)
-        self.attach(model, plan, profile, cluster, wl, reason="re-plan applied")
+        self.events.record("replan", f"{model}: re-planned {prev} → {p.strategy} {p.plan_id} ({why})", model=model,
+                           previous_plan_id=prev, plan_id=p.plan_id, strategy=p.strategy)
+        self.attach(model, p, profile, cluster, wl, reason=f"re-plan applied: {why}")
 
     def record_recovery(self, model: str, detail: str, node: str | None = None) -> None:
         self.metrics.observe_recovery(model)
         self.events.record("recovery", f"{model}: recovered — {detail}", level="warning", model=model, node=node)
 
-    def autotune(self, model: str, trials: Sequence[Trial], warmup: int = 1) -> AutotuneDecision:
-        """Keep the fastest measured candidate (scheduler.calibration.pick_fastest) and record why."""
+    def propose(self, model: str, plan: PartitionPlan, reason: str, predicted_ms: float = 0.0) -> ReplanProposal:
+        """Queue `plan` as `model`'s pending re-plan on the owner's or an operator's request (not from drift):
+        it is applied like a drift proposal, when the model is idle. Raises KeyError for a model not running."""
+        with self._lock:
+            run = self._running.get(model)
+            if run is None:
+                raise KeyError(f"model {model!r} has no running plan")
+            proposal = ReplanProposal(run.plan.plan_id, plan, run.measured_ms or 0.0, predicted_ms, 0.0, reason)
+            run.pending = proposal
+        self.metrics.observe_replan(model, "proposed")
+        self.events.record("replan_proposed", f"{model}: {reason}", level="warning", model=model,
+                           current_plan_id=proposal.current_plan_id, plan_id=plan.plan_id, strategy=plan.strategy,
+                           plan=plan.to_dict())
+        return proposal
+
+    def replan_dismissed(self, model: str, reason: str) -> None:
+        """The owner could not apply the pending proposal (e.g. it no longer fits): drop it, say why."""
+        with self._lock:
+            r = self._running.get(model)
+            proposal = r.pending if r else None
+            if r is not None:
+                r.pending = None
+            self._replans.append({"time": self._clock(), "model": model, "applied": False, "reason": reason,
+                                  "plan_id": proposal.plan.plan_id if proposal else None})
+            del self._replans[:-100]
+        self.metrics.observe_replan(model, "dismissed")
+        self.events.record("replan_dismissed", f"{model}: {reason}", level="warning", model=model)
+
+    def autotune(self, model: str, trials: Sequence[Trial], warmup: int = 1,
+                 seconds: float | None = None) -> AutotuneDecision:
+        """Keep the fastest measured candidate (scheduler.calibration.pick_fastest) and record why (`seconds`:
+        how long the trials took, the load-time cost of autotuning)."""
         decision = pick_fastest(trials, warmup)
         with self._lock:
             self._autotune.append({"time": self._clock(), "model": model, "plan_id": decision.plan.plan_id,
                                    "strategy": decision.plan.strategy, "measured_ms": dict(decision.measured_ms),
                                    "predicted_ms": {t.plan.plan_id: t.predicted_ms for t in trials},
+                                   "strategies": {t.plan.plan_id: t.plan.strategy for t in trials},
+                                   "errors": {t.plan.plan_id: t.error for t in trials if t.error},
+                                   "seconds": round(seconds, 3) if seconds is not None else None,
                                    "reason": decision.reason})
             del self._autotune[:-100]
         self.events.record("autotune", f"{model}: {decision.reason}", model=model, plan_id=decision.plan.plan_id,
@@ -288,9 +330,16 @@ class LearningLoop:
         return {**mgr, "calibration": cal, "running": running, "tokens_per_s": self.metrics.tokens_per_s()}
 
     def history(self, limit: int = 100) -> dict[str, Any]:
-        """GET /api/distributed/history: selections (predicted vs measured), calibration reports, autotunes."""
+        """GET /api/distributed/history: selections (the partition manager's, predicted vs measured, and the
+        re-plans applied or dismissed — entries with "kind": "replan" and why), calibration reports, autotunes."""
         with self._lock:
             cal = self.calibrator.history() if self.calibrator else []
             auto = list(self._autotune)
-        return {"selections": self.manager.history()[-limit:], "calibration": cal[-limit:],
-                "autotune": auto[-limit:]}
+            replans = [{"kind": "replan", **e} for e in self._replans]
+        selections = sorted(self.manager.history() + replans, key=lambda e: e.get("time") or 0.0)
+        return {"selections": selections[-limit:], "calibration": cal[-limit:], "autotune": auto[-limit:]}
+
+    def replans(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Re-plans applied or dismissed (newest last), as they appear in the history's selections."""
+        with self._lock:
+            return [{"kind": "replan", **e} for e in self._replans][-limit:]

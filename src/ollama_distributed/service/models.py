@@ -4,6 +4,10 @@ A *runner* is one loaded weights file: tokenizer + chat template + executor (in-
 Ray executor from `runtime.distributed_run.build_executor` when the server was started with --address or
 --local-nodes) + `InferenceEngine`. Names that point at the same blob (a `cp`) share the runner, as Ollama shares
 its llama-server process; per-name settings (Modelfile PARAMETERs, SYSTEM, TEMPLATE) travel with the request.
+With max_replicas > 1 (or 0) a runner holds several replicas of the model on disjoint nodes behind a router
+(service/replicas.py); with autotune, a single copy's plan is the fastest of the top candidates measured at load
+(service/autotune.py); between requests the placement loop uses nodes that joined and applies drift re-plans
+(service/placement_loop.py).
 Expiry follows Ollama's scheduler (server/sched.go): a runner in use never expires; when its last request ends,
 it expires keep_alive later (0 = unload now, negative = never); at most `max_loaded` runners stay loaded, the
 least recently used idle one making room.
@@ -12,21 +16,23 @@ least recently used idle one making room.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
-import os
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 from ..model.options import GenerationOptions
+from . import model_status
 from .json_format import ConstrainedExecutor
+from .model_status import local_node_id, local_plan  # noqa: F401 (re-exported for api/)
+from .replicas import Replica, RoutedExecutors, build_router, slowed
+from .router import ReplicaRouter
 from .settings import FOREVER, ServerSettings
 from .store import MESSAGES_LAYER, PARAMS_LAYER, SYSTEM_LAYER, TEMPLATE_LAYER, ModelEntry, ModelStore
 
@@ -37,34 +43,59 @@ ExecutorFactory = Callable[[Path], Any]
 
 @dataclass
 class Runner:
-    """One loaded weights file and the engine serving it."""
+    """One loaded weights file and the replicas serving it (one unless max_replicas allows more), behind a router.
+
+    `engine` is the router (engine-like: submit, stats, context_limit, embedding) and `executor` the facade over
+    the replicas' executors (config, and the locked submit + register of JSON-format requests)."""
 
     key: str
     name: str  # display name of the model that loaded it most recently
     entry: ModelEntry
     tokenizer: Any
     chat_template: Any | None
-    executor: ConstrainedExecutor
-    engine: Any
     load_duration_ns: int
+    replicas: list[Replica] = field(default_factory=list)
+    router: ReplicaRouter | None = None
     loaded_at: float = field(default_factory=time.time)
     active: int = 0
     expires_at: float = math.inf  # wall-clock seconds; inf while in use or kept forever
     keep_alive_s: float = 300.0
     last_used: float = field(default_factory=time.monotonic)
     learning: Any | None = None  # service.learning.LearningLoop that requests on this runner report to
-    recovery: Any | None = None  # runtime.recovery.Recovery re-placing the model after a lost shard (Ray only)
+    capacity_changed: bool = False  # nodes joined since the last placement check (service/placement_loop.py)
+
+    @property
+    def engine(self) -> ReplicaRouter:
+        assert self.router is not None, "runner used before its replicas were placed"
+        return self.router
+
+    @property
+    def executor(self) -> RoutedExecutors:
+        return RoutedExecutors(self.engine)
+
+    @property
+    def live_replicas(self) -> list[Replica]:
+        """Replicas requests are routed to (not dropped)."""
+        return [r for r in self.replicas if not r.dropped]
 
     @property
     def unplaced(self) -> bool:
-        """The cluster lost capacity and the model is not placed (its requests fail until it is re-placed)."""
-        from ..runtime.recovery import UnplacedExecutor
-
-        return isinstance(self.executor.inner, UnplacedExecutor)
+        """The cluster lost capacity and no replica of the model is placed (its requests fail until it is
+        re-placed)."""
+        live = self.live_replicas
+        return bool(live) and all(r.unplaced for r in live)
 
     @property
     def context_length(self) -> int:
         return int(self.engine.context_limit)
+
+    def idle(self) -> bool:
+        """No request holds the runner and no replica has queued or running work."""
+        return self.active == 0 and all(r.idle() for r in self.replicas)
+
+    def close(self) -> None:
+        for r in self.replicas:
+            r.engine.close()
 
 
 @dataclass(frozen=True)
@@ -116,19 +147,48 @@ class ModelManager:
             return self._cluster
 
     def _default_executor(self, path: Path) -> Any:
-        """In-process LocalExecutor, or the Ray executor over the cluster the settings describe."""
-        import torch
-
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.settings.dtype]
+        """In-process LocalExecutor, or one Ray executor on the scheduler's plan for the settings' strategy."""
         if self.settings.distributed:
-            from ..runtime.distributed_run import build_executor
-
-            return build_executor(path, self.cluster(), self.settings.strategy, dtype=dtype)
+            first, *extra = self._place(path.stem, path)
+            for ex in extra:  # a caller of the factory takes one executor (the manager's own loads take all)
+                ex.close()
+            return first
         from ..runtime.local_executor import LocalExecutor
 
         # The KV cache grows on demand, so the executor's default bound (the model's context, capped) costs
         # nothing up front; requests' num_ctx is clamped to it by the engine.
-        return LocalExecutor(path, dtype=dtype)
+        from ..model.quant import weight_format
+
+        dtype, quant = weight_format(self.settings.dtype)
+        return LocalExecutor(path, dtype=dtype, quant=quant)
+
+    def torch_dtype(self) -> Any:
+        """What the runtime's `dtype` arguments take: a torch dtype, or the name of a quantised weight format
+        ("int4"), which runtime.distributed_run.resolve_dtype turns into (bf16, quant)."""
+        import torch
+
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "int4": "int4"}[self.settings.dtype]
+
+    def node_health(self) -> Any:
+        """The server's runtime.recovery.NodeHealth (failure back-off and drained nodes), shared by every model."""
+        if self._node_health is None:
+            from ..runtime.recovery import NodeHealth
+
+            self._node_health = NodeHealth()
+        return self._node_health
+
+    def builder(self, path: Path) -> Callable[[Any], Any]:
+        """plan → a started Ray executor for `path` (wrapped by the slow-node test hook when it is set)."""
+        from ..runtime.distributed_run import build_executor
+
+        cluster, dtype, slow = self.cluster(), self.torch_dtype(), self.settings.test_slow_nodes
+        return lambda plan: slowed(build_executor(path, cluster, plan=plan, dtype=dtype), slow)
+
+    def _place(self, name: str, path: Path) -> list[Any]:
+        """Started executors for the model's replicas (service/replicas.py `place_model`)."""
+        from .replicas import place_model
+
+        return place_model(self, name, path)
 
     # ---- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -146,6 +206,12 @@ class ModelManager:
                 for sig, handler in saved.items():
                     if handler is not None:
                         signal.signal(sig, handler)
+        if self.learning is not None and self.settings.strategy != "auto":
+            # drift proposals stay within the strategy the operator pinned
+            from ..scheduler.config import PlanConfig
+
+            self.learning.config = dataclasses.replace(self.learning.config,
+                                                       plan=PlanConfig(strategy=self.settings.strategy))
         self._reaper = asyncio.create_task(self._reap_forever())
 
     async def close(self) -> None:
@@ -157,6 +223,9 @@ class ModelManager:
             self._cluster.shutdown()  # main thread, like its start
 
     async def _reap_forever(self) -> None:
+        from .placement_loop import PlacementLoop
+
+        placement = PlacementLoop(self)
         while True:
             await asyncio.sleep(0.25)
             now = time.time()
@@ -164,6 +233,14 @@ class ModelManager:
                 if r.active == 0 and r.expires_at <= now:
                     log.info("model %s expired (keep_alive %ss); unloading", r.name, r.keep_alive_s)
                     await self._unload(key)
+            try:
+                await placement.tick()
+            except Exception:  # noqa: BLE001 - placement improvements are optional; expiry must keep running
+                log.exception("placement check failed")
+
+    def lock_for(self, key: str) -> asyncio.Lock:
+        """The lock `acquire` takes for a runner: whoever holds it knows no request can start on the runner."""
+        return self._locks.setdefault(key, asyncio.Lock())
 
     # ---- per-request use ----------------------------------------------------------------------------------------
 
@@ -187,7 +264,7 @@ class ModelManager:
     async def acquire(self, entry: ModelEntry) -> ModelView:
         """Load (or reuse) the runner for `entry` and mark it in use; pair with `release`."""
         key = str(entry.model_path.resolve())
-        lock = self._locks.setdefault(key, asyncio.Lock())
+        lock = self.lock_for(key)
         t0 = time.perf_counter()
         async with lock:
             runner = self._runners.get(key)
@@ -235,7 +312,7 @@ class ModelManager:
         if r is not None:
             if r.learning is not None:
                 r.learning.detach(r.name)
-            await asyncio.to_thread(r.engine.close)
+            await asyncio.to_thread(r.close)
             log.info("unloaded %s", r.name)
 
     async def _make_room(self) -> None:
@@ -250,179 +327,99 @@ class ModelManager:
     def _load(self, key: str, entry: ModelEntry) -> Runner:
         from ..model.chat_template import ChatTemplate
         from ..model.tokenizer import Tokenizer
-        from ..runtime.engine import InferenceEngine
 
         t0 = time.perf_counter()
         path = entry.model_path
-        log.info("loading %s from %s", entry.name.display, path)
+        name = entry.name.display
+        log.info("loading %s from %s", name, path)
         tokenizer = Tokenizer.from_gguf(path)
         try:
             chat_template = ChatTemplate.from_gguf(path)
         except Exception as exc:  # noqa: BLE001 - a model without a usable chat template still completes
             log.warning("model %s has no usable chat template (%s); /api/chat will use a plain format", key, exc)
             chat_template = None
-        inner = self.executor_factory(path)
-        executor = ConstrainedExecutor(inner, tokenizer)
-        recovery = self._recovery_for(entry.name.display, path) if hasattr(inner, "placement") else None
-        engine = InferenceEngine(
-            executor, tokenizer, max_batch=self.settings.num_parallel, max_queue=self.settings.max_queue,
-            name=entry.name.display, recover=_recover_into(recovery) if recovery is not None else None,
+        own = self.settings.distributed and self.executor_factory == self._default_executor
+        inners = self._place(name, path) if own else [self.executor_factory(path)]
+        runner = Runner(key=key, name=name, entry=entry, tokenizer=tokenizer, chat_template=chat_template,
+                        load_duration_ns=0, learning=self.learning)
+        try:
+            for inner in inners:
+                runner.replicas.append(self.make_replica(runner, inner))
+        except BaseException:
+            for inner in inners[len(runner.replicas):]:
+                inner.close()
+            runner.close()
+            raise
+        runner.router = build_router(runner.replicas)
+        runner.load_duration_ns = int((time.perf_counter() - t0) * 1e9)
+        log.info("loaded %s (%d replica(s)) in %.2f s", name, len(runner.replicas), runner.load_duration_ns / 1e9)
+        self.attach_learning(runner)
+        return runner
+
+    def make_replica(self, runner: Runner, inner: Any) -> Replica:
+        """Wrap a started executor into a replica of `runner`: JSON constraint, engine, and per-replica recovery
+        for executors this manager builds on its cluster."""
+        from ..runtime.engine import InferenceEngine
+
+        executor = ConstrainedExecutor(inner, runner.tokenizer)
+        replica = Replica(executor, None)
+        own = self.settings.distributed and self.executor_factory == self._default_executor
+        if own and hasattr(inner, "placement"):
+            replica.recovery = self._recovery_for(runner, replica)
+        replica.engine = InferenceEngine(
+            executor, runner.tokenizer, max_batch=self.settings.num_parallel, max_queue=self.settings.max_queue,
+            name=runner.name, recover=_recover_into(replica.recovery) if replica.recovery is not None else None,
         )
-        took = int((time.perf_counter() - t0) * 1e9)
-        log.info("loaded %s in %.2f s", entry.name.display, took / 1e9)
-        if self.learning is not None and self.settings.distributed:
-            # Calibration needs the plan the runtime placed and the cluster's measurements (in-process models
-            # have neither; their requests still feed the metrics through `track`).
-            self.learning.attach_loaded(entry.name.display, path, inner.placement(), self.cluster(),
-                                        self.settings.dtype)
-        return Runner(key=key, name=entry.name.display, entry=entry, tokenizer=tokenizer,
-                      chat_template=chat_template, executor=executor, engine=engine, load_duration_ns=took,
-                      learning=self.learning, recovery=recovery)
+        return replica
 
-    def _recovery_for(self, name: str, path: Path) -> Any:
-        """The engine's recover callback for a model on the Ray cluster (runtime/recovery.py): re-plan on the
-        surviving nodes, record the failure against the strategy in the learning loop, back off flaky nodes."""
-        if not self.settings.distributed or self.executor_factory != self._default_executor:
-            return None  # only executors this manager builds on its cluster can be re-planned by it
-        import torch
+    def attach_learning(self, runner: Runner, placement: dict[str, Any] | None = None) -> None:
+        """Tell the learning loop which plan serves `runner`. One replica: with the profile and measured cluster,
+        so its reports calibrate the cost model and can propose re-plans. Several: the first replica's plan, for
+        events and strategy metrics only (their reports mix plans, so they calibrate nothing). `placement`: the
+        plan a recovery just started (the replica's executor is rebound to it only after the callback)."""
+        if self.learning is None or not self.settings.distributed:
+            return  # in-process models have no plan or cluster measurements; `track` still feeds the metrics
+        live = runner.live_replicas
+        if len(live) == 1:
+            self.learning.attach_loaded(runner.name, runner.entry.model_path, placement or live[0].placement(),
+                                        self.cluster(), self.settings.dtype)
+        elif live:
+            self.learning.attach(runner.name, live[0].placement(),
+                                 reason=f"{len(live)} replicas; calibration needs a single copy")
 
-        from ..runtime.recovery import NodeHealth, Recovery
+    def _recovery_for(self, runner: Runner, replica: Replica) -> Any:
+        """One replica's engine recover callback (service/replicas.py `replica_recovery`)."""
+        from .replicas import replica_recovery
 
-        if self._node_health is None:
-            self._node_health = NodeHealth()
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.settings.dtype]
-        learning = self.learning
-
-        def on_event(rec: Any) -> None:
-            if learning is None:
-                return
-            # the failure counts against the strategy that was running (PartitionManager via the loop)
-            learning.report(name, None, success=False, error=f"{rec.report.kind}: {rec.report.detail}")
-            if rec.error is None:
-                nodes = ",".join(rec.report.failed_nodes) or None
-                learning.record_recovery(name, f"{rec.report.detail}; re-planned in {rec.seconds:.2f} s "
-                                         f"(excluded: {', '.join(rec.excluded) or 'none'})", node=nodes)
-                # attach may measure the cluster (seconds): keep it off the engine thread
-                threading.Thread(target=_attach_quietly, args=(learning, name, path, rec.placement,
-                                                               self.cluster(), self.settings.dtype),
-                                 daemon=True).start()
-            else:
-                learning.events.record("recovery_failed", f"{name}: {rec.error}", level="error", model=name)
-
-        return Recovery(path, self.cluster(), self.settings.strategy, dtype, self._node_health, on_event)
+        return replica_recovery(self, runner, replica)
 
     def drain(self, node: str) -> list[str]:
-        """Move every model off `node` without failing requests (blocking): plan nothing on it any more, and for
-        each model with a shard there, between two engine steps, replace its shards with a placement on the other
-        nodes and replay the in-flight sequences (the same replay a failure uses). Returns the moved models.
-        Raises NodeNotFoundError for an unknown node; CapacityError when the other nodes cannot hold a model
-        (that model is then unplaced, its requests end with the shortfall, and it is re-placed at its next
-        load, as after a failure)."""
-        cluster = self.cluster()
-        if cluster is None:
-            raise ValueError("node drain needs a cluster (serve with --address or --local-nodes)")
-        cluster.node(node)  # NodeNotFoundError for a name the cluster does not know
-        from ..runtime.recovery import NodeHealth
+        """Move every model off `node` without failing requests (blocking; service/placement_loop.py
+        `drain_node`). Returns the moved models."""
+        from .placement_loop import drain_node
 
-        if self._node_health is None:
-            self._node_health = NodeHealth()
-        self._node_health.drain(node)
-        moved = []
-        for r in list(self._runners.values()):
-            if r.recovery is None or r.unplaced:
-                continue
-            placement = r.executor.inner.placement()
-            if not any(sh.get("node") == node for st in placement.get("stages", []) for sh in st["shards"]):
-                continue
-            exclude = self._node_health.backed_off()
-
-            def move(r: Runner = r, exclude: set[str] = exclude) -> None:
-                # Break before make, on the engine thread between steps: the running shards hold their nodes'
-                # memory budget (Ray resources), so a new placement on the same nodes could not start beside
-                # them. Requests pause while the new shards start, then every sequence is replayed.
-                from ..runtime.recovery import CapacityError, UnplacedExecutor
-
-                old = r.executor.inner
-                old.close()
-                try:
-                    new = r.recovery.place(exclude=exclude)
-                except CapacityError as cap:
-                    r.executor.rebind(UnplacedExecutor(old.config, old.max_seq_len, cap))
-                    raise
-                r.executor.rebind(new)
-
-            r.engine.replace_executor(r.executor, close_old=False, prepare=move)
-            new_inner = r.executor.inner
-            log.info("drained %s: %s moved to %s", node, r.name, _placement_of_nodes(new_inner))
-            if self.learning is not None:
-                self.learning.events.record("drain", f"{r.name}: moved off {node}", model=r.name, node=node)
-                threading.Thread(target=_attach_quietly, args=(self.learning, r.name, r.entry.model_path,
-                                                               new_inner.placement(), cluster, self.settings.dtype),
-                                 daemon=True).start()
-            moved.append(r.name)
-        return moved
+        return drain_node(self, node)
 
     # ---- introspection ------------------------------------------------------------------------------------------
 
     def recovery_status(self) -> dict[str, Any]:
-        """Fault-tolerance state for the API: per-node failure counts / back-off, and each model's recent
-        recoveries (what failed, how long re-placing took, which nodes were left out)."""
-        nodes = self._node_health.to_dict() if self._node_health is not None else {}
-        models = {}
-        for r in self._runners.values():
-            if r.recovery is None:
-                continue
-            models[r.name] = {
-                "unplaced": r.unplaced,
-                "recoveries": [{"kind": rec.report.kind, "detail": rec.report.detail, "seconds": round(rec.seconds, 3),
-                                "excluded": list(rec.excluded), "error": rec.error, "time": rec.at}
-                               for rec in r.recovery.records],
-            }
-        return {"nodes": nodes, "models": models}
+        """Fault-tolerance state for the API (service/model_status.py)."""
+        return model_status.recovery_status(self)
 
     def runners(self) -> list[Runner]:
         return list(self._runners.values())
 
+    def placements(self, runner: Runner) -> list[dict[str, Any]]:
+        """Each live replica's plan JSON with node_id/pid per shard (service/model_status.py)."""
+        return model_status.placements(runner)
+
     def placement(self, runner: Runner) -> dict[str, Any]:
-        """The runner's plan JSON with node_id/pid per shard: the executor's own `placement()` when it has one
-        (the Ray executor), else the in-process single-shard plan."""
-        inner = runner.executor.inner
-        fn = getattr(inner, "placement", None)
-        if callable(fn):
-            try:
-                return fn()
-            except Exception as exc:  # noqa: BLE001 - status must not fail because a node is unreachable
-                log.warning("placement() of %s failed: %s", runner.name, exc)
-        return local_plan(runner.name, inner.config, runner.entry.size)
+        """The first replica's plan JSON (see `placements`)."""
+        return self.placements(runner)[0]
 
     def ps_entry(self, runner: Runner) -> dict[str, Any]:
-        """One `/api/ps` item (+ our `placement` summary and live engine counters)."""
-        entry = runner.entry
-        exp = runner.expires_at
-        if math.isinf(exp):
-            expires = datetime.now(timezone.utc) + timedelta(days=365 * 100)
-        else:
-            expires = datetime.fromtimestamp(exp, timezone.utc)
-        plan = self.placement(runner)
-        shards = [s for st in plan.get("stages", []) for s in st.get("shards", [])]
-        nodes = sorted({str(s.get("node_id", s.get("node"))) for s in shards})
-        return {
-            "name": runner.name,
-            "model": runner.name,
-            "size": entry.size,
-            "digest": entry.digest,
-            "details": entry.details,
-            "expires_at": expires.isoformat(),
-            "size_vram": 0,
-            "context_length": runner.context_length,
-            "placement": {
-                "strategy": plan.get("strategy", "single"),
-                "stages": len(plan.get("stages", [])),
-                "nodes": nodes,
-                "shards": len(shards),
-            },
-            "engine": {**runner.engine.stats(), "kv_sequences": runner.executor.live_sequences},
-        }
+        """One `/api/ps` item (service/model_status.py)."""
+        return model_status.ps_entry(self, runner)
 
 
 def _recover_into(recovery: Any) -> Callable[[Exception, Any], Any]:
@@ -437,47 +434,3 @@ def _recover_into(recovery: Any) -> Callable[[Exception, Any], Any]:
         return failed
 
     return recover
-
-
-def _placement_of_nodes(executor: Any) -> str:
-    stages = executor.placement().get("stages", [])
-    return ", ".join("+".join(sh["node"] for sh in st["shards"]) for st in stages)
-
-
-def _attach_quietly(learning: Any, name: str, path: Path, placement: Any, cluster: Any, dtype: str) -> None:
-    try:
-        learning.attach_loaded(name, path, placement, cluster, dtype)
-    except Exception as exc:  # noqa: BLE001 - the learning loop is advisory
-        log.warning("could not attach the recovered plan of %s to the learning loop: %s", name, exc)
-
-
-def local_node_id() -> str:
-    """Identity of this process's node for in-process execution: the Ray node id when Ray is up here, else
-    `local:<hostname>`."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - Ray is optional for in-process serving
-        pass
-    return f"local:{socket.gethostname()}"
-
-
-def local_plan(name: str, cfg: Any, memory_bytes: int) -> dict[str, Any]:
-    """The scheduler's plan JSON for in-process execution: one stage, one shard on this node, this process."""
-    from ..scheduler.plan import PartitionPlan, Prediction, ShardAssignment, StageSpec
-
-    node = local_node_id()
-    shard = ShardAssignment(node=node, heads=(0, cfg.n_heads), kv_heads=(0, cfg.n_kv_heads), ffn=(0, cfg.ffn_size),
-                            memory_bytes=int(memory_bytes))
-    plan = PartitionPlan(
-        model=name, strategy="single", stages=(StageSpec((0, cfg.n_layers), (shard,)),),
-        # In-process serving is not planned by the cost model, so there is no prediction to report.
-        predicted=Prediction(0.0, 0.0, 0.0), reason="in-process LocalExecutor (server started without a cluster)",
-    ).to_dict()
-    for stage in plan["stages"]:
-        for sh in stage["shards"]:
-            sh["node_id"] = node
-            sh["pid"] = os.getpid()
-    return plan

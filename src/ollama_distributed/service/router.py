@@ -17,17 +17,27 @@ count replaced by token work and divided by speed, so a replica half as fast get
 Progress is observed on the producer side: the router wraps each returned handle's `_push` (the engine's way of
 delivering a chunk), so counts move as tokens are generated, not as the client reads them.
 
+The replica set can change while requests run (`add` a replica placed on a node that joined, `remove` one whose
+shards could not be re-placed): a removed replica gets no new requests and finishes (or fails) the ones it has.
+
+JSON-format requests register a constraint on the executor of the replica that serves them, between `submit` and
+the replica's first step. The caller does that under `with router.locked_submission():` — the router then takes
+the chosen replica's executor lock (`lock_of`) before submitting and keeps it until the block ends, and
+`held_replica()` names the replica (service/replicas.py RoutedExecutors builds on this).
+
 Test hook: `SlowedExecutor(inner, delay_s)` wraps an executor and sleeps `delay_s` before every step — only for
-tests and benchmarks that need one deliberately slow replica (never used by the server).
+tests and benchmarks that need one deliberately slow replica or node (the server applies it only when the
+documented test setting `OLLAMA_DISTRIBUTED_TEST_SLOW_NODES` names a node; service/settings.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +73,7 @@ class ReplicaState:
 
     index: int
     engine: Any
+    executor: Any = None  # the replica's executor (ConstrainedExecutor in the server); None when unknown
     live: dict[int, _Live] = field(default_factory=dict)
     ema_tps: float | None = None
     served: int = 0  # requests routed here
@@ -75,17 +86,52 @@ class ReplicaState:
 
 
 class ReplicaRouter:
-    """Sends each request to the replica that would finish it soonest (see module docstring)."""
+    """Sends each request to the replica that would finish it soonest (see module docstring).
+
+    replicas: engines (anything with submit/stats/context_limit/config/close). executors: each replica's executor
+    (optional; `held_replica().executor` is how a caller reaches the serving replica's executor). lock_of: the
+    lock to hold around a locked submission on a replica (default: its executor's `lock`)."""
 
     def __init__(self, replicas: Sequence[Any], config: RouterConfig = RouterConfig(),
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, executors: Sequence[Any] | None = None,
+                 lock_of: Callable[[ReplicaState], Any] | None = None) -> None:
         if not replicas:
             raise ValueError("ReplicaRouter needs at least one replica")
+        if executors is not None and len(executors) != len(replicas):
+            raise ValueError(f"{len(replicas)} replicas but {len(executors)} executors")
         self.router_config = config
         self._clock = clock
         self._lock = threading.Lock()
-        self.replicas = [ReplicaState(i, e) for i, e in enumerate(replicas)]
+        exs = list(executors) if executors is not None else [None] * len(replicas)
+        self.replicas = [ReplicaState(i, e, x) for i, (e, x) in enumerate(zip(replicas, exs))]
+        self._next_index = len(self.replicas)
         self._ids = 0
+        self._lock_of = lock_of or (lambda rep: rep.executor.lock)
+        self._local = threading.local()
+
+    # ---- the replica set ----------------------------------------------------------------------------------------
+    def add(self, engine: Any, executor: Any = None) -> ReplicaState:
+        """Route to one more replica from now on (e.g. one placed on a node that joined)."""
+        with self._lock:
+            rep = ReplicaState(self._next_index, engine, executor)
+            self._next_index += 1
+            self.replicas = [*self.replicas, rep]
+        log.info("replica %d added (%d now)", rep.index, len(self.replicas))
+        return rep
+
+    def remove(self, engine: Any) -> ReplicaState | None:
+        """Stop routing to the replica running `engine` (its live requests finish where they are). The last
+        replica cannot be removed (ValueError). Returns the removed state, None when it was not routed to."""
+        with self._lock:
+            keep = [r for r in self.replicas if r.engine is not engine]
+            if len(keep) == len(self.replicas):
+                return None
+            if not keep:
+                raise ValueError("cannot remove the last replica")
+            gone = next(r for r in self.replicas if r.engine is engine)
+            self.replicas = keep
+        log.warning("replica %d removed (%d left)", gone.index, len(keep))
+        return gone
 
     # ---- engine-like surface ------------------------------------------------------------------------------------
     @property
@@ -97,30 +143,79 @@ class ReplicaRouter:
     def context_limit(self) -> int:
         return min(int(r.engine.context_limit) for r in self.replicas)
 
+    @contextlib.contextmanager
+    def locked_submission(self) -> Iterator[None]:
+        """Within this block, `submit` holds the chosen replica's lock (`lock_of`) until the block ends, and
+        `held_replica()` names that replica: the caller registers per-sequence state on its executor before the
+        replica's engine can step the new sequence."""
+        if getattr(self._local, "active", False):
+            raise RuntimeError("locked_submission blocks do not nest")
+        self._local.active, self._local.held = True, None
+        try:
+            yield
+        finally:
+            held = self._local.held
+            self._local.active, self._local.held = False, None
+            if held is not None:
+                held[1].release()
+
+    def held_replica(self) -> ReplicaState:
+        """The replica the current `locked_submission` block submitted to (RuntimeError outside one)."""
+        held = getattr(self._local, "held", None)
+        if held is None:
+            raise RuntimeError("no request was submitted in this thread's locked_submission block")
+        return held[0]
+
     def submit(self, request: Any) -> Any:
         """Route `request` and submit it; the replica's QueueFullError passes through only when every replica
         is full (a full replica is skipped)."""
         work = self._work(request)
         order = self._ranked(work)
+        locked = getattr(self._local, "active", False)
         last_exc: Exception | None = None
         for rep in order:
+            lock = self._lock_of(rep) if locked else None
+            if lock is not None:
+                lock.acquire()
             try:
                 handle = rep.engine.submit(request)
             except Exception as exc:  # noqa: BLE001 - QueueFullError & co: try the next best replica
+                if lock is not None:
+                    lock.release()
                 if type(exc).__name__ != "QueueFullError":
                     raise
                 last_exc = exc
                 continue
+            if lock is not None:
+                self._local.held = (rep, lock)
             self._track(rep, handle, request, work)
             return handle
         assert last_exc is not None
         raise last_exc
 
+    def embedding(self, inp: Any, **kwargs: Any) -> Any:
+        """Embed on the replica with the least outstanding work (embeddings are one prefill-like step)."""
+        return self._ranked((len(inp) if not isinstance(inp, str) else 1, 0.0))[0].engine.embedding(inp, **kwargs)
+
     def stats(self) -> dict[str, Any]:
+        """Summed engine counters (waiting, running, steps) and, per replica, the router's view plus the
+        replica's own engine counters."""
         with self._lock:
-            return {"replicas": [{"index": r.index, "outstanding": round(r.outstanding(self.router_config.prefill_weight), 1),
-                                  "live": len(r.live), "ema_tokens_per_s": r.ema_tps, "served": r.served,
-                                  "tokens": r.tokens} for r in self.replicas]}
+            reps = list(self.replicas)
+            view = [{"index": r.index, "outstanding": round(r.outstanding(self.router_config.prefill_weight), 1),
+                     "live": len(r.live), "ema_tokens_per_s": r.ema_tps, "served": r.served, "tokens": r.tokens}
+                    for r in reps]
+        totals = {"waiting": 0, "running": 0, "steps": 0}
+        for r, v in zip(reps, view):
+            try:
+                es = dict(r.engine.stats())
+            except Exception as exc:  # noqa: BLE001 - a closed replica engine still shows its routing counters
+                log.debug("stats of replica %d: %s", r.index, exc)
+                es = {}
+            v["engine"] = es
+            for k in totals:
+                totals[k] += int(es.get(k, 0))
+        return {**totals, "replicas": view}
 
     def close(self) -> None:
         for r in self.replicas:

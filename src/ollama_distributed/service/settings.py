@@ -9,7 +9,14 @@ Environment variables follow Ollama's envconfig/config.go where one exists:
   OLLAMA_MAX_QUEUE       requests waiting per model before 503 (default 512)
   OLLAMA_NUM_PARALLEL    sequences decoded together per model (default 8)
 and our own:
-  OLLAMA_DISTRIBUTED_MODELS  our writable store (default ~/.ollama-distributed/models)
+  OLLAMA_DISTRIBUTED_MODELS        our writable store (default ~/.ollama-distributed/models)
+  OLLAMA_DISTRIBUTED_MAX_REPLICAS  copies of a model placed on disjoint nodes (default 1; 0 = as many as fit)
+  OLLAMA_DISTRIBUTED_AUTOTUNE      try the top candidate plans for a few decode steps on load (default 1 = on)
+  OLLAMA_DISTRIBUTED_REPLAN        apply drift re-plan proposals and better plans after a node joins, when the
+                                   model is idle (default 1 = on)
+  OLLAMA_DISTRIBUTED_TEST_SLOW_NODES  TEST HOOK, never for production: "node1:0.05,node2:0.1" makes every step
+                                   of an executor with a shard on node1 sleep 0.05 s more (service/router.py
+                                   SlowedExecutor), to test routing and re-planning against a slow node
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from urllib.parse import urlsplit
 DEFAULT_PORT = 11434
 DEFAULT_KEEP_ALIVE_S = 300.0
 FOREVER = math.inf
+# compute dtypes the server accepts (service/models.py maps each to a torch dtype)
+DTYPES = ("float32", "bfloat16", "int4")  # int4: the GGUF's 4-bit blocks, bf16 activations (model/quant.py)
 
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
@@ -103,7 +112,16 @@ class ServerSettings:
     address / local_nodes / node_memory / strategy: where models run (None + 0 = in-process LocalExecutor).
     dtype: compute dtype name ("float32" or "bfloat16"). include_bundled: list the bundled SmolLM2.
     max_loaded: models kept loaded at once (the least recently used is unloaded to make room).
-    debug: expose internal counters (engine sequences) in /api/ps and /api/distributed/status.
+    max_replicas: copies of each model placed on disjoint nodes when the cluster holds more than one (1 = one
+      copy, today's behaviour; 0 = as many as fit); requests go to the replica with the least outstanding work
+      weighted by its measured speed (service/router.py).
+    autotune: on load with strategy "auto", when more than one plan is feasible, run the `autotune_candidates`
+      best-predicted plans for `autotune_steps` decode steps each and keep the fastest measured.
+    replan: when a model is idle, apply the learning loop's drift re-plan proposal, and use nodes that joined
+      (an extra replica up to max_replicas, or a plan predicted faster). placement_poll_s: how often the
+      cluster's membership and pending proposals are checked.
+    test_slow_nodes: TEST HOOK (OLLAMA_DISTRIBUTED_TEST_SLOW_NODES): (node, seconds) — an executor with a shard
+      on the node sleeps that long before every step.
     """
 
     host: str = "127.0.0.1"
@@ -122,6 +140,13 @@ class ServerSettings:
     dtype: str = "float32"
     include_bundled: bool = True
     max_loaded: int = 3
+    max_replicas: int = 1
+    autotune: bool = True
+    autotune_candidates: int = 3
+    autotune_steps: int = 4
+    replan: bool = True
+    placement_poll_s: float = 2.0
+    test_slow_nodes: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -139,8 +164,18 @@ class ServerSettings:
             raise ValueError(f"--local-nodes must be >= 0, got {self.local_nodes}")
         if self.strategy not in ("auto", "single", "pipeline", "tensor", "hybrid"):
             raise ValueError(f"unknown strategy {self.strategy!r}: expected auto|single|pipeline|tensor|hybrid")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"unknown dtype {self.dtype!r}: expected float32|bfloat16")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}: expected {'|'.join(DTYPES)}")
+        if self.max_replicas < 0:
+            raise ValueError(f"max_replicas must be >= 0 (0 = as many as fit), got {self.max_replicas}")
+        if not 1 <= self.autotune_candidates <= 3 or not 1 <= self.autotune_steps <= 32:
+            raise ValueError(f"autotune_candidates ({self.autotune_candidates}) must be in 1..3 and autotune_steps "
+                             f"({self.autotune_steps}) in 1..32: autotune must keep the load time bounded")
+        if not self.placement_poll_s > 0:
+            raise ValueError(f"placement_poll_s must be > 0, got {self.placement_poll_s}")
+        bad = [(n, d) for n, d in self.test_slow_nodes if not n or d < 0]
+        if bad:
+            raise ValueError(f"test_slow_nodes entries need a node name and a delay >= 0, got {bad}")
 
     @property
     def distributed(self) -> bool:
@@ -165,9 +200,42 @@ class ServerSettings:
             "max_queue": _env_int(env, "OLLAMA_MAX_QUEUE", 512),
             "num_parallel": _env_int(env, "OLLAMA_NUM_PARALLEL", 8),
             "origins": tuple(o.strip() for o in env.get("OLLAMA_ORIGINS", "").split(",") if o.strip()),
+            "max_replicas": _env_int(env, "OLLAMA_DISTRIBUTED_MAX_REPLICAS", 1),
+            "autotune": _env_bool(env, "OLLAMA_DISTRIBUTED_AUTOTUNE", True),
+            "replan": _env_bool(env, "OLLAMA_DISTRIBUTED_REPLAN", True),
+            "test_slow_nodes": parse_slow_nodes(env.get("OLLAMA_DISTRIBUTED_TEST_SLOW_NODES", "")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def parse_slow_nodes(text: str) -> tuple[tuple[str, float], ...]:
+    """TEST HOOK value "node1:0.05,node2:0.1" → (("node1", 0.05), ("node2", 0.1)); "" → ()."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        node, sep, delay = part.rpartition(":")
+        try:
+            seconds = float(delay)
+        except ValueError:
+            seconds = -1.0
+        if not sep or not node or seconds < 0:
+            raise ValueError(f"OLLAMA_DISTRIBUTED_TEST_SLOW_NODES entry {part!r}: expected NODE:SECONDS, e.g. "
+                             "node1:0.05")
+        out.append((node, seconds))
+    return tuple(out)
+
+
+def _env_bool(env: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = (env.get(key) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{key}={env.get(key)!r} is not a boolean (use 1/0, true/false)")
 
 
 def _env_int(env: Mapping[str, str], key: str, default: int) -> int:

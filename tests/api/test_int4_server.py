@@ -1,0 +1,60 @@
+"""`serve --dtype int4`: the server runs the GGUF's own 4-bit blocks (model/quant.py), in-process and as a
+pipeline on two Ray nodes too small for the float32 model; answers equal the in-process int4 engine's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import ollama
+import pytest
+
+from ollama_distributed.model.options import GenerationOptions
+from ollama_distributed.model.tokenizer import Tokenizer
+from ollama_distributed.runtime.engine import InferenceEngine
+from ollama_distributed.runtime.local_executor import LocalExecutor
+from ollama_distributed.runtime.requests import GenerationRequest
+
+from .conftest import start_server, stop_server
+
+pytestmark = pytest.mark.slow
+PROMPT = "The quick brown fox"
+OPTIONS = {"temperature": 0, "num_predict": 16}
+
+
+@pytest.fixture(scope="module")
+def q41(tiny_gguf_factory) -> Path:
+    return tiny_gguf_factory(dtype="q4_1")
+
+
+@pytest.fixture(scope="module")
+def int4_answer(q41: Path) -> str:
+    tok = Tokenizer.from_gguf(q41)
+    with InferenceEngine(LocalExecutor(q41, quant="int4"), tok) as engine:
+        return engine.generate(GenerationRequest(prompt_ids=tok.encode(PROMPT),
+                                                 options=GenerationOptions(**OPTIONS))).text
+
+
+@pytest.mark.parametrize("where", ["in-process", "pipeline"])
+def test_int4_server_answers_like_the_int4_engine(where, q41, int4_answer, tmp_path_factory) -> None:
+    # Two 16 MiB nodes cannot hold the float32 model (41.9 MB with its KV cache; tests/cli/test_run_cmd.py).
+    args = ["--dtype", "int4"] + (["--local-nodes", "2", "--node-memory", "16MiB", "--strategy", "pipeline",
+                                   "--no-autotune"] if where == "pipeline" else [])
+    srv = start_server(tmp_path_factory.mktemp(f"int4-{where}"), args, timeout=300)
+    try:
+        r = httpx.post(srv.url + "/api/create", json={"model": "tiny", "from": str(q41), "stream": False}, timeout=120)
+        assert r.status_code == 200, r.text
+        out = ollama.Client(host=srv.url, timeout=600).generate(model="tiny", prompt=PROMPT, raw=True, options=OPTIONS)
+        assert out.response == int4_answer, srv.log()[-3000:]
+        if where == "pipeline":
+            status = httpx.get(srv.url + "/api/distributed/status", timeout=60).json()
+            plan = next(m for m in status["models"] if m["name"] == "tiny:latest")["plans"][0]
+            assert plan["strategy"] == "pipeline" and len(plan["stages"]) == 2
+            assert len({sh["node_id"] for st in plan["stages"] for sh in st["shards"]}) == 2
+    finally:
+        stop_server(srv)
+
+
+def test_unknown_dtype_is_refused_at_start(tmp_path_factory) -> None:
+    with pytest.raises(RuntimeError, match="unknown dtype 'int3': expected float32\\|bfloat16\\|int4"):
+        start_server(tmp_path_factory.mktemp("bad-dtype"), ["--dtype", "int3"], timeout=60)
