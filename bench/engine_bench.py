@@ -28,9 +28,9 @@ from typing import Callable
 _POLICY = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
 import ollama_distributed  # noqa: E402,F401  (its import sets PASSIVE when unset; decided below, before torch loads)
 
-# OMP_WAIT_POLICY=default: libgomp's own default (spin briefly, then sleep), which `run`/`serve` without a cluster
-# use (ollama_distributed.use_spinning_openmp); it is not a value libgomp knows, so it is unset before torch (and
-# llama.cpp's OpenMP) load. Every engine in this process runs under the same policy.
+# OMP_WAIT_POLICY=default: libgomp's own default (spin briefly, then sleep), which plain PyTorch and llama.cpp
+# users get; it is not a value libgomp knows, so it is unset before torch (and llama.cpp's OpenMP) load. Every
+# engine in this process runs under the same policy.
 if _POLICY == "default":
     os.environ.pop("OMP_WAIT_POLICY", None)
 else:

@@ -21,7 +21,6 @@ from typing import Any, Optional, TextIO
 import typer
 
 from ..model.bundled import BUNDLED_MODELS, bundled_model_path
-from .. import use_spinning_openmp
 from ..model.options import GenerationOptions, InvalidOptionError
 from ..service.client import ServerError, run_via_server
 from ._app import app
@@ -114,8 +113,6 @@ def run_embedded(
     (model/quant.py WEIGHT_FORMATS: float32, bfloat16, int4)."""
     import time
 
-    if cluster is None:  # this process computes alone: let its OpenMP threads spin between ops (before torch loads)
-        use_spinning_openmp()
     import torch
 
     from ..model.chat_template import ChatTemplate

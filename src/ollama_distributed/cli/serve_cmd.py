@@ -7,7 +7,6 @@ import sys
 
 import typer
 
-from .. import use_spinning_openmp
 from ._app import app
 
 
@@ -33,8 +32,6 @@ def serve(
     log_level: str = typer.Option("info", "--log-level", help="debug|info|warning|error"),
 ) -> None:
     """Serve the Ollama and OpenAI APIs."""
-    if not (address or local_nodes):  # models run in this process alone: brief OpenMP spinning (before torch loads)
-        use_spinning_openmp()
     import uvicorn
 
     from ..api.app import create_app
