@@ -7,10 +7,12 @@ holding one model in Ollama's layout, for /api/pull and read-only listing).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -119,16 +121,42 @@ def stop_server(server: Server) -> None:
         server.proc.wait(10)
 
 
+def create_model(url: str, name: str, path: Path) -> None:
+    """`/api/create` NAME from a GGUF path, as a user would (non-streaming)."""
+    r = httpx.post(url + "/api/create", json={"model": name, "from": str(path), "stream": False}, timeout=120)
+    assert r.status_code == 200, r.text
+
+
+@contextlib.contextmanager
+def serving(tmp: Path, model_path: Path, extra_args: list[str] = (), extra_env: dict[str, str] | None = None,
+            timeout: float = 180.0, name: str = "tiny") -> Iterator[Server]:
+    """A server subprocess with `model_path` created as `name`, stopped on exit."""
+    srv = start_server(tmp, list(extra_args), extra_env, timeout)
+    try:
+        create_model(srv.url, name, model_path)
+        yield srv
+    finally:
+        stop_server(srv)
+
+
+def end_process_group(proc: subprocess.Popen) -> None:
+    """End what a test started in its own process group (e.g. a joining `ray start`), never other Ray processes
+    on the machine."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(20)
+            break
+        except ProcessLookupError:
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iterator[Server]:
     """One real server for the session, with the tiny model created as `tiny` (from the GGUF path)."""
     tmp = tmp_path_factory.mktemp("server")
     write_ollama_store(tmp / "ollama-models", tiny_gguf, ("registry.ollama.ai", "library", "ollamatiny", "latest"))
-    srv = start_server(tmp)
-    try:
-        r = httpx.post(srv.url + "/api/create", json={"model": "tiny", "from": str(tiny_gguf), "stream": False},
-                       timeout=120)
-        assert r.status_code == 200, r.text
+    with serving(tmp, tiny_gguf) as srv:
         yield srv
-    finally:
-        stop_server(srv)

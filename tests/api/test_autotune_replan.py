@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import start_server, stop_server
+from .conftest import end_process_group, start_server, stop_server
 from .test_fault_tolerance import _RAY_START_LOOPBACK, PROMPTS, Stream, _raylet_of, references  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -106,19 +105,6 @@ def _join_node(srv, name: str, tmp_path: Path, memory_mib: int | None = None) ->
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _end(proc: subprocess.Popen) -> None:
-    """End what a test started (its own process group), never other Ray processes on the machine."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(20)
-            break
-        except ProcessLookupError:
-            break
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def test_node_join_adds_a_replica_only_when_idle(tmp_path_factory, tiny_gguf: Path, references, tmp_path) -> None:
     # node0 slowed (+80 ms per step) so the stream below (200 tokens) is still running when the node has joined
     srv = _server(tmp_path_factory, tiny_gguf, ["--local-nodes", "1", "--max-replicas", "2"],
@@ -157,7 +143,7 @@ def test_node_join_adds_a_replica_only_when_idle(tmp_path_factory, tiny_gguf: Pa
         assert all(r["served"] >= 1 for r in reps), reps
     finally:
         if proc is not None:
-            _end(proc)
+            end_process_group(proc)
         stop_server(srv)
 
 
@@ -193,7 +179,7 @@ def test_node_join_better_plan_decided_when_idle(tmp_path_factory, tiny_gguf: Pa
         print(f"\nnode join: {outcome}")
     finally:
         if proc is not None:
-            _end(proc)
+            end_process_group(proc)
         stop_server(srv)
 
 

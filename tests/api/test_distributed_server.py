@@ -16,7 +16,7 @@ from ollama_distributed.runtime.engine import InferenceEngine
 from ollama_distributed.runtime.local_executor import LocalExecutor
 from ollama_distributed.runtime.requests import GenerationRequest
 
-from .conftest import start_server, stop_server
+from .conftest import serving
 
 if importlib.util.find_spec("ollama_distributed.runtime.distributed_run") is None:
     pytest.skip("runtime.distributed_run.build_executor (runtime helper, issue 4) is not available yet",
@@ -28,16 +28,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pipeline_server(tmp_path_factory, tiny_gguf: Path):
     # 34 MiB per node cannot hold the tiny model's 40 MB of f32 weights, so the planner must split it in two.
-    srv = start_server(tmp_path_factory.mktemp("pp-server"), ["--local-nodes", "2", "--strategy", "pipeline",
-                                                                "--node-memory", "34MiB"],
-                       timeout=300)
-    try:
-        r = httpx.post(srv.url + "/api/create", json={"model": "tiny", "from": str(tiny_gguf), "stream": False},
-                       timeout=120)
-        assert r.status_code == 200, r.text
+    with serving(tmp_path_factory.mktemp("pp-server"), tiny_gguf,
+                 ["--local-nodes", "2", "--strategy", "pipeline", "--node-memory", "34MiB"], timeout=300) as srv:
         yield srv
-    finally:
-        stop_server(srv)
 
 
 def test_pipeline_generation_matches_in_process(pipeline_server, tiny_gguf: Path) -> None:

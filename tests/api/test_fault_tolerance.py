@@ -27,7 +27,7 @@ from ollama_distributed.runtime.engine import InferenceEngine
 from ollama_distributed.runtime.local_executor import LocalExecutor
 from ollama_distributed.runtime.requests import GenerationRequest
 
-from .conftest import start_server, stop_server
+from .conftest import end_process_group, start_server, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -321,16 +321,7 @@ def test_capacity_returns_when_a_node_joins(node_server, references, tmp_path) -
         shards = _shards(srv)
         assert any(_nodes(srv)[sh["node_id"]].get("name") == "node9" for sh in shards), shards
     finally:
-        # end what this test started (its own process group), never other Ray processes on the machine
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(20)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        end_process_group(proc)
 
 
 # ---- admission control: a burst beyond the queue bound gets 503s, then service is normal again -------------

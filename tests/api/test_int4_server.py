@@ -15,7 +15,7 @@ from ollama_distributed.runtime.engine import InferenceEngine
 from ollama_distributed.runtime.local_executor import LocalExecutor
 from ollama_distributed.runtime.requests import GenerationRequest
 
-from .conftest import start_server, stop_server
+from .conftest import serving, start_server
 
 pytestmark = pytest.mark.slow
 PROMPT = "The quick brown fox"
@@ -40,10 +40,7 @@ def test_int4_server_answers_like_the_int4_engine(where, q41, int4_answer, tmp_p
     # Two 16 MiB nodes cannot hold the float32 model (41.9 MB with its KV cache; tests/cli/test_run_cmd.py).
     args = ["--dtype", "int4"] + (["--local-nodes", "2", "--node-memory", "16MiB", "--strategy", "pipeline",
                                    "--no-autotune"] if where == "pipeline" else [])
-    srv = start_server(tmp_path_factory.mktemp(f"int4-{where}"), args, timeout=300)
-    try:
-        r = httpx.post(srv.url + "/api/create", json={"model": "tiny", "from": str(q41), "stream": False}, timeout=120)
-        assert r.status_code == 200, r.text
+    with serving(tmp_path_factory.mktemp(f"int4-{where}"), q41, args, timeout=300) as srv:
         out = ollama.Client(host=srv.url, timeout=600).generate(model="tiny", prompt=PROMPT, raw=True, options=OPTIONS)
         assert out.response == int4_answer, srv.log()[-3000:]
         if where == "pipeline":
@@ -51,8 +48,6 @@ def test_int4_server_answers_like_the_int4_engine(where, q41, int4_answer, tmp_p
             plan = next(m for m in status["models"] if m["name"] == "tiny:latest")["plans"][0]
             assert plan["strategy"] == "pipeline" and len(plan["stages"]) == 2
             assert len({sh["node_id"] for st in plan["stages"] for sh in st["shards"]}) == 2
-    finally:
-        stop_server(srv)
 
 
 def test_unknown_dtype_is_refused_at_start(tmp_path_factory) -> None:

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ollama_distributed.api import observability
 
+from .conftest import create_model
 from .live_app import serve_app, server_app
 
 
@@ -19,9 +20,7 @@ def live(tmp_path_factory, tiny_gguf: Path):
     app = server_app(tmp_path_factory.mktemp("obs-models"), num_parallel=2, max_queue=8)
     srv = serve_app(app)
     try:
-        r = httpx.post(srv.url + "/api/create", json={"model": "tiny", "from": str(tiny_gguf), "stream": False},
-                       timeout=120)
-        assert r.status_code == 200, r.text
+        create_model(srv.url, "tiny", tiny_gguf)
         yield srv
     finally:
         srv.stop()

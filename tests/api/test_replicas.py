@@ -25,7 +25,7 @@ from ollama_distributed.runtime.engine import InferenceEngine
 from ollama_distributed.runtime.local_executor import LocalExecutor
 from ollama_distributed.runtime.requests import GenerationRequest
 
-from .conftest import start_server, stop_server
+from .conftest import serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -45,16 +45,10 @@ def references(tiny_gguf: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def replica_server(tmp_path_factory, tiny_gguf: Path):
-    srv = start_server(tmp_path_factory.mktemp("replicas"), ["--local-nodes", "2", "--max-replicas", "2",
-                                                             "--strategy", "single"],
-                       extra_env={"OLLAMA_DISTRIBUTED_TEST_SLOW_NODES": f"{SLOW_NODE}:0.04"}, timeout=300)
-    try:
-        r = httpx.post(srv.url + "/api/create", json={"model": "tiny", "from": str(tiny_gguf), "stream": False},
-                       timeout=120)
-        assert r.status_code == 200, r.text
+    with serving(tmp_path_factory.mktemp("replicas"), tiny_gguf,
+                 ["--local-nodes", "2", "--max-replicas", "2", "--strategy", "single"],
+                 extra_env={"OLLAMA_DISTRIBUTED_TEST_SLOW_NODES": f"{SLOW_NODE}:0.04"}, timeout=300) as srv:
         yield srv
-    finally:
-        stop_server(srv)
 
 
 def _generate(url: str, prompt: str, **extra) -> dict:

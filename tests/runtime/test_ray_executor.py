@@ -82,6 +82,8 @@ def test_tiny_plans_match_single_process(shape, tiny_gguf, tiny_ref, ray_cluster
             for a, b in zip(logits, ref_logits):
                 assert_close(a, b)
         assert ex.cached_sequences() == set()
+        stage_ms = ex.decode_stage_ms()  # measured per-stage decode step times, for calibration
+        assert stage_ms is not None and len(stage_ms) == len(SHAPES[shape]) and min(stage_ms) > 0
     finally:
         ex.close()
 

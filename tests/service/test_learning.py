@@ -135,3 +135,25 @@ def test_a_selected_plan_gets_its_measured_cost_in_the_selection_history() -> No
     loop.report("m", StepTimings(sel.predicted_ms * 2, context_tokens=64), now=2.0)  # later reports: plain records
     assert loop.manager.stats(sel.strategy)["executions"] == 2
     assert sel.reason in loop.events.recent(kind="plan")[-1].message
+
+
+def test_per_stage_times_reach_calibration_only_for_the_running_layout() -> None:
+    """A request's final chunk plus the executor's measured per-stage decode times become one report whose
+    stage_ms the calibrator attributes per node; times measured on another layout are dropped, the total kept."""
+    from ollama_distributed.runtime.requests import GenerationChunk
+
+    profile = ModelProfile("m16", 16, 512, 8, 4, 64, 1536, 8000, context_length=4096)
+    mem = profile.total_weight_bytes * 0.6
+    declared = cluster(node("a", mem, 20e9, 1e12), node("b", mem, 20e9, 1e12))
+    wl = Workload(prompt_tokens=64, output_tokens=16, context_tokens=80)
+    running = plan(profile, declared, wl, PlanConfig(strategy="pipeline"))
+    assert len(running.stages) == 2
+    loop = LearningLoop()
+    loop.attach("m", running, profile, declared, wl)
+    final = GenerationChunk("", [], done=True, done_reason="length", prompt_eval_count=64,
+                            prompt_eval_duration_ns=50_000_000, eval_count=17, eval_duration_ns=16 * 9_000_000)
+    loop.report_chunk("m", final, 1.0, stage_ms=(3.0, 5.0))
+    loop.report_chunk("m", final, 1.0, stage_ms=(1.0, 2.0, 3.0))  # three stages: not this plan's
+    reports = loop.history()["calibration"]
+    assert [r["stage_ms"] for r in reports[-2:]] == [[3.0, 5.0], None]
+    assert all(r["measured_ms"] == pytest.approx(9.0) for r in reports[-2:])

@@ -130,6 +130,7 @@ class RayExecutor:
         self._flat = [p for row in self.stages for p in row]
         self.micro_batches = micro_batches if micro_batches is not None else self._auto_micro_batches(cluster)
         self._lengths: dict[int, int] = {}
+        self._decode_stage_ms: list[float] | None = None
         self._broken: str | None = None
         self._closed = False
         self._infos: list[dict[str, Any]] = []
@@ -349,13 +350,28 @@ class RayExecutor:
                 w.step.remote(seq_ids, counts, x if p.stage == 0 else None, output, m)
                 for w, p in zip(self._workers, self._flat)
             ]
-            return self._get(refs, sum(counts))[self._out]
+            results = self._get(refs, sum(counts))
+            if max(counts) == 1:
+                self._note_decode_stages([ms for _, ms in results])
+            return results[self._out][0]
         refs, feed = [], x
         for row in self.stages:
             stage_refs = [self._workers[p.rank].step_ray.remote(seq_ids, counts, feed, output) for p in row]
             refs += stage_refs
             feed = stage_refs[0]  # every shard of a stage ends with the same residual stream
         return self._get(refs, sum(counts))[self._out]
+
+    def _note_decode_stages(self, forward_ms: list[float]) -> None:
+        """EMA (weight 0.2, as the step timer's) of each stage's time in a decode step: the slowest shard's
+        forward of the stage, since its tensor-parallel peers wait for it in the all-reduce."""
+        now = [max(forward_ms[p.rank] for p in row) for row in self.stages]
+        prev = self._decode_stage_ms
+        self._decode_stage_ms = now if prev is None else [0.8 * a + 0.2 * b for a, b in zip(prev, now)]
+
+    def decode_stage_ms(self) -> tuple[float, ...] | None:
+        """Measured per-stage time of a decode step (stage order; None before the first decode step or with the
+        "ray" transport), for the learning loop's StepTimings.stage_ms."""
+        return tuple(self._decode_stage_ms) if self._decode_stage_ms else None
 
     def _token_tensor(self, ids: list[int]) -> torch.Tensor:
         x = torch.tensor(ids, dtype=torch.int64)

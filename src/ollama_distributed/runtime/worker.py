@@ -180,9 +180,10 @@ class ShardWorker:
         tokens: torch.Tensor | None,
         output: str = "logits",
         micro_batches: int = 1,
-    ) -> torch.Tensor | None:
-        """Run this shard on a batch (torch.distributed transport); the output shard returns the logits (or the
-        final hidden states), every other shard None.
+    ) -> tuple[torch.Tensor | None, float]:
+        """Run this shard on a batch (torch.distributed transport). Returns (out, forward ms): out is the logits (or
+        the final hidden states) on the output shard and None on every other; forward ms is this shard's compute,
+        all-reduces included, without the wait for the previous stage.
 
         tokens: int64 packed token ids, given to stage 0 only. micro_batches: how many pieces to split the batch
         into so pipeline stages overlap (every worker of the plan gets the same number).
@@ -216,9 +217,11 @@ class ShardWorker:
         # where the last step's time went (ms), for bench/runtime_bench.py and debugging slow hops
         self.last_step = {"recv_ms": t_recv * 1e3, "forward_ms": t_fwd * 1e3, "send_ms": t_send * 1e3,
                           "flush_ms": (time.perf_counter() - t2) * 1e3, "total_ms": (time.perf_counter() - t_start) * 1e3}
+        # (output, forward ms): the stage's own compute incl. its all-reduces, not the wait for the previous stage;
+        # the executor turns these into per-stage decode times for calibration (StepTimings.stage_ms)
         if not outs:
-            return None
-        return (torch.cat(outs) if len(outs) > 1 else outs[0]).cpu()
+            return None, t_fwd * 1e3
+        return (torch.cat(outs) if len(outs) > 1 else outs[0]).cpu(), t_fwd * 1e3
 
     def step_ray(self, seq_ids: list[int], token_counts: list[int], x: torch.Tensor, output: str = "logits") -> torch.Tensor:
         """Ray-object transport: `x` is the token ids (stage 0) or the previous stage's output, handed over by the

@@ -156,8 +156,17 @@ def submit(view: ModelView, ids: list[int], options: GenerationOptions, fmt: Any
             executor.register(handle.seq_id, n_prompt, budget)
     if runner.learning is not None:
         # Time-to-first-token / inter-token metrics as it streams, and a measurement report when it ends.
-        handle = runner.learning.track(runner.name, handle, batch_fn=lambda: engine.stats()["running"])
+        handle = runner.learning.track(runner.name, handle, batch_fn=lambda: engine.stats()["running"],
+                                       stages_fn=lambda: _decode_stage_ms(runner.executor))
     return handle
+
+
+def _decode_stage_ms(executor: Any) -> tuple[float, ...] | None:
+    """The Ray executor's measured per-stage decode step times, through the JSON/replica wrappers (None for an
+    in-process executor, which has one stage and nothing to attribute)."""
+    inner = getattr(executor, "inner", executor)
+    fn = getattr(inner, "decode_stage_ms", None)
+    return fn() if callable(fn) else None
 
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits

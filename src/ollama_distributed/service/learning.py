@@ -141,12 +141,20 @@ class LearningLoop:
             return r.plan if r else None
 
     # --- measurements ----------------------------------------------------------------------------------------
-    def track(self, model: str, handle: Any, batch_fn: Callable[[], int] | None = None) -> TimedHandle:
-        """Wrap an engine RequestHandle: token metrics as it streams, `report_chunk` when it ends."""
-        return TimedHandle(handle, model, self.metrics, on_final=self.report_chunk, batch_fn=batch_fn)
+    def track(self, model: str, handle: Any, batch_fn: Callable[[], int] | None = None,
+              stages_fn: Callable[[], tuple[float, ...] | None] | None = None) -> TimedHandle:
+        """Wrap an engine RequestHandle: token metrics as it streams, `report_chunk` when it ends. `stages_fn`
+        gives the executor's measured per-stage decode step times at that moment (RayExecutor.decode_stage_ms)."""
 
-    def report_chunk(self, model: str, chunk: Any, batch: float = 1.0) -> None:
-        """A request's final GenerationChunk (Ollama's durations) → one report."""
+        def on_final(m: str, chunk: Any, batch: float) -> None:
+            self.report_chunk(m, chunk, batch, stage_ms=stages_fn() if stages_fn is not None else None)
+
+        return TimedHandle(handle, model, self.metrics, on_final=on_final, batch_fn=batch_fn)
+
+    def report_chunk(self, model: str, chunk: Any, batch: float = 1.0,
+                     stage_ms: tuple[float, ...] | None = None) -> None:
+        """A request's final GenerationChunk (Ollama's durations) → one report (with the per-stage step times when
+        the runtime measured them)."""
         err = getattr(chunk, "error", None)
         n = int(getattr(chunk, "eval_count", 0) or 0)
         dur = int(getattr(chunk, "eval_duration_ns", 0) or 0)
@@ -159,8 +167,11 @@ class LearningLoop:
             return  # one token carries no decode timing (its time is the prefill's)
         # the engine's eval_duration runs from the end of prefill (which produced token 1) to the last token, so
         # it spans n − 1 decode steps (Ollama divides by n; with few tokens that under-reports the step time)
-        timings = StepTimings(dur / (n - 1) / 1e6, prefill_ms=pre / 1e6 if pre else None, batch=max(1, round(batch)),
-                              context_tokens=max(1, prompt + n // 2))
+        running = self.running_plan(model)
+        if stage_ms is not None and (running is None or len(stage_ms) != len(running.stages) or min(stage_ms) <= 0):
+            stage_ms = None  # measured on another layout (a re-place in between): the total still counts
+        timings = StepTimings(dur / (n - 1) / 1e6, stage_ms=stage_ms, prefill_ms=pre / 1e6 if pre else None,
+                              batch=max(1, round(batch)), context_tokens=max(1, prompt + n // 2))
         self.report(model, timings)
 
     def report(self, model: str, timings: StepTimings | None, success: bool = True, error: str | None = None,
