@@ -8,8 +8,8 @@ onto that form without re-quantising:
     Q4_0 (ggml-quants.c dequantize_row_q4_0): w = d · (q − 8)        → s = d, z = 0
     Q4_1 (dequantize_row_q4_1):               w = d · q + m          → s = d, z = m + 8 d
 so the only change is the scale's rounding from f16 to bf16. Other tensor types (F16, Q8_0, K-quants …) are
-dequantised and re-quantised per group by round-to-nearest over the group's [min, max] (measured cost in
-bench/README.md). The output head (vocab × hidden, a fifth of SmolLM2's bytes) reads int8 rows and recomputes its
+dequantised and re-quantised per group by round-to-nearest over the group's [min, max] (at most half a step per
+weight; tests/model/test_quant.py). The output head (vocab × hidden, a fifth of SmolLM2's bytes) reads int8 rows and recomputes its
 top candidates from a float16 table (`RefinedHead`), as its logits decide every token; a tied embedding shares
 that table.
 
