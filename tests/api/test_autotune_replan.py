@@ -10,9 +10,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +17,7 @@ import httpx
 import pytest
 
 from .conftest import end_process_group, start_server, stop_server
-from .test_fault_tolerance import _RAY_START_LOOPBACK, PROMPTS, Stream, _raylet_of, references  # noqa: F401
+from .test_fault_tolerance import PROMPTS, Stream, join_node, references  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -87,24 +84,6 @@ def test_autotune_on_load_keeps_the_fastest_measured_plan(tmp_path_factory, tiny
         stop_server(srv)
 
 
-def _join_node(srv, name: str, tmp_path: Path, memory_mib: int | None = None) -> subprocess.Popen:
-    """A new raylet joins the server's Ray cluster (as tests/api/test_fault_tolerance.py does)."""
-    head = next(n for n in httpx.get(srv.url + "/api/distributed/status", timeout=60).json()["nodes"]
-                if n["state"] == "alive")
-    cmd = " ".join(_raylet_of(head["id"]).cmdline())
-    gcs = cmd.split("--gcs-address=")[1].split()[0]
-    temp = cmd.split("--temp-dir=")[1].split()[0]
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_TMPDIR=str(Path(temp).parent),
-               RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_AUTH_MODE", None)
-    log = open(tmp_path / "ray-start.log", "wb")
-    return subprocess.Popen([sys.executable, "-c", _RAY_START_LOOPBACK, "start", f"--address={gcs}",
-                             "--node-ip-address=127.0.0.1", "--num-cpus=1", "--labels=ollama-distributed.io/node="
-                             + name, "--block", "--disable-usage-stats",
-                             *([f'--resources={{"od_memory_mib": {memory_mib}}}'] if memory_mib else [])],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def test_node_join_adds_a_replica_only_when_idle(tmp_path_factory, tiny_gguf: Path, references, tmp_path) -> None:
     # node0 slowed (+80 ms per step) so the stream below (200 tokens) is still running when the node has joined
     srv = _server(tmp_path_factory, tiny_gguf, ["--local-nodes", "1", "--max-replicas", "2"],
@@ -115,7 +94,7 @@ def test_node_join_adds_a_replica_only_when_idle(tmp_path_factory, tiny_gguf: Pa
         assert len(_plans(srv)) == 1
         s = Stream(srv.url, PROMPTS[2])
         s.wait_tokens(1)
-        proc = _join_node(srv, "node7", tmp_path)
+        proc = join_node(srv, "node7", tmp_path)
         _wait(lambda: any(n.get("name") == "node7" and n["state"] == "alive"
                           for n in httpx.get(srv.url + "/api/distributed/status", timeout=60).json()["nodes"]),
               90, "node7 joining", srv)
@@ -159,7 +138,7 @@ def test_node_join_better_plan_decided_when_idle(tmp_path_factory, tiny_gguf: Pa
         assert references[PROMPTS[0]].startswith(_generate(srv.url, PROMPTS[0], 16)["response"])
         before = _plans(srv)[0]
         assert len(before["stages"]) == 2, before
-        proc = _join_node(srv, "node8", tmp_path, memory_mib=512)
+        proc = join_node(srv, "node8", tmp_path, memory_mib=512)
         _wait(lambda: bool(_events(srv, "replan") or _events(srv, "replan_skipped")), 120,
               "the placement decision after the join", srv)
         after = _plans(srv)[0]

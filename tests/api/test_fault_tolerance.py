@@ -283,6 +283,28 @@ _RAY_START_LOOPBACK = (
 )
 
 
+def join_node(srv, name: str, log_dir: Path, memory_mib: int | None = None) -> subprocess.Popen:
+    """A new raylet joins the server's Ray cluster (`ray start --address ... --block`, as an operator adds a
+    machine), in its own process group (end it with conftest.end_process_group)."""
+    head = next(n for n in httpx.get(srv.url + "/api/distributed/status", timeout=60).json()["nodes"]
+                if n["state"] == "alive")
+    cmd = " ".join(_raylet_of(head["id"]).cmdline())
+    gcs = cmd.split("--gcs-address=")[1].split()[0]
+    temp = cmd.split("--temp-dir=")[1].split()[0]
+    # `ray start --address` refuses to join unless multi-node clusters are enabled, and enabling them makes Ray
+    # resolve 127.0.0.1 to the machine's outward address (the server's embedded cluster turns the flag off to
+    # stay on loopback, runtime/cluster.py). So run the CLI with the flag on and that resolution switched off.
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_TMPDIR=str(Path(temp).parent),
+               RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_AUTH_MODE", None)
+    log = open(log_dir / "ray-start.log", "wb")
+    resources = [f'--resources={{"od_memory_mib": {memory_mib}}}'] if memory_mib else []
+    return subprocess.Popen([sys.executable, "-c", _RAY_START_LOOPBACK, "start", f"--address={gcs}",
+                             "--node-ip-address=127.0.0.1", "--num-cpus=1", *resources,
+                             f"--labels=ollama-distributed.io/node={name}", "--block", "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def test_capacity_returns_when_a_node_joins(node_server, references, tmp_path) -> None:
     """After the shortfall, a new node joins the server's Ray cluster (`ray start --address ... --block`, as an
     operator adds a machine): the next request re-places the model and is answered correctly."""
@@ -293,21 +315,7 @@ def test_capacity_returns_when_a_node_joins(node_server, references, tmp_path) -
         pytest.skip("runs after test_capacity_shortfall_clean_error_then_serving left the model unplaced")
     alive = [n for n in status["nodes"] if n["state"] == "alive"]
     assert len(alive) == 1, alive
-    head = alive[0]
-    cmd = " ".join(_raylet_of(head["id"]).cmdline())
-    gcs = cmd.split("--gcs-address=")[1].split()[0]
-    temp = cmd.split("--temp-dir=")[1].split()[0]
-    # `ray start --address` refuses to join unless multi-node clusters are enabled, and enabling them makes Ray
-    # resolve 127.0.0.1 to the machine's outward address (the server's embedded cluster turns the flag off to
-    # stay on loopback, runtime/cluster.py). So run the CLI with the flag on and that resolution switched off.
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_TMPDIR=str(Path(temp).parent),
-               RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_AUTH_MODE", None)
-    log = open(tmp_path / "ray-start.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", _RAY_START_LOOPBACK, "start", f"--address={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                             '--resources={"od_memory_mib": 34}', "--labels=ollama-distributed.io/node=node9",
-                             "--block", "--disable-usage-stats"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = join_node(srv, "node9", tmp_path, memory_mib=34)
     try:
         deadline = time.monotonic() + 90
         while not any(n.get("name") == "node9" and n["state"] == "alive" for n in _nodes(srv).values()):
