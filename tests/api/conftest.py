@@ -139,6 +139,21 @@ def serving(tmp: Path, model_path: Path, extra_args: list[str] = (), extra_env: 
         stop_server(srv)
 
 
+def greedy_texts(model_path: Path, prompts: list[str], num_predict: int, quant: str | None = None) -> dict[str, str]:
+    """The reference a server's answers are compared with: each prompt's greedy text from the in-process engine
+    on the same file (all prompts batched together, as the engine's continuous batching runs them)."""
+    from ollama_distributed.model.options import GenerationOptions
+    from ollama_distributed.model.tokenizer import Tokenizer
+    from ollama_distributed.runtime.engine import GenerationRequest, InferenceEngine
+    from ollama_distributed.runtime.local_executor import LocalExecutor
+
+    tok = Tokenizer.from_gguf(model_path)
+    opts = GenerationOptions(temperature=0, num_predict=num_predict)
+    with InferenceEngine(LocalExecutor(model_path, quant=quant), tok, max_batch=8) as engine:
+        handles = {p: engine.submit(GenerationRequest(prompt_ids=tok.encode(p), options=opts)) for p in prompts}
+        return {p: h.result().text for p, h in handles.items()}
+
+
 def end_process_group(proc: subprocess.Popen) -> None:
     """End what a test started in its own process group (e.g. a joining `ray start`), never other Ray processes
     on the machine."""

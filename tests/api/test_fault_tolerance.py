@@ -21,13 +21,7 @@ import httpx
 import psutil
 import pytest
 
-from ollama_distributed.model.options import GenerationOptions
-from ollama_distributed.model.tokenizer import Tokenizer
-from ollama_distributed.runtime.engine import InferenceEngine
-from ollama_distributed.runtime.local_executor import LocalExecutor
-from ollama_distributed.runtime.requests import GenerationRequest
-
-from .conftest import end_process_group, start_server, stop_server
+from .conftest import end_process_group, greedy_texts, start_server, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -40,11 +34,7 @@ KILL_TO_TOKEN_LIMIT_S = 60.0  # generous for 2 loaded cores; the measured value 
 @pytest.fixture(scope="module")
 def references(tiny_gguf: Path) -> dict[str, str]:
     """Greedy texts of a run without failures (in-process engine), per prompt."""
-    tok = Tokenizer.from_gguf(tiny_gguf)
-    opts = GenerationOptions(temperature=0, num_predict=N_PREDICT)
-    with InferenceEngine(LocalExecutor(tiny_gguf), tok, max_batch=8) as engine:
-        handles = {p: engine.submit(GenerationRequest(prompt_ids=tok.encode(p), options=opts)) for p in PROMPTS}
-        return {p: h.result().text for p, h in handles.items()}
+    return greedy_texts(tiny_gguf, PROMPTS, N_PREDICT)
 
 
 def _server(tmp_path_factory, tiny_gguf: Path, args: list[str]):

@@ -9,13 +9,7 @@ import httpx
 import ollama
 import pytest
 
-from ollama_distributed.model.options import GenerationOptions
-from ollama_distributed.model.tokenizer import Tokenizer
-from ollama_distributed.runtime.engine import InferenceEngine
-from ollama_distributed.runtime.local_executor import LocalExecutor
-from ollama_distributed.runtime.requests import GenerationRequest
-
-from .conftest import serving, start_server
+from .conftest import greedy_texts, serving, start_server
 
 pytestmark = pytest.mark.slow
 PROMPT = "The quick brown fox"
@@ -29,10 +23,7 @@ def q41(tiny_gguf_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def int4_answer(q41: Path) -> str:
-    tok = Tokenizer.from_gguf(q41)
-    with InferenceEngine(LocalExecutor(q41, quant="int4"), tok) as engine:
-        return engine.generate(GenerationRequest(prompt_ids=tok.encode(PROMPT),
-                                                 options=GenerationOptions(**OPTIONS))).text
+    return greedy_texts(q41, [PROMPT], OPTIONS["num_predict"], quant="int4")[PROMPT]
 
 
 @pytest.mark.parametrize("where", ["in-process", "pipeline"])

@@ -19,13 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ollama_distributed.model.options import GenerationOptions
-from ollama_distributed.model.tokenizer import Tokenizer
-from ollama_distributed.runtime.engine import InferenceEngine
-from ollama_distributed.runtime.local_executor import LocalExecutor
-from ollama_distributed.runtime.requests import GenerationRequest
-
-from .conftest import serving
+from .conftest import greedy_texts, serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -36,11 +30,7 @@ SLOW_NODE = "node1"
 
 @pytest.fixture(scope="module")
 def references(tiny_gguf: Path) -> dict[str, str]:
-    tok = Tokenizer.from_gguf(tiny_gguf)
-    opts = GenerationOptions(temperature=0, num_predict=N)
-    with InferenceEngine(LocalExecutor(tiny_gguf), tok, max_batch=8) as engine:
-        handles = {p: engine.submit(GenerationRequest(prompt_ids=tok.encode(p), options=opts)) for p in PROMPTS}
-        return {p: h.result().text for p, h in handles.items()}
+    return greedy_texts(tiny_gguf, PROMPTS, N)
 
 
 @pytest.fixture(scope="module")
