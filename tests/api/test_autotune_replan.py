@@ -167,19 +167,20 @@ def _nodes(plan: dict) -> set[str]:
 
 
 def test_replan_applied_only_when_idle(tmp_path_factory, tiny_gguf: Path, references) -> None:
-    """34 MiB per node: two pipeline stages on two of the three nodes; node1 is slowed by the test hook (+40 ms
-    per step) and kept out of the first plan by excluding it. A pending re-plan — here queued by an operator
+    """34 MiB per node: two pipeline stages on two of the three nodes; every node is slowed by the test hook
+    (+40 ms per step, so the 200-token stream outlasts the wait below whatever the plan) and node1 is kept out of
+    the new plan when the first one uses it. A pending re-plan — here queued by an operator
     (`POST /api/distributed/models/tiny/replan`), applied by the same path as the learning loop's drift proposals —
     waits while a request streams, is applied once the model is idle, recorded as an event and in the history,
     and the outputs stay identical."""
     srv = _server(tmp_path_factory, tiny_gguf, ["--local-nodes", "3", "--strategy", "pipeline",
                                                 "--node-memory", "34MiB"],
-                  {"OLLAMA_DISTRIBUTED_TEST_SLOW_NODES": "node1:0.04"})
+                  {"OLLAMA_DISTRIBUTED_TEST_SLOW_NODES": "node0:0.04,node1:0.04,node2:0.04"})
     try:
         assert references[PROMPTS[0]].startswith(_generate(srv.url, PROMPTS[0], 16)["response"])
         before = _plans(srv)[0]
         slow = "node1" in _nodes(before)
-        # a long stream is in flight while the re-plan is queued (200 tokens; +40 ms a step when node1 is used)
+        # a long stream is in flight while the re-plan is queued (200 tokens at +40 ms a step: 8 s or more)
         s = Stream(srv.url, PROMPTS[3])
         s.wait_tokens(5)
         keep_off = sorted(_nodes(before))[-1]  # a node of the running plan: the new plan must differ
