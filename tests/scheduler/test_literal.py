@@ -142,15 +142,16 @@ def test_tied_embedding_counted_once_on_a_single_node_twice_across_stages():
 
 def test_int4_profile_counts_4bit_layers_and_a_float16_head():
     """SmolLM2 in our int4 format (model/quant.py): layers at 4 bits + a bf16 scale and zero per 32 weights
-    (0.625 B), the tied embedding/head as a float16 table + int8 rows (3 B). 151.3 MB is what
-    ModelShard.weight_bytes() reports for the int4 SmolLM2 shard (bench/decode_profile.py formats), which also
-    holds the int8 rows' bf16 scales (98 kB)."""
+    (0.625 B), the tied embedding/head as a float16 table + 4-bit ranking rows (2.625 B). 140.81 MB is what
+    ModelShard.weight_bytes() reports for the int4 SmolLM2 shard, which also holds its norms in float32 (the
+    profile counts them at 0.625 B)."""
     prof = preset_profile("smollm2-135m", "int4")
     layer_params = 3 * (2 * 3 + 2) * 64 * 576 + 1536 * 3 * 576 + 2 * 576  # KV groups + FFN columns + norms
     assert prof.layer_bytes == layer_params * 0.625
-    assert prof.embedding_bytes == 49152 * 576 * 3
+    assert prof.embedding_bytes == 49152 * 576 * 2.625
     assert prof.head_extra_bytes(True) == 576 * 0.625  # tied head beside the embedding: only the final norm
-    assert prof.head_extra_bytes(False) == 49152 * 576 * 3 + 576 * 0.625
-    assert prof.total_weight_bytes == 30 * layer_params * 0.625 + 49152 * 576 * 3 + 576 * 0.625 == 151_311_816
+    assert prof.head_extra_bytes(False) == 49152 * 576 * 2.625 + 576 * 0.625
+    assert prof.total_weight_bytes == 30 * layer_params * 0.625 + 49152 * 576 * 2.625 + 576 * 0.625 == 140_694_984
+    assert prof.kv_bytes == prof.act_bytes == 4  # float32 residual stream and cache
     f32 = preset_profile("smollm2-135m", "f32")
     assert f32.embed_bytes == 0 and f32.total_weight_bytes == f32.total_params * 4

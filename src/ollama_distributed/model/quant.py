@@ -1,4 +1,4 @@
-"""Weight-only quantised matrices for CPU decode: 4-bit groups for the layers, an int8 + float16 output head.
+"""Weight-only quantised matrices for CPU decode: 4-bit groups for the layers, a 4-bit + float16 output head.
 
 Single-sequence decode reads every weight once per token, so its speed is bytes per token over memory bandwidth
 (bench/README.md, "Where the time goes"). GGUF's 4-bit types already hold the layers as 4-bit codes with an
@@ -9,9 +9,9 @@ onto that form without re-quantising:
     Q4_1 (dequantize_row_q4_1):               w = d · q + m          → s = d, z = m + 8 d
 so the only change is the scale's rounding from f16 to bf16. Other tensor types (F16, Q8_0, K-quants …) are
 dequantised and re-quantised per group by round-to-nearest over the group's [min, max] (at most half a step per
-weight; tests/model/test_quant.py). The output head (vocab × hidden, a fifth of SmolLM2's bytes) reads int8 rows and recomputes its
-top candidates from a float16 table (`RefinedHead`), as its logits decide every token; a tied embedding shares
-that table.
+weight; tests/model/test_quant.py). The output head (vocab × hidden, a fifth of SmolLM2's weights) ranks the
+vocabulary with 4-bit rows and recomputes its top candidates from a float16 table (`RefinedHead`), as its logits
+decide every token; a tied embedding shares that table.
 
 A `QuantMatrix` is the unpacked form (codes + per-group scale/zero in torch (out, in) layout) so that shards can
 select rows, permute heads and fuse q/k/v before packing; `pack` turns it into the kernel's layout, or into a
@@ -27,18 +27,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
+from .cpu_kernels import Q4Linear
+
 GROUP = 32  # GGUF's block of 32 inputs (QK4_0 = QK4_1 = 32 in ggml-common.h)
-ACT_DTYPE = torch.bfloat16  # the CPU int4/int8 kernels take bf16 activations (fp32 ones run ~25x slower)
+TORCH_INT4_DTYPE = torch.bfloat16  # torch's CPU int4 kernel takes bf16 activations (fp32 ones run ~25x slower)
 QUANT_FORMATS = ("int4",)
 # Resolved once: looking an op up through torch.ops costs a few µs, paid 120 times per decoded token otherwise.
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
-_INT8_MM = torch.ops.aten._weight_int8pack_mm
 # User-facing weight formats (`--dtype`): name → (activation/compute dtype, quantisation).
 WEIGHT_FORMATS: dict[str, tuple[torch.dtype, str | None]] = {
     "float32": (torch.float32, None),
     "bfloat16": (torch.bfloat16, None),
     "float16": (torch.float16, None),
-    "int4": (ACT_DTYPE, "int4"),
+    "int4": (torch.float32, "int4"),  # float32 residual stream, attention and cache (ModelShard)
 }
 
 
@@ -121,26 +123,30 @@ class Int4Linear:
         n, k = qm.shape
         self.out_features, self.in_features = n, k
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qm.codes.to(torch.int32), 1)
-        self.scales_zeros = torch.stack([qm.scale.t(), qm.zero.t()], dim=-1).to(ACT_DTYPE).contiguous()  # (G, N, 2)
+        self.scales_zeros = torch.stack([qm.scale.t(), qm.zero.t()], dim=-1).to(TORCH_INT4_DTYPE).contiguous()  # (G, N, 2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # (the dtype test in Python costs less than dispatching a no-op .to(), 4 times per layer per token)
-        return _INT4_MM(x if x.dtype is ACT_DTYPE else x.to(ACT_DTYPE), self.packed, GROUP, self.scales_zeros)
+        x = x if x.dtype is TORCH_INT4_DTYPE else x.to(TORCH_INT4_DTYPE)
+        return _INT4_MM(x, self.packed, GROUP, self.scales_zeros)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.packed, self.scales_zeros]
 
 
 class RefinedHead:
-    """The output head of quantised shards: every logit from int8 rows (one symmetric scale per row,
-    `aten._weight_int8pack_mm`), then each row's top REFINE logits recomputed in float32 from a float16 copy.
+    """The output head of quantised shards: every logit from 4-bit rows (`quantize_rtn` groups in the int4
+    kernel), then each row's top REFINE logits recomputed in float32 from a float16 copy.
 
-    The head decides every greedy token, and the int8 kernel returns bf16, whose 8-bit mantissa rounds logits near
-    20 to steps of 0.125, so near-ties flip. A float16 head fixes that but reads twice the bytes (SmolLM2: 14.2 vs
-    11.5 ms per token). Refining only the candidates keeps the int8 read: the true maximum is within the int8
-    top-64 unless 64 logits sit within the int8 error of it. Free-running greedy output equal to fp32's (20 prompts
-    × 32 tokens, bench/README.md section 5): int8 head 52.3 % of tokens, float16 head 85.3 %, refined head see there.
-    Rows of larger batches (prefill logits) take the float16 matmul itself: same top values, no (M, 64, H) gather.
+    The head decides every greedy token, and a 4-bit (or int8) head alone flips near-ties: its logits are off by a
+    few tenths, and the int8 kernel also returns bf16, whose 8-bit mantissa rounds logits near 20 to steps of 0.125.
+    A float16 head fixes that but reads 4x the bytes. Ranking with the cheap rows and refining only the candidates
+    keeps the small read: the true maximum is within the approximate top-64 unless 64 logits sit within the 4-bit
+    error of it, and sampling with Ollama's default top_k = 40 sees exact logits for all its candidates.
+    Measured on SmolLM2 (bench/README.md section 5): free-running greedy output equal to fp32's on 20 prompts × 32
+    tokens is the same for 4-bit and int8 ranking (81.7 % with a bf16 residual stream), and the 4-bit rows
+    (14 MB vs 28 MB) cut a decode step from 11.1 to 9.3 ms. Rows of larger batches (prefill logits) take the
+    float16 matmul itself: same top values, no (M, 64, H) gather.
     """
 
     REFINE = 64
@@ -149,33 +155,35 @@ class RefinedHead:
     def __init__(self, w: torch.Tensor) -> None:
         w = w.float()
         self.out_features, self.in_features = w.shape
-        scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-        self.int8 = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-        self.scales = scale.to(ACT_DTYPE)
         self.table = w.to(torch.float16)  # (V, H); also the embedding table of a tied model (ModelShard)
+        # (hidden sizes off the group grid rank with the float16 table itself; none of the supported models has one)
+        self.rank: Weight | None = pack(quantize_rtn(w)) if self.in_features % GROUP == 0 else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > self.GATHER_ROWS:
+        if x.shape[0] > self.GATHER_ROWS or self.rank is None:
             return F.linear(x.to(torch.float16), self.table).float()
-        approx = _INT8_MM(x if x.dtype is ACT_DTYPE else x.to(ACT_DTYPE), self.int8, self.scales).float()  # (M, V)
+        approx = linear(x, self.rank).float()  # (M, V)
         idx = approx.topk(min(self.REFINE, self.out_features), dim=-1, sorted=False).indices  # (M, k)
         exact = torch.bmm(self.table[idx].float(), x.float()[:, :, None])[..., 0]  # (M, k, H) @ (M, H, 1)
         return approx.scatter_(1, idx, exact)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.int8, self.scales, self.table]
+        return [*weight_tensors(self.rank), self.table]
 
 
-Weight = torch.Tensor | Int4Linear | RefinedHead
+Weight = torch.Tensor | Q4Linear | Int4Linear | RefinedHead
 
 
 def pack(qm: QuantMatrix) -> Weight:
-    """The kernel form of `qm`, or a dense bf16 matrix where the int4 kernel's shape rules do not hold
-    (`_convert_weight_to_int4pack_for_cpu` needs N % 16 == 0; the group must divide K)."""
+    """The fastest kernel form of `qm` here: the VNNI kernel (model/cpu_kernels.py; float32 in and out) where the CPU
+    has it, else torch's int4 kernel (bf16 in and out; `_convert_weight_to_int4pack_for_cpu` needs N % 16 == 0),
+    else, where neither kernel's shape rules hold, the dense float32 matrix."""
     n, k = qm.shape
-    if n % 16 or k % GROUP:
-        return qm.dequantize().to(ACT_DTYPE)
-    return Int4Linear(qm)
+    if cpu_kernels.fits(n, k) and cpu_kernels.available():
+        return Q4Linear(qm.codes, qm.scale, qm.zero)
+    if n % 16 == 0 and k % GROUP == 0:
+        return Int4Linear(qm)
+    return qm.dequantize()
 
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,10 +21,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from . import rope
+from . import cpu_kernels, rope
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .quant import ACT_DTYPE, GROUP, QUANT_FORMATS, RefinedHead, QuantMatrix, Weight, linear, pack, quantize_rtn, weight_tensors
+from .quant import GROUP, QUANT_FORMATS, RefinedHead, QuantMatrix, Weight, linear, pack, quantize_rtn, weight_tensors
 from .shard import ShardSpec
 from .weights import load_weights, read_config
 
@@ -107,8 +107,12 @@ class ModelShard:
 
         `weights` is consumed: each layer's entries are popped as they are fused/transposed into this shard's
         layout, so building needs about one layer of extra memory instead of a second copy of the shard.
-        quant="int4" (implied when `weights` holds QuantMatrix entries): layer matrices run as 4-bit groups, the
-        output head as int8 rows and activations in bf16 (model/quant.py); dense matrices are quantised here.
+        quant="int4" (implied when `weights` holds QuantMatrix entries): layer matrices run as 4-bit groups and
+        the output head ranks with 4-bit rows (model/quant.py); dense matrices are quantised here. Only the matmul
+        inputs are bf16 (what the int4 kernel takes): the residual stream, norms, attention and KV cache stay
+        float32 (`dtype`). Every block adds a bf16-rounded update to the stream, and rounding the stream itself each
+        time was the larger error: free-running greedy tokens equal to fp32's on 20 prompts × 32 tokens went from
+        73 % (bf16 stream) to 84 % (bench/README.md section 5), for about 5 % of the decode step.
         """
         spec.validate(cfg)
         if quant is None and any(isinstance(w, QuantMatrix) for w in weights.values()):
@@ -123,9 +127,10 @@ class ModelShard:
         self.ffn_local = spec.ffn[1] - spec.ffn[0]
         self.q_dim = self.n_heads * cfg.head_dim
         self.kv_dim = self.n_kv * cfg.head_dim
-        dense = self._dense
-        self.embed = dense(weights["embed"]) if spec.has_embedding else None
-        self.norm = dense(weights["norm"]) if spec.has_output else None
+        self.embed = weights["embed"] if spec.has_embedding else None
+        if quant and self.embed is not None:
+            self.embed = self.embed.to(torch.float16)  # a lookup table: half the bytes, rows cast on lookup
+        self.norm = weights["norm"] if spec.has_output else None
         self.lm_head: Weight | None = None
         if spec.has_output:
             self.lm_head = RefinedHead(weights["lm_head"]) if quant else weights["lm_head"]
@@ -135,11 +140,11 @@ class ModelShard:
         for i in range(*spec.layers):
             n = f"layers.{i}."
             w = {k: weights.pop(n + k) for k in _LAYER_KEYS + (_BIAS_KEYS if cfg.attention_bias else ())}
-            bias = dense(torch.cat([w["q_bias"], w["k_bias"], w["v_bias"]])) if cfg.attention_bias else None
+            bias = torch.cat([w["q_bias"], w["k_bias"], w["v_bias"]]) if cfg.attention_bias else None
             self.layers.append(
                 _Layer(
-                    attn_norm=dense(w["attn_norm"]),
-                    ffn_norm=dense(w["ffn_norm"]),
+                    attn_norm=w["attn_norm"],
+                    ffn_norm=w["ffn_norm"],
                     wqkv=self._fused([w["q"], w["k"], w["v"]]),
                     bqkv=bias,
                     wo=self._fused([w["o"]]),
@@ -149,20 +154,23 @@ class ModelShard:
             )
         if not self.layers and self.embed is None and self.lm_head is None:
             raise ValueError(f"shard {spec} holds no layers, embedding or output head")
+        # dtype of the residual stream (the hidden states a pipeline stage takes and returns), attention and cache
         if quant:
-            self.dtype = ACT_DTYPE
+            self.dtype = torch.float32
         else:
             some = self.layers[0].wqkv if self.layers else (self.embed if self.embed is not None else self.lm_head)
             assert isinstance(some, torch.Tensor)
             self.dtype = some.dtype
         self.inv_freq = rope.inv_freq(cfg, weights.get("rope_freqs"))
+        # Our fused RMSNorm and one-query attention (model/cpu_kernels.py) for float32 shards on CPU; torch's ops
+        # elsewhere, and for shapes the kernels do not take.
+        probe = self.layers[0].attn_norm if self.layers else (self.embed if self.embed is not None else self.norm)
+        fits = cfg.hidden_size % 16 == 0 and cfg.head_dim % 32 == 0 and cfg.head_dim <= 256
+        on_cpu = probe is not None and probe.device.type == "cpu"
+        self._ops = cpu_kernels.ops() if self.dtype == torch.float32 and on_cpu and fits else None
         # One masked attention call for all decode sequences of a step (False: one call per sequence, the
         # reference path the batched one is tested against).
         self.batched_decode = True
-
-    def _dense(self, t: torch.Tensor) -> torch.Tensor:
-        """Norms, biases and the embedding table: kept as loaded, or in the activation dtype when quantised."""
-        return t.to(ACT_DTYPE) if self.quant else t
 
     def _fused(self, parts: list[Any]) -> Weight:
         """Output-row concatenation of q/k/v or gate/up (one GEMM each: fewer ops per token), packed when quantised."""
@@ -170,7 +178,7 @@ class ModelShard:
             return torch.cat(parts) if len(parts) > 1 else parts[0]
         if parts[0].shape[1] % GROUP:  # inputs cut off the group grid (an uneven row-parallel split): stay dense
             dense = [p.dequantize() if isinstance(p, QuantMatrix) else p for p in parts]
-            return torch.cat(dense).to(ACT_DTYPE)
+            return torch.cat(dense).float()
         qms = [p if isinstance(p, QuantMatrix) else quantize_rtn(p) for p in parts]
         return pack(QuantMatrix.cat(qms) if len(qms) > 1 else qms[0])
 
@@ -181,7 +189,7 @@ class ModelShard:
         With quant="int4", `dtype` applies to nothing (activations are bf16); see __init__."""
         cfg = read_config(path)
         spec = spec or ShardSpec.full(cfg)
-        return cls(cfg, spec, load_weights(path, cfg, spec, ACT_DTYPE if quant else dtype, quant), quant)
+        return cls(cfg, spec, load_weights(path, cfg, spec, dtype, quant), quant)
 
     def weight_bytes(self) -> int:
         """Bytes of the distinct weight storages this shard holds (a tied output head counts once; the RoPE table,
@@ -265,9 +273,9 @@ class ModelShard:
         return n_tok
 
     def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 or self.quant:
-            # One fused op. For quantised shards there is no bf16 reference to match, and torch's kernel
-            # accumulates in float32 anyway (4 fewer ops per layer per token than the transformers-exact form).
+        if self._ops is not None:
+            return self._ops.rms_norm(x, w, self.cfg.rms_norm_eps)
+        if x.dtype == torch.float32:  # (also every quantised shard: float32 stream, see __init__)
             return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_norm_eps)
         # Low precision: normalise in float32, scale in the model dtype (as transformers' LlamaRMSNorm).
         return w * F.rms_norm(x.float(), (x.shape[-1],), None, self.cfg.rms_norm_eps).to(x.dtype)
@@ -288,13 +296,16 @@ class ModelShard:
     ) -> torch.Tensor:
         n_tok, hd = h.shape[0], self.cfg.head_dim
         qkv = linear(self._rms_norm(h, layer.attn_norm), layer.wqkv, layer.bqkv)
-        # q and k are adjacent columns of qkv: rotate them as one (N, heads + kv, hd) tensor (half the ops).
-        qk = rope.apply(qkv[:, : self.q_dim + self.kv_dim].view(n_tok, self.n_heads + self.n_kv, hd), cos, sin)
-        q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]  # (N, heads, hd), (N, kv, hd)
-        v = qkv[:, self.q_dim + self.kv_dim :]
         ck, cv = cache.k[li], cache.v[li]  # (slots, kv, capacity, hd)
-        ck[slot_idx, :, pos] = k
-        cv[slot_idx, :, pos] = v.view(n_tok, self.n_kv, hd)
+        if self._ops is not None:  # all of the below in one pass
+            q = self._ops.rope_cache(qkv, cos, sin, ck, cv, slot_idx, pos, self.n_heads, self.n_kv)
+        else:
+            # q and k are adjacent columns of qkv: rotate them as one (N, heads + kv, hd) tensor (half the ops).
+            qk = rope.apply(qkv[:, : self.q_dim + self.kv_dim].view(n_tok, self.n_heads + self.n_kv, hd), cos, sin)
+            q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]  # (N, heads, hd), (N, kv, hd)
+            v = qkv[:, self.q_dim + self.kv_dim :]
+            ck[slot_idx, :, pos] = k
+            cv[slot_idx, :, pos] = v.view(n_tok, self.n_kv, hd).to(cv.dtype)  # (bf16 from torch's int4 kernel)
         if dec is None:
             attn = torch.cat([self._attend(q, ck, cv, s) for s in seqs]) if len(seqs) > 1 else self._attend(q, ck, cv, seqs[0])
         elif dec.packed is None:  # pure decode step: every row is one sequence's token
@@ -338,6 +349,8 @@ class ModelShard:
             # KV head's "query rows", so the cached keys are used as they are (no repeat_kv copy).
             # 4-D inputs: torch's CPU SDPA takes its fused (flash) kernel only for 4-D tensors; 3-D ones fall back
             # to the math path (bmm + softmax + bmm, three parallel regions): measured 36 us vs 15 us per call.
+            if self._ops is not None:
+                return self._ops.attend_one(q[s.offset].view(self.n_kv, -1, hd), keys, values).view(1, self.q_dim)
             qg = q[s.offset].view(1, self.n_kv, self.n_heads // self.n_kv, hd)
             return F.scaled_dot_product_attention(qg, keys[None], values[None]).reshape(1, self.q_dim)
         qs = q[s.offset : s.offset + s.count].transpose(0, 1)[None]  # (1, heads, count, hd)

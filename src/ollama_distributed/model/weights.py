@@ -309,12 +309,15 @@ def load_weights(path: str | Path, cfg: ModelConfig, spec: ShardSpec, dtype: tor
     """The tensors shard `spec` owns, under the canonical names of contracts.md, dequantised to `dtype`.
 
     quant="int4": the layers' seven matrices come back as `QuantMatrix` (4-bit codes, model/quant.py) instead of
-    dense tensors; an HF directory's dense matrices are quantised by `ModelShard` itself.
+    dense tensors, and everything else (norms, biases, embedding, head) in float32 whatever `dtype` says, for
+    `ModelShard` to store each in its own precision; an HF directory's dense matrices are quantised by `ModelShard`.
     Extra name: "rope_freqs" (head_dim // 2,) float32 when the GGUF carries llama3 RoPE divisors.
     """
     p = Path(path)
     if quant is not None and quant not in QUANT_FORMATS:
         raise ValueError(f"unknown weight quantisation {quant!r}: expected one of {QUANT_FORMATS}")
+    if quant:
+        dtype = torch.float32
     if _is_hf_dir(p):
         from .hf import load_hf_weights  # lazy: see read_config
 
@@ -333,9 +336,7 @@ def load_weights(path: str | Path, cfg: ModelConfig, spec: ShardSpec, dtype: tor
     if spec.has_output:
         out["norm"] = src.vector("output_norm.weight", hidden)
         head = "token_embd.weight" if cfg.tie_embeddings else "output.weight"
-        if quant:  # float32, for ModelShard to round to int8 rows once (not bf16 first)
-            out["lm_head"] = src.matrix(head, (cfg.vocab_size, hidden), dtype=torch.float32)
-        elif cfg.tie_embeddings and "embed" in out:
+        if cfg.tie_embeddings and "embed" in out:
             out["lm_head"] = out["embed"]
         else:
             out["lm_head"] = src.matrix(head, (cfg.vocab_size, hidden))

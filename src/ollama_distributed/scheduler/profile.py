@@ -36,9 +36,13 @@ DTYPE_BYTES: dict[str, float] = {
     "int4": 0.5 + 4 / 32,
 }
 # Bytes per embedding / output-head element where they differ from the layers' (dtype → bytes).
-# int4: the head's int8 rows (1 B) + its float16 table for refining the top logits (2 B), which a tied embedding
-# shares; an embedding-only shard holds just a 2-byte table, so 3 B slightly over-counts it (model/quant.py).
-EMBED_BYTES: dict[str, float] = {"int4": 3.0}
+# int4: the head's 4-bit ranking rows (0.625 B) + its float16 table for refining the top logits (2 B), which a tied
+# embedding shares; an embedding-only shard holds just a 2-byte table, so this slightly over-counts it
+# (model/quant.py).
+EMBED_BYTES: dict[str, float] = {"int4": 2.625}
+# Bytes per activation and KV-cache element where they are not the weights' dtype: the int4 path keeps its residual
+# stream, attention and cache in float32 (model/transformer.py, ModelShard.__init__).
+STREAM_BYTES: dict[str, float] = {"int4": 4.0}
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ class ModelProfile:
         if dtype not in DTYPE_BYTES:
             raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
         wb = DTYPE_BYTES[dtype]
-        act = wb if wb >= 2 else 2.0
+        act = STREAM_BYTES.get(dtype, wb if wb >= 2 else 2.0)
         kvb = DTYPE_BYTES[kv_dtype] if kv_dtype else act
         return cls(
             name=name or cfg.name or f"{cfg.arch}-{cfg.n_layers}l",

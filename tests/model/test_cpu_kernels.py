@@ -1,0 +1,86 @@
+"""Our CPU kernels (model/cpu_kernels.py) against the torch ops they replace, on shapes that reach every code path
+(tiles of 1-4 activation rows and their remainders, 4-block decode tiles and leftover blocks, serial and parallel
+attention). Whole models through these kernels: test_quant.py (int4), test_transformer.py and test_sharded.py
+(fp32 vs transformers and across splits)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ollama_distributed.model import cpu_kernels, rope
+from ollama_distributed.model.quant import QuantMatrix, quantize_rtn
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX-512 VNNI or no compiler here")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("n, k", [(20, 96), (64, 576), (1000, 1536)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 16])
+def test_q4_matmul_matches_dense_matmul(n, k, m):
+    g = torch.Generator().manual_seed(n + k + m)
+    qm = quantize_rtn(torch.randn(n, k, generator=g))
+    lin = cpu_kernels.Q4Linear(qm.codes, qm.scale, qm.zero)
+    # The kernel holds d and m = zero - 8 d in float16 (a Q4_1 file's own precision): the reference uses those.
+    d16 = qm.scale.half().float()
+    ref_w = QuantMatrix(qm.codes, d16, (qm.zero - 8 * qm.scale).half().float() + 8 * d16).dequantize()
+    x = torch.randn(m, k, generator=g)
+    x[:, 5] *= 100  # an outlier channel, as LLM activations have: two int8 levels keep its group's small inputs
+    got = lin(x)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    # ~15 bits per activation group; the outlier's groups keep fewer for their small inputs: 1.7e-4 measured at
+    # worst (bf16 activations, torch's kernel: ~1e-2)
+    assert rel_err(got, x @ ref_w.T) <= 5e-4
+
+
+def test_q4_matmul_rejects_what_it_cannot_compute():
+    qm = quantize_rtn(torch.randn(8, 64))
+    lin = cpu_kernels.Q4Linear(qm.codes, qm.scale, qm.zero)
+    with pytest.raises(RuntimeError, match="columns"):
+        cpu_kernels.ops().q4_matmul(torch.randn(1, 32), lin.codes, lin.d, lin.m)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_kernels.ops().q4_matmul(torch.randn(1, 64).double(), lin.codes, lin.d, lin.m)
+    x = torch.randn(3, 64)
+    assert torch.equal(lin(x.bfloat16()), lin(x.bfloat16().float()))  # the Linear casts other dtypes to float32
+    assert not cpu_kernels.fits(6, 64) and not cpu_kernels.fits(8, 48) and cpu_kernels.fits(8, 64)
+
+
+@pytest.mark.parametrize("m", [1, 7])
+def test_rms_norm_matches_torch(m):
+    x, w = torch.randn(m, 576) * 3, torch.rand(576) + 0.5
+    assert rel_err(cpu_kernels.ops().rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5)) <= 1e-6
+
+
+@pytest.mark.parametrize("t", [1, 7, 400])  # 400 keys x 3 queries x 64 dims: the per-KV-head parallel branch
+def test_attend_one_matches_sdpa_over_a_cache_view(t):
+    g = torch.Generator().manual_seed(t)
+    cache_k = torch.randn(4, 3, 512, 64, generator=g)  # (slots, kv, capacity, hd) as KVCache keeps one layer
+    cache_v = torch.randn(4, 3, 512, 64, generator=g)
+    q = torch.randn(3, 3, 64, generator=g)  # 9 query heads in 3 KV groups (SmolLM2's shape)
+    keys, values = cache_k[2, :, :t], cache_v[2, :, :t]  # strided views, as ModelShard passes them
+    want = F.scaled_dot_product_attention(q[None], keys[None], values[None])[0].reshape(-1)
+    assert rel_err(cpu_kernels.ops().attend_one(q, keys, values), want) <= 1e-5
+
+
+def test_rope_cache_matches_rope_and_index_put():
+    g = torch.Generator().manual_seed(3)
+    heads, kv, hd, n = 9, 3, 64, 5
+    qkv = torch.randn(n, (heads + 2 * kv) * hd, generator=g)
+    slots, pos = torch.tensor([0, 0, 2, 3, 3]), torch.tensor([4, 5, 0, 7, 8])
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+    cos, sin = rope.cos_sin(inv, pos, torch.float32)
+    k_cache, v_cache = torch.zeros(4, kv, 16, hd), torch.zeros(4, kv, 16, hd)
+    q = cpu_kernels.ops().rope_cache(qkv, cos, sin, k_cache, v_cache, slots, pos, heads, kv)
+
+    qk = rope.apply(qkv[:, : (heads + kv) * hd].view(n, heads + kv, hd), cos, sin)
+    want_k, want_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    want_k[slots, :, pos] = qk[:, heads:]
+    want_v[slots, :, pos] = qkv[:, (heads + kv) * hd :].view(n, kv, hd)
+    assert torch.allclose(q, qk[:, :heads], rtol=0, atol=1e-6)
+    assert torch.allclose(k_cache, want_k, rtol=0, atol=1e-6) and torch.equal(v_cache, want_v)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_kernels.ops().rope_cache(qkv, cos, sin, k_cache, v_cache, slots, pos + 10, heads, kv)
