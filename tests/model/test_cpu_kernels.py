@@ -55,15 +55,21 @@ def test_rms_norm_matches_torch(m):
     assert rel_err(cpu_kernels.ops().rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5)) <= 1e-6
 
 
-@pytest.mark.parametrize("t", [1, 7, 400])  # 400 keys x 3 queries x 64 dims: the per-KV-head parallel branch
-def test_attend_one_matches_sdpa_over_a_cache_view(t):
-    g = torch.Generator().manual_seed(t)
-    cache_k = torch.randn(4, 3, 512, 64, generator=g)  # (slots, kv, capacity, hd) as KVCache keeps one layer
-    cache_v = torch.randn(4, 3, 512, 64, generator=g)
-    q = torch.randn(3, 3, 64, generator=g)  # 9 query heads in 3 KV groups (SmolLM2's shape)
-    keys, values = cache_k[2, :, :t], cache_v[2, :, :t]  # strided views, as ModelShard passes them
-    want = F.scaled_dot_product_attention(q[None], keys[None], values[None])[0].reshape(-1)
-    assert rel_err(cpu_kernels.ops().attend_one(q, keys, values), want) <= 1e-5
+def test_attend_cached_matches_sdpa_per_sequence():
+    """Sequences of 1, 7 and 400 cached positions in scattered slots of one layer's cache (400 keys x 3 queries
+    x 64 dims takes the multi-threaded branch)."""
+    g = torch.Generator().manual_seed(5)
+    cache_k = torch.randn(6, 3, 512, 64, generator=g)  # (slots, kv, capacity, hd) as KVCache keeps one layer
+    cache_v = torch.randn(6, 3, 512, 64, generator=g)
+    slots, lengths = torch.tensor([4, 0, 2]), torch.tensor([1, 7, 400])
+    q = torch.randn(3, 9, 64, generator=g)  # 9 query heads in 3 KV groups (SmolLM2's shape)
+    got = cpu_kernels.ops().attend_cached(q, cache_k, cache_v, slots, lengths)
+    for b, (slot, n) in enumerate(zip(slots.tolist(), lengths.tolist())):
+        keys, values = cache_k[slot, :, :n], cache_v[slot, :, :n]
+        want = F.scaled_dot_product_attention(q[b].view(1, 3, 3, 64), keys[None], values[None]).reshape(-1)
+        assert rel_err(got[b], want) <= 1e-5, (b, n)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_kernels.ops().attend_cached(q, cache_k, cache_v, slots, torch.tensor([1, 7, 513]))
 
 
 def test_rope_cache_matches_rope_and_index_put():

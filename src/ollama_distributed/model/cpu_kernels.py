@@ -5,8 +5,11 @@ What is hand-written and why (measured on this project's 2-core AVX-512 machine,
     (`_weight_int4pack_mm_for_cpu`) converts each weight to float before multiplying, which caps it near 12 GB/s
     of weights per core; integer dot products (VPDPBUSD, as llama.cpp's Q4_1 x Q8_1) run about twice as fast.
     No library on PyPI exposes such a kernel for torch tensors.
-  - rms_norm and attend_one: torch runs RMSNorm as 6 ops and one-query attention through the flash kernel's
-    setup; at decode sizes their dispatch costs more than their arithmetic (~1 ms per SmolLM2 token each).
+  - rms_norm, rope_cache and attend_cached: torch runs RMSNorm as 6 ops, RoPE plus the cache writes as ~10, and
+    decode attention through the flash kernel's setup (or a padded, masked call for a batch); at decode sizes
+    their dispatch costs more than their arithmetic (~1 ms per SmolLM2 token each).
+  - a thread pool that spins between calls (under OMP_WAIT_POLICY=PASSIVE, where OpenMP's threads sleep and every
+    parallel region pays a wake-up; see the .cpp).
 
 The extension is compiled with torch.utils.cpp_extension (g++ and ninja; ~20 s once, cached under
 ~/.cache/torch_extensions). Where the CPU lacks AVX-512 VNNI or the build fails, `ops()` is None and the model
@@ -43,8 +46,8 @@ def _cpu_supports() -> bool:
 
 @lru_cache(maxsize=1)
 def ops() -> ModuleType | None:
-    """The compiled kernels (q4_matmul, rms_norm, attend_one), or None where they cannot run here. Builds them on
-    the first call."""
+    """The compiled kernels (q4_matmul, rms_norm, rope_cache, attend_cached), or None where they cannot run
+    here. Builds them on the first call."""
     if os.environ.get("OLLAMA_DISTRIBUTED_CPU_KERNELS", "1") == "0" or not _cpu_supports():
         return None
     try:

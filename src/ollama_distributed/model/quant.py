@@ -2,20 +2,22 @@
 
 Single-sequence decode reads every weight once per token, so its speed is bytes per token over memory bandwidth
 (bench/README.md, "Where the time goes"). GGUF's 4-bit types already hold the layers as 4-bit codes with an
-affine scale per block of 32 inputs; torch's CPU int4 kernel (`aten._weight_int4pack_mm_for_cpu`) computes
-Y = X Wᵀ with W[n, k] = (q[n, k] − 8) · s[g, n] + z[g, n], g = k // group, on bf16 activations. The GGUF blocks map
-onto that form without re-quantising:
+affine scale per block of 32 inputs, in the form W[n, k] = (q[n, k] − 8) · s[g, n] + z[g, n], g = k // 32:
     Q4_0 (ggml-quants.c dequantize_row_q4_0): w = d · (q − 8)        → s = d, z = 0
     Q4_1 (dequantize_row_q4_1):               w = d · q + m          → s = d, z = m + 8 d
-so the only change is the scale's rounding from f16 to bf16. Other tensor types (F16, Q8_0, K-quants …) are
-dequantised and re-quantised per group by round-to-nearest over the group's [min, max] (at most half a step per
-weight; tests/model/test_quant.py). The output head (vocab × hidden, a fifth of SmolLM2's weights) ranks the
-vocabulary with 4-bit rows and recomputes its top candidates from a float16 table (`RefinedHead`), as its logits
-decide every token; a tied embedding shares that table.
+so the layers keep the file's codes. Other tensor types (F16, Q8_0, K-quants …) are dequantised and re-quantised
+per group by round-to-nearest over the group's [min, max] (at most half a step per weight;
+tests/model/test_quant.py). The output head (vocab × hidden, a fifth of SmolLM2's weights) ranks the vocabulary
+with 4-bit rows and recomputes its top candidates from a float16 table (`RefinedHead`), as its logits decide every
+token; a tied embedding shares that table.
+
+Two kernels run the matrices (`pack` picks): ours (model/cpu_kernels.py, AVX-512 VNNI: float32 in and out, scales in
+float16, i.e. a Q4_1 file's own values) and, where it cannot run, torch's `aten._weight_int4pack_mm_for_cpu`
+(bf16 activations and outputs, scales rounded to bf16).
 
 A `QuantMatrix` is the unpacked form (codes + per-group scale/zero in torch (out, in) layout) so that shards can
-select rows, permute heads and fuse q/k/v before packing; `pack` turns it into the kernel's layout, or into a
-dense bf16 matrix where the kernel's shape rules (N % 16, K % group) do not hold.
+select rows, permute heads and fuse q/k/v before packing; `pack` turns it into a kernel's layout, or into a dense
+float32 matrix where neither kernel's shape rules hold.
 """
 
 from __future__ import annotations

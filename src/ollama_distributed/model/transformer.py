@@ -78,6 +78,8 @@ class _DecodeBatch:
     hi: int
     t_max: int
     mask: torch.Tensor  # (hi - lo, 1, 1, t_max) bool key-padding mask
+    slots: torch.Tensor  # (B,) int64 cache slot per sequence (for cpu_kernels' attend_cached)
+    lengths: torch.Tensor  # (B,) int64 cached positions per sequence, the new token included
 
     @classmethod
     def build(cls, seqs: list["_Seq"], n_tok: int) -> "_DecodeBatch | None":
@@ -96,7 +98,8 @@ class _DecodeBatch:
         mask = (torch.arange(t_max)[None, :] < lengths[:, None])[:, None, None, :]
         in_order = slots == list(range(lo, hi))
         packed = None if len(dec) == n_tok else torch.tensor([s.offset for s in dec])
-        return cls(packed, None if in_order else torch.tensor(slots) - lo, lo, hi, t_max, mask)
+        slot_t, length_t = torch.tensor(slots), torch.tensor([s.total for s in dec])
+        return cls(packed, None if in_order else slot_t - lo, lo, hi, t_max, mask, slot_t, length_t)
 
 
 class ModelShard:
@@ -108,11 +111,10 @@ class ModelShard:
         `weights` is consumed: each layer's entries are popped as they are fused/transposed into this shard's
         layout, so building needs about one layer of extra memory instead of a second copy of the shard.
         quant="int4" (implied when `weights` holds QuantMatrix entries): layer matrices run as 4-bit groups and
-        the output head ranks with 4-bit rows (model/quant.py); dense matrices are quantised here. Only the matmul
-        inputs are bf16 (what the int4 kernel takes): the residual stream, norms, attention and KV cache stay
-        float32 (`dtype`). Every block adds a bf16-rounded update to the stream, and rounding the stream itself each
-        time was the larger error: free-running greedy tokens equal to fp32's on 20 prompts × 32 tokens went from
-        73 % (bf16 stream) to 84 % (bench/README.md section 5), for about 5 % of the decode step.
+        the output head ranks with 4-bit rows (model/quant.py); dense matrices are quantised here. The residual
+        stream, norms, attention and KV cache are float32 (`dtype`): our 4-bit kernel takes float32 inputs, and with
+        torch's (bf16 inputs and outputs) a float32 stream still halves the free-running disagreement with fp32
+        (73 → 84 % equal tokens on 20 prompts × 32 tokens, for 5 % of the step; bench/README.md section 6).
         """
         spec.validate(cfg)
         if quant is None and any(isinstance(w, QuantMatrix) for w in weights.values()):
@@ -329,6 +331,8 @@ class ModelShard:
 
     def _attend_decode(self, q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, dec: _DecodeBatch) -> torch.Tensor:
         """One masked SDPA for all decode sequences (see _DecodeBatch); q (B, heads, hd) -> (B, heads * hd)."""
+        if self._ops is not None:  # each sequence over its own length, no padding or mask
+            return self._ops.attend_cached(q.contiguous(), ck, cv, dec.slots, dec.lengths)
         b, hd, g = q.shape[0], self.cfg.head_dim, self.n_heads // self.n_kv
         keys = ck[dec.lo : dec.hi, :, : dec.t_max]  # (S, kv, t_max, hd) view
         values = cv[dec.lo : dec.hi, :, : dec.t_max]
@@ -342,6 +346,9 @@ class ModelShard:
 
     def _attend(self, q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, s: _Seq) -> torch.Tensor:
         """Causal attention of one sequence's new queries over its cached keys; returns (count, heads * hd)."""
+        if s.count == 1 and self._ops is not None:
+            where = torch.tensor([s.slot, s.total])
+            return self._ops.attend_cached(q[s.offset : s.offset + 1], ck, cv, where[:1], where[1:])
         keys, values = ck[s.slot, :, : s.total], cv[s.slot, :, : s.total]  # (kv, total, hd) views
         hd = self.cfg.head_dim
         if s.count == 1:
@@ -349,8 +356,6 @@ class ModelShard:
             # KV head's "query rows", so the cached keys are used as they are (no repeat_kv copy).
             # 4-D inputs: torch's CPU SDPA takes its fused (flash) kernel only for 4-D tensors; 3-D ones fall back
             # to the math path (bmm + softmax + bmm, three parallel regions): measured 36 us vs 15 us per call.
-            if self._ops is not None:
-                return self._ops.attend_one(q[s.offset].view(self.n_kv, -1, hd), keys, values).view(1, self.q_dim)
             qg = q[s.offset].view(1, self.n_kv, self.n_heads // self.n_kv, hd)
             return F.scaled_dot_product_attention(qg, keys[None], values[None]).reshape(1, self.q_dim)
         qs = q[s.offset : s.offset + s.count].transpose(0, 1)[None]  # (1, heads, count, hd)

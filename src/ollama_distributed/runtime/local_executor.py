@@ -35,7 +35,7 @@ class LocalExecutor:
     path: GGUF file or HF directory. dtype: compute dtype of the weights and cache.
     max_seq_len: most tokens per sequence (KV cache bound); default min(model context, 8192). The cache grows on
     demand, so a large bound costs nothing until used.
-    quant: "int4" runs the layers on 4-bit weights with bf16 activations (model/quant.py; dtype is then unused).
+    quant: "int4" runs the layers on the file's 4-bit weights (model/quant.py; dtype is then unused).
     """
 
     def __init__(

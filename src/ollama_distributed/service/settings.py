@@ -33,7 +33,7 @@ DEFAULT_PORT = 11434
 DEFAULT_KEEP_ALIVE_S = 300.0
 FOREVER = math.inf
 # compute dtypes the server accepts (service/models.py maps each to a torch dtype)
-DTYPES = ("float32", "bfloat16", "int4")  # int4: the GGUF's 4-bit blocks, bf16 activations (model/quant.py)
+DTYPES = ("float32", "bfloat16", "int4")  # int4: the GGUF's 4-bit blocks, float32 activations (model/quant.py)
 
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")

@@ -1,5 +1,5 @@
 // CPU kernels for the decode step, where torch's own ops are either slow (int4 matmul) or several small ops whose
-// dispatch costs more than their arithmetic (RMSNorm: 6 ops; one-query attention: the flash kernel's setup).
+// dispatch costs more than their arithmetic (RMSNorm: 6 ops; decode attention: the flash kernel's setup).
 //
 // q4_matmul: Y = X Wᵀ for 4-bit group-quantised W on x86 CPUs with AVX-512 VNNI, the way llama.cpp's Q4_1 x Q8_1 dot
 // product works (ggml-cpu quants.c, ggml_vec_dot_q4_1_q8_1): activations are quantised to int8 per group of 32
@@ -20,12 +20,115 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <strings.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 namespace {
+
+// Worker threads for q4_matmul that spin between calls, then sleep. A decode step makes 4 matmuls per layer a few
+// µs apart; under OMP_WAIT_POLICY=PASSIVE (our default, so that a team never spins against a busy neighbour)
+// every OpenMP parallel region wakes a sleeping thread, which costs tens of µs in this VM and made the int4 step
+// 2.8x slower than under libgomp's spinning default (bench/README.md section 6). Like llama.cpp's thread pool,
+// these workers spin for kSpin after each call, so they stay awake through a step and sleep between requests.
+// Whether OpenMP's idle threads sleep (OMP_WAIT_POLICY=PASSIVE; libgomp reads it once, at start-up).
+bool openmp_sleeps() {
+  static const bool passive = [] {
+    const char* policy = std::getenv("OMP_WAIT_POLICY");
+    return policy != nullptr && strcasecmp(policy, "passive") == 0;
+  }();
+  return passive;
+}
+
+class SpinPool {
+ public:
+  static SpinPool& get(int threads) {
+    static SpinPool* pool = nullptr;
+    static std::mutex create;
+    std::lock_guard<std::mutex> lock(create);
+    if (pool == nullptr || pool->threads_ != threads || pool->pid_ != getpid()) {
+      pool = new SpinPool(threads);  // the old one (another size, or a fork's parent's) is left to its threads
+    }
+    return *pool;
+  }
+
+  // Runs fn(t) for t in [0, threads) and returns when all have; t = 0 on the calling thread. One call at a time.
+  void run(const std::function<void(int)>& fn) {
+    std::lock_guard<std::mutex> one(running_);
+    task_ = &fn;
+    pending_.store(threads_ - 1, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      wake_.notify_all();
+    }
+    fn(0);
+    while (pending_.load(std::memory_order_acquire) > 0) _mm_pause();
+  }
+
+ private:
+  static constexpr auto kSpin = std::chrono::microseconds(500);
+
+  explicit SpinPool(int threads) : threads_(threads), pid_(getpid()) {
+    for (int t = 1; t < threads; ++t) std::thread([this, t] { work(t); }).detach();
+  }
+
+  void work(int t) {
+    uint64_t seen = 0;  // the generation at construction (not a fresh load: run() may already have begun one)
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + kSpin;
+      int polls = 0;
+      while (generation_.load(std::memory_order_acquire) == seen) {
+        _mm_pause();
+        if (++polls % 64 == 0 && std::chrono::steady_clock::now() > until) {
+          std::unique_lock<std::mutex> lock(mu_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          wake_.wait(lock, [&] { return generation_.load(std::memory_order_seq_cst) != seen; });
+          sleepers_.fetch_sub(1, std::memory_order_relaxed);
+          break;
+        }
+      }
+      ++seen;  // run() waits for every worker, so each generation is seen exactly once
+      (*task_)(t);
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  const int threads_;
+  const pid_t pid_;
+  const std::function<void(int)>* task_ = nullptr;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<int> sleepers_{0};
+  std::mutex mu_, running_;
+  std::condition_variable wake_;
+};
+
+// fn(begin, end) over [0, n) in one contiguous range per thread, on the spinning pool or OpenMP's team (see
+// openmp_sleeps); inline when not `worth` it or with one thread.
+template <class F>
+void parallel(int64_t n, bool worth, const F& fn) {
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), n));
+  if (!worth || threads <= 1) {
+    fn(0, n);
+  } else if (openmp_sleeps()) {
+    SpinPool::get(threads).run([&](int t) { fn(n * t / threads, n * (t + 1) / threads); });
+  } else {  // OpenMP's own team spins between regions: a second spinning pool would only compete with it
+    at::parallel_for(0, n, (n + threads - 1) / threads, fn);
+  }
+}
+
 
 constexpr int64_t kGroup = 32;
 constexpr int64_t kRows = 4;   // rows per block: one per 128-bit lane
@@ -159,6 +262,7 @@ torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor d, t
   TORCH_CHECK(d.scalar_type() == torch::kFloat16 && m.scalar_type() == torch::kFloat16 && d.is_contiguous() &&
               m.is_contiguous() && d.numel() == nb * ng * kRows && m.numel() == nb * ng * kRows, "d, m: float16 (N/4, G, 4)");
 
+  pybind11::gil_scoped_release no_gil;  // other Python threads (the server, other shards) run meanwhile
   std::vector<int8_t> xq(M * K * kLevels);
   std::vector<float> dx(M * ng), sx(M * ng);
   quantize_activations(x.data_ptr<float>(), M, K, xq.data(), dx.data(), sx.data());
@@ -166,9 +270,9 @@ torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor d, t
   const Operands o{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
                    reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>()), xq.data(), dx.data(), sx.data(),
                    y.data_ptr<float>(), ng, N};
-  // Tasks of whole 4-block groups (so decode keeps its 4-block tiles), ~64 rows or more each.
+  // Each thread takes a contiguous range of whole 4-block groups (so decode keeps its 4-block tiles).
   const int64_t quads = (nb + 3) / 4;
-  at::parallel_for(0, quads, 4, [&](int64_t q0, int64_t q1) { blocks(o, M, q0 * 4, std::min(nb, q1 * 4)); });
+  parallel(quads, true, [&](int64_t q0, int64_t q1) { blocks(o, M, q0 * 4, std::min(nb, q1 * 4)); });
   return y;
 }
 
@@ -198,35 +302,50 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return y;
 }
 
-// Attention of one new token over T cached positions, GQA: q (KV, G, D) contiguous; k, v (KV, T, D) with unit
-// stride in D (views of the cache); returns (KV·G·D). softmax(q·kᵀ/√D)·v per query head, in float32 with the
-// running max subtracted (as SDPA). torch's flash kernel spends ~30 µs per call on setup for the few KB a
-// decode step attends over at short contexts; this loop takes a few µs and parallelises over KV heads once T is
-// long enough to pay for it.
-torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(), "q: contiguous float32 (KV, G, D)");
-  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.scalar_type() == torch::kFloat32 && v.scalar_type() == torch::kFloat32 &&
-              k.sizes() == v.sizes() && k.stride(2) == 1 && v.stride(2) == 1, "k, v: float32 (KV, T, D), unit stride in D");
-  const int64_t KV = q.size(0), G = q.size(1), D = q.size(2), T = k.size(1);
-  TORCH_CHECK(k.size(0) == KV && k.size(2) == D && D % 16 == 0 && D <= 256 && T > 0, "shapes: q ", q.sizes(), ", k ", k.sizes());
-  auto out = torch::empty({KV * G * D}, q.options());
+// Attention of one new token per sequence over its cached positions, GQA: q (B, KV·G, D) contiguous, the layer's
+// cache k, v (S, KV, C, D) contiguous, sequence b in cache slot slots[b] with lengths[b] positions (its new token
+// included); returns (B, KV·G·D). softmax(q·kᵀ/√D)·v per query head in float32, the running max subtracted (as
+// SDPA). torch's flash kernel spends ~30 µs per call on setup for the few KB a decode step attends over at
+// short contexts, and a batch of sequences of different lengths needs a padded, masked call (260 µs for 16
+// sequences); this takes a few µs per sequence and splits (sequence, KV head) pairs over the threads.
+torch::Tensor attend_cached(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots, torch::Tensor lengths) {
+  TORCH_CHECK(kc.dim() == 4 && kc.is_contiguous() && vc.is_contiguous() && kc.sizes() == vc.sizes() &&
+              kc.scalar_type() == torch::kFloat32 && vc.scalar_type() == torch::kFloat32, "caches: contiguous float32 (S, KV, C, D)");
+  const int64_t S = kc.size(0), KV = kc.size(1), C = kc.size(2), D = kc.size(3), B = q.size(0);
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.scalar_type() == torch::kFloat32 && q.size(1) % KV == 0 && q.size(2) == D,
+              "q: contiguous float32 (B, KV·G, D), got ", q.sizes());
+  TORCH_CHECK(D % 16 == 0 && D <= 256, "head_dim ", D, ": need a multiple of 16, at most 256");
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && lengths.scalar_type() == torch::kInt64 && slots.numel() == B &&
+              lengths.numel() == B && slots.is_contiguous() && lengths.is_contiguous(), "slots, lengths: int64 (B,)");
+  const int64_t G = q.size(1) / KV;
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  const int64_t* ln = lengths.data_ptr<int64_t>();
+  int64_t work = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sl[b] >= 0 && sl[b] < S && ln[b] > 0 && ln[b] <= C, "sequence ", b, ": slot ", sl[b], ", length ", ln[b], " outside the cache");
+    work += ln[b];
+  }
+  auto out = torch::empty({B, KV * G * D}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+  const float* kp = kc.data_ptr<float>();
+  const float* vp = vc.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), vs0 = v.stride(0), vs1 = v.stride(1);
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t chunks = D / 16;
-  auto heads = [&](int64_t h0, int64_t h1) {
-    std::vector<float> p(T);
-    for (int64_t h = h0; h < h1; ++h) {
+  auto pairs = [&](int64_t p0, int64_t p1) {
+    std::vector<float> p;
+    for (int64_t pair = p0; pair < p1; ++pair) {
+      const int64_t b = pair / KV, h = pair % KV, T = ln[b];
+      const float* kh = kp + (sl[b] * KV + h) * C * D;
+      const float* vh = vp + (sl[b] * KV + h) * C * D;
+      p.resize(T);
       for (int64_t j = 0; j < G; ++j) {
-        const float* qj = qp + (h * G + j) * D;
+        const int64_t head = (b * KV + h) * G + j;  // = b·H + h·G + j
         __m512 qv[16];
-        for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(qj + 16 * c), _mm512_set1_ps(scale));
+        for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(qp + head * D + 16 * c), _mm512_set1_ps(scale));
         float mx = -INFINITY;
         for (int64_t t = 0; t < T; ++t) {
-          const float* kt = kp + h * ks0 + t * ks1;
+          const float* kt = kh + t * D;
           __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kt));
           for (int64_t c = 1; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kt + 16 * c), acc);
           p[t] = _mm512_reduce_add_ps(acc);
@@ -237,17 +356,18 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v) {
         __m512 o[16];
         for (int64_t c = 0; c < chunks; ++c) o[c] = _mm512_setzero_ps();
         for (int64_t t = 0; t < T; ++t) {
-          const float* vt = vp + h * vs0 + t * vs1;
+          const float* vt = vh + t * D;
           const __m512 pt = _mm512_set1_ps(p[t]);
           for (int64_t c = 0; c < chunks; ++c) o[c] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vt + 16 * c), o[c]);
         }
         const __m512 inv = _mm512_set1_ps(1.f / total);
-        for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(op + (h * G + j) * D + 16 * c, _mm512_mul_ps(o[c], inv));
+        for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(op + head * D + 16 * c, _mm512_mul_ps(o[c], inv));
       }
     }
   };
-  // One task per KV head only when each has enough keys to outweigh waking the other threads (~5 µs).
-  at::parallel_for(0, KV, T * G * D >= (1 << 16) ? 1 : KV, heads);
+  pybind11::gil_scoped_release no_gil;
+  // Split over threads only when there is enough to outweigh handing work to them (~64k multiply-adds).
+  parallel(B * KV, work * G * D >= (1 << 16), pairs);
   return out;
 }
 
@@ -304,6 +424,6 @@ torch::Tensor rope_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("q4_matmul", &q4_matmul, "Y = X W^T, W 4-bit groups in blocks of 4 rows, X quantised to int8 per group");
   mod.def("rms_norm", &rms_norm, "RMSNorm of float32 rows");
-  mod.def("attend_one", &attend_one, "one-query GQA attention over a cache view");
+  mod.def("attend_cached", &attend_cached, "one-query GQA attention per sequence over its cache slot");
   mod.def("rope_cache", &rope_cache, "RoPE on q and k, k and v into the cache; returns q");
 }
