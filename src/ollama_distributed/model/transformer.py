@@ -164,8 +164,8 @@ class ModelShard:
             assert isinstance(some, torch.Tensor)
             self.dtype = some.dtype
         self.inv_freq = rope.inv_freq(cfg, weights.get("rope_freqs"))
-        # Our fused RMSNorm and one-query attention (model/cpu_kernels.py) for float32 shards on CPU; torch's ops
-        # elsewhere, and for shapes the kernels do not take.
+        # Our fused RMSNorm, RoPE + cache writes and decode attention (model/cpu_kernels.py) for float32 shards on
+        # CPU; torch's ops elsewhere, and for shapes the kernels do not take.
         probe = self.layers[0].attn_norm if self.layers else (self.embed if self.embed is not None else self.norm)
         fits = cfg.hidden_size % 16 == 0 and cfg.head_dim % 32 == 0 and cfg.head_dim <= 256
         on_cpu = probe is not None and probe.device.type == "cpu"
@@ -188,7 +188,7 @@ class ModelShard:
     def from_file(cls, path: str | Path, spec: ShardSpec | None = None, dtype: torch.dtype = torch.float32,
                   quant: str | None = None) -> "ModelShard":
         """Read config and only this shard's weights from a GGUF file or HF directory (whole model by default).
-        With quant="int4", `dtype` applies to nothing (activations are bf16); see __init__."""
+        With quant="int4", `dtype` applies to nothing (the shard computes in float32); see __init__."""
         cfg = read_config(path)
         spec = spec or ShardSpec.full(cfg)
         return cls(cfg, spec, load_weights(path, cfg, spec, dtype, quant), quant)
@@ -276,7 +276,7 @@ class ModelShard:
 
     def _rms_norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self._ops is not None:
-            return self._ops.rms_norm(x, w, self.cfg.rms_norm_eps)
+            return self._ops.rms_norm(x.contiguous(), w, self.cfg.rms_norm_eps)
         if x.dtype == torch.float32:  # (also every quantised shard: float32 stream, see __init__)
             return F.rms_norm(x, (x.shape[-1],), w, self.cfg.rms_norm_eps)
         # Low precision: normalise in float32, scale in the model dtype (as transformers' LlamaRMSNorm).

@@ -58,7 +58,9 @@ class SpinPool {
     static std::mutex create;
     std::lock_guard<std::mutex> lock(create);
     if (pool == nullptr || pool->threads_ != threads || pool->pid_ != getpid()) {
-      pool = new SpinPool(threads);  // the old one (another size, or a fork's parent's) is left to its threads
+      // (a new intra-op thread count, or a forked child, whose copy has no workers; the old pool's threads, if
+      // any, sleep on)
+      pool = new SpinPool(threads);
     }
     return *pool;
   }
@@ -119,8 +121,10 @@ class SpinPool {
 // openmp_sleeps); inline when not `worth` it or with one thread.
 template <class F>
 void parallel(int64_t n, bool worth, const F& fn) {
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), n));
-  if (!worth || threads <= 1) {
+  // The pool always has the intra-op thread count (one pool per process, not one per size); with fewer items than
+  // threads some ranges are empty.
+  const int threads = at::get_num_threads();
+  if (!worth || threads <= 1 || n <= 1) {
     fn(0, n);
   } else if (openmp_sleeps()) {
     SpinPool::get(threads).run([&](int t) { fn(n * t / threads, n * (t + 1) / threads); });
