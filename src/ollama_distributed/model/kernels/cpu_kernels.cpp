@@ -5,14 +5,14 @@
 // product works (ggml-cpu quants.c, ggml_vec_dot_q4_1_q8_1): activations are quantised to int8 per group of 32
 // (one float scale each), and each group's integer dot product runs on VPDPBUSD (64 u8 x s8 products per
 // instruction) before its float scales are applied. torch's own CPU int4 kernel converts every weight to float
-// first and tops out near 12 GB/s of weights per core here; this one does not (bench/README.md, section 3).
+// first and tops out near 12 GB/s of weights per core here; this one does not (bench/README.md, section 6).
 //
 // Math, per output row n and group g of 32 inputs (w = d·q + m, q in [0, 16), the GGUF Q4_1 form):
 //   y[n] = Σ_g d[n,g]·dx[g]·Σ_{k∈g} q[n,k]·(256·q1[k] + q2[k])  +  Σ_g m[n,g]·sx[g]
 // with x ≈ dx·(256·q1 + q2) in two int8 levels (quantize_activations) and sx[g] = Σ_{k∈g} x[k] summed in float.
 // (llama.cpp uses one level; two keep real activations to ~15 bits, at 2 more VPDPBUSD per group.)
 //
-// Weight layout (built by model/q4_kernel.py): rows in blocks of 4, one 128-bit lane per row, so one 512-bit
+// Weight layout (built by model/cpu_kernels.py): rows in blocks of 4, one 128-bit lane per row, so one 512-bit
 // load holds a group of 32 weights for 4 rows:
 //   codes (N/4, G, 64) u8: lane r, byte j = q[4b+r, 32g+j] | q[4b+r, 32g+16+j] << 4  (GGUF's own qs order)
 //   d, m  (N/4, G, 4) f16: the group's scale and offset for the block's 4 rows.
@@ -37,11 +37,6 @@
 
 namespace {
 
-// Worker threads for q4_matmul that spin between calls, then sleep. A decode step makes 4 matmuls per layer a few
-// µs apart; under OMP_WAIT_POLICY=PASSIVE (our default, so that a team never spins against a busy neighbour)
-// every OpenMP parallel region wakes a sleeping thread, which costs tens of µs in this VM and made the int4 step
-// 2.8x slower than under libgomp's spinning default (bench/README.md section 6). Like llama.cpp's thread pool,
-// these workers spin for kSpin after each call, so they stay awake through a step and sleep between requests.
 // Whether OpenMP's idle threads sleep (OMP_WAIT_POLICY=PASSIVE; libgomp reads it once, at start-up).
 bool openmp_sleeps() {
   static const bool passive = [] {
@@ -51,6 +46,11 @@ bool openmp_sleeps() {
   return passive;
 }
 
+// Worker threads for our kernels that spin between calls, then sleep. A decode step makes 4 matmuls per layer a
+// few µs apart; under OMP_WAIT_POLICY=PASSIVE (our default, so that a team never spins against a busy neighbour)
+// every OpenMP parallel region wakes a sleeping thread, which costs tens of µs in this VM and made the int4 step
+// ~2.7x slower than under libgomp's spinning default (bench/README.md section 6). Like llama.cpp's thread pool,
+// these workers spin for kSpin after each call, so they stay awake through a step and sleep between requests.
 class SpinPool {
  public:
   static SpinPool& get(int threads) {
