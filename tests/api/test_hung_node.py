@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from ollama_distributed.runtime.step_timeout import StepTimeout
+from tests.helpers.processes import release
 
 # pipeline_server: 2 nodes of 34 MiB, so the tiny model takes 2 pipeline stages (one per node). Imported as a
 # module-scoped fixture, this module gets its own server.
@@ -24,14 +25,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 DEFAULT = StepTimeout()
 # detection (floor + probe) plus re-placing and the replay, with room for a loaded 2-core machine
 HANG_TO_TOKEN_LIMIT_S = DEFAULT.floor_s + DEFAULT.probe_s + 25.0
-
-
-def _release(pid: int) -> None:
-    for sig in (signal.SIGCONT, signal.SIGKILL):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
 
 
 def test_sigstopped_stage_worker_is_detected_and_the_stream_completes(pipeline_server, references) -> None:
@@ -58,7 +51,7 @@ def test_sigstopped_stage_worker_is_detected_and_the_stream_completes(pipeline_s
             time.sleep(0.05)
         alive = psutil.pid_exists(victim["pid"]) and psutil.Process(victim["pid"]).status() != psutil.STATUS_ZOMBIE
     finally:
-        _release(victim["pid"])
+        release(victim["pid"])
     assert s.final is not None and "error" not in s.final, (s.final, srv.log()[-3000:])
     assert text == references[PROMPTS[2]], srv.log()[-3000:]
     assert not alive, "the hung worker was left running (stopped)"

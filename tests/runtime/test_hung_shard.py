@@ -21,6 +21,7 @@ from ollama_distributed.runtime.local_executor import LocalExecutor
 from ollama_distributed.runtime.placement import uniform_plan
 from ollama_distributed.runtime.ray_executor import RayExecutor
 from ollama_distributed.runtime.step_timeout import StepTimeout
+from tests.helpers.processes import release
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -47,15 +48,6 @@ def gone(pid: int, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
-
-
-def release(pid: int) -> None:
-    """Never leave a stopped process behind, whatever the test's outcome."""
-    for sig in (signal.SIGCONT, signal.SIGKILL):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
 
 
 def test_hung_stage_is_detected_killed_and_its_peer_reused(tiny_gguf, ray_cluster) -> None:
