@@ -1,6 +1,6 @@
 """Our CPU kernels (kernels/cpu_kernels.cpp): the build on first use, and the 4-bit Linear's weight layout.
 
-What is hand-written and why (measured on this project's 2-core AVX-512 machine, bench/README.md section 3):
+What is hand-written and why (measured on this project's 2-core AVX-512 machine, bench/README.md section 6):
   - q4_matmul: decode reads every weight once per token, and torch's CPU int4 kernel
     (`_weight_int4pack_mm_for_cpu`) converts each weight to float before multiplying, which caps it near 12 GB/s
     of weights per core; integer dot products (VPDPBUSD, as llama.cpp's Q4_1 x Q8_1) run about twice as fast.
@@ -28,7 +28,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-GROUP = 32
+GROUP = 32  # inputs per scale: GGUF's 4-bit block (the .cpp's kGroup; model/quant.py GROUP)
 BLOCK_ROWS = 4  # rows per 512-bit load, one per 128-bit lane (the .cpp's kRows)
 _SOURCE = Path(__file__).with_name("kernels") / "cpu_kernels.cpp"
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c", "-fopenmp"]

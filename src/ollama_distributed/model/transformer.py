@@ -58,6 +58,8 @@ class _Seq:
     slot: int  # cache slot
     total: int  # cached + new tokens after this step
     mask: torch.Tensor | None  # (count, total) bool, only for a multi-token chunk after earlier tokens
+    # (slot,) and (total,) int64, for cpu_kernels' attend_cached on a one-token sequence attended on its own
+    where: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -239,6 +241,10 @@ class ModelShard:
             slot_idx = torch.repeat_interleave(torch.tensor(slots), counts)
         cos, sin = rope.cos_sin(self.inv_freq, pos, self.dtype)
         dec = _DecodeBatch.build(seqs, n_tok) if self.batched_decode else None
+        if self._ops is not None and dec is None:  # built once here rather than in each layer's _attend
+            for s in seqs:
+                if s.count == 1:
+                    s.where = (torch.tensor([s.slot]), torch.tensor([s.total]))
 
         h = F.embedding(x, self.embed).to(self.dtype) if self.spec.has_embedding else x.to(self.dtype)
         for li, layer in enumerate(self.layers):
@@ -346,9 +352,8 @@ class ModelShard:
 
     def _attend(self, q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, s: _Seq) -> torch.Tensor:
         """Causal attention of one sequence's new queries over its cached keys; returns (count, heads * hd)."""
-        if s.count == 1 and self._ops is not None:
-            where = torch.tensor([s.slot, s.total])
-            return self._ops.attend_cached(q[s.offset : s.offset + 1], ck, cv, where[:1], where[1:])
+        if s.where is not None:
+            return self._ops.attend_cached(q[s.offset : s.offset + 1], ck, cv, *s.where)
         keys, values = ck[s.slot, :, : s.total], cv[s.slot, :, : s.total]  # (kv, total, hd) views
         hd = self.cfg.head_dim
         if s.count == 1:
