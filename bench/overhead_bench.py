@@ -31,7 +31,7 @@ from ollama_distributed.model.options import GenerationOptions  # noqa: E402
 from ollama_distributed.model.tokenizer import Tokenizer  # noqa: E402
 from ollama_distributed.model.weights import read_config  # noqa: E402
 from ollama_distributed.runtime.cluster import ClusterHandle  # noqa: E402
-from ollama_distributed.runtime.distributed_run import _PROFILE_DTYPE  # noqa: E402
+from ollama_distributed.runtime.distributed_run import model_profile  # noqa: E402
 from ollama_distributed.runtime.engine import InferenceEngine  # noqa: E402
 from ollama_distributed.runtime.measure import RAY_STEP_OVERHEAD, to_cluster_spec  # noqa: E402
 from ollama_distributed.runtime.placement import uniform_plan  # noqa: E402
@@ -42,7 +42,6 @@ from ollama_distributed.scheduler.cluster import ClusterSpec, StepOverhead  # no
 from ollama_distributed.scheduler.cost import CostModel  # noqa: E402
 from ollama_distributed.scheduler.overhead import OverheadPoint, fit_overhead  # noqa: E402
 from ollama_distributed.scheduler.plan import PartitionPlan  # noqa: E402
-from ollama_distributed.scheduler.profile import ModelProfile  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -83,7 +82,7 @@ def main() -> None:
     path = args.model or tiny_model(Path(tempfile.mkdtemp(prefix="ohbench-")))
     cfg = read_config(path)
     tok = Tokenizer.from_gguf(path)
-    profile = ModelProfile.from_config(cfg, dtype=_PROFILE_DTYPE[torch.float32], name=path.stem)
+    profile = model_profile(path, torch.float32)  # what RayExecutor's default shards hold
     cluster = ClusterHandle.start_local(args.nodes, "4GiB")
     rows = []
     try:

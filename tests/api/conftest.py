@@ -139,9 +139,10 @@ def serving(tmp: Path, model_path: Path, extra_args: list[str] = (), extra_env: 
         stop_server(srv)
 
 
-def greedy_texts(model_path: Path, prompts: list[str], num_predict: int, quant: str | None = None) -> dict[str, str]:
+def greedy_texts(model_path: Path, prompts: list[str], num_predict: int, quant: str | None = "native") -> dict[str, str]:
     """The reference a server's answers are compared with: each prompt's greedy text from the in-process engine
-    on the same file (all prompts batched together, as the engine's continuous batching runs them)."""
+    on the same file (all prompts batched together, as the engine's continuous batching runs them), in the
+    server's default weight format (`auto`: quant "native") unless told otherwise."""
     from ollama_distributed.model.options import GenerationOptions
     from ollama_distributed.model.tokenizer import Tokenizer
     from ollama_distributed.runtime.engine import GenerationRequest, InferenceEngine

@@ -38,7 +38,7 @@ def test_pipeline_generation_matches_in_process(pipeline_server, tiny_gguf: Path
     prompt = "The quick brown fox"
     out = client.generate(model="tiny", prompt=prompt, raw=True, options={"temperature": 0, "num_predict": 16})
     tok = Tokenizer.from_gguf(tiny_gguf)
-    with InferenceEngine(LocalExecutor(tiny_gguf), tok) as engine:
+    with InferenceEngine(LocalExecutor(tiny_gguf, quant="native"), tok) as engine:  # the server's default format (--dtype auto)
         local = engine.generate(GenerationRequest(prompt_ids=tok.encode(prompt),
                                                   options=GenerationOptions(temperature=0, num_predict=16)))
     assert out.response == local.text, pipeline_server.log()[-3000:]

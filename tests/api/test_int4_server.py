@@ -42,5 +42,5 @@ def test_int4_server_answers_like_the_int4_engine(where, q41, int4_answer, tmp_p
 
 
 def test_unknown_dtype_is_refused_at_start(tmp_path_factory) -> None:
-    with pytest.raises(RuntimeError, match="unknown dtype 'int3': expected float32\\|bfloat16\\|int4"):
+    with pytest.raises(RuntimeError, match="unknown dtype 'int3': expected auto\\|float32\\|bfloat16\\|float16\\|int4"):
         start_server(tmp_path_factory.mktemp("bad-dtype"), ["--dtype", "int3"], timeout=60)

@@ -36,7 +36,7 @@ def test_server_tokens_equal_in_process_engine(server, tiny_gguf: Path) -> None:
     via_server = ollama.Client(host=server.url).generate(
         model="tiny", prompt=prompt, raw=True, options={"temperature": 0, "num_predict": 24})
     tok = Tokenizer.from_gguf(tiny_gguf)
-    with InferenceEngine(LocalExecutor(tiny_gguf), tok) as engine:
+    with InferenceEngine(LocalExecutor(tiny_gguf, quant="native"), tok) as engine:  # the server's default format (--dtype auto)
         ids = tok.encode(prompt)
         local = engine.generate(GenerationRequest(prompt_ids=ids, options=GenerationOptions(temperature=0,
                                                                                           num_predict=24)))

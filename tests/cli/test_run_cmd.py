@@ -23,7 +23,7 @@ def expected(tiny_gguf):
     """What the engine answers for a conversation, computed without the CLI."""
     tok = Tokenizer.from_gguf(tiny_gguf)
     template = ChatTemplate.from_tokenizer(tok)
-    eng = InferenceEngine(LocalExecutor(tiny_gguf, max_seq_len=4096), tok)
+    eng = InferenceEngine(LocalExecutor(tiny_gguf, max_seq_len=4096, quant="native"), tok)  # run's default: auto
     opts = GenerationOptions.from_dict(OPTS)
 
     def answer(messages):
@@ -109,7 +109,7 @@ def test_run_int4_streams_the_int4_engine_answer(tiny_gguf_factory):
     assert r.exit_code == 0, r.output
     assert want.strip() and r.stdout == want + "\n"
     bad = runner.invoke(app, ["run", str(path), "hi", "--dtype", "int3"])
-    assert bad.exit_code == 1 and "unknown dtype 'int3': expected float32|bfloat16|float16|int4" in bad.stderr
+    assert bad.exit_code == 1 and "unknown dtype 'int3': expected auto|float32|bfloat16|float16|int4" in bad.stderr
 
 
 def test_run_int4_on_local_pipeline_fits_where_float32_does_not(tiny_gguf_factory):
@@ -135,5 +135,5 @@ def test_run_int4_on_local_pipeline_fits_where_float32_does_not(tiny_gguf_factor
         eng.close()
     assert r.stdout == want + "\n"  # pipeline stages of an int4 model compute exactly what one process does
     assert "plan: pipeline (layers 0-" in r.stderr
-    f32 = subprocess.run(base, capture_output=True, text=True, timeout=600, env=env)
+    f32 = subprocess.run(base + ["--dtype", "float32"], capture_output=True, text=True, timeout=600, env=env)
     assert f32.returncode == 1 and "needs 41.9 MB" in f32.stderr

@@ -112,6 +112,18 @@ def test_corrupt_tensor_data_is_caught(tmp_path, good):
         open_all(path)
 
 
+def test_corrupt_block_scales_are_caught_in_the_files_format(tmp_path, tiny_gguf_factory):
+    """`--dtype auto` keeps the file's blocks: a NaN block scale is refused at load time with the tensor's name."""
+    good = tiny_gguf_factory(vocab=1024, n_layers=2, dtype="q4_k", hidden=256, n_heads=8, n_kv_heads=2, ffn=512)
+    tensor = next(t for t in gguf.GGUFReader(good).tensors if t.name == "blk.1.ffn_up.weight")
+    data = bytearray(good.read_bytes())
+    data[tensor.data_offset + 144 : tensor.data_offset + 146] = b"\xff\xff"  # the second block's d
+    path = write_bytes(tmp_path, "nanscale.gguf", bytes(data))
+    cfg = read_config(path)
+    with pytest.raises(ModelFileError, match=r"nanscale\.gguf: tensor 'blk\.1\.ffn_up\.weight' holds NaN/inf block"):
+        load_weights(path, cfg, ShardSpec.full(cfg), quant="native")
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "mamba", "phi3"])
 def test_unsupported_architecture(tmp_path, good, arch):
     path = rewrite_gguf(good, tmp_path / f"{arch}.gguf", arch=arch)

@@ -55,38 +55,42 @@ def test_rms_norm_matches_torch(m):
     assert rel_err(cpu_kernels.ops().rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5)) <= 1e-6
 
 
-def test_attend_cached_matches_sdpa_per_sequence():
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_attend_cached_matches_sdpa_per_sequence(cache_dtype):
     """Sequences of 1, 7 and 400 cached positions in scattered slots of one layer's cache (400 keys x 3 queries
-    x 64 dims takes the multi-threaded branch)."""
+    x 64 dims takes the multi-threaded branch), in a float32 or float16 cache (Ollama's default KV type)."""
     g = torch.Generator().manual_seed(5)
-    cache_k = torch.randn(6, 3, 512, 64, generator=g)  # (slots, kv, capacity, hd) as KVCache keeps one layer
-    cache_v = torch.randn(6, 3, 512, 64, generator=g)
+    cache_k = torch.randn(6, 3, 512, 64, generator=g).to(cache_dtype)  # (slots, kv, capacity, hd): one layer
+    cache_v = torch.randn(6, 3, 512, 64, generator=g).to(cache_dtype)
     slots, lengths = torch.tensor([4, 0, 2]), torch.tensor([1, 7, 400])
     q = torch.randn(3, 9, 64, generator=g)  # 9 query heads in 3 KV groups (SmolLM2's shape)
     got = cpu_kernels.ops().attend_cached(q, cache_k, cache_v, slots, lengths)
     for b, (slot, n) in enumerate(zip(slots.tolist(), lengths.tolist())):
-        keys, values = cache_k[slot, :, :n], cache_v[slot, :, :n]
+        keys, values = cache_k[slot, :, :n].float(), cache_v[slot, :, :n].float()
         want = F.scaled_dot_product_attention(q[b].view(1, 3, 3, 64), keys[None], values[None]).reshape(-1)
         assert rel_err(got[b], want) <= 1e-5, (b, n)
     with pytest.raises(RuntimeError, match="outside the cache"):
         cpu_kernels.ops().attend_cached(q, cache_k, cache_v, slots, torch.tensor([1, 7, 513]))
 
 
-def test_rope_cache_matches_rope_and_index_put():
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_rope_cache_matches_rope_and_index_put(cache_dtype):
     g = torch.Generator().manual_seed(3)
     heads, kv, hd, n = 9, 3, 64, 5
     qkv = torch.randn(n, (heads + 2 * kv) * hd, generator=g)
     slots, pos = torch.tensor([0, 0, 2, 3, 3]), torch.tensor([4, 5, 0, 7, 8])
     inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
     cos, sin = rope.cos_sin(inv, pos, torch.float32)
-    k_cache, v_cache = torch.zeros(4, kv, 16, hd), torch.zeros(4, kv, 16, hd)
+    k_cache, v_cache = torch.zeros(4, kv, 16, hd, dtype=cache_dtype), torch.zeros(4, kv, 16, hd, dtype=cache_dtype)
     q = cpu_kernels.ops().rope_cache(qkv, cos, sin, k_cache, v_cache, slots, pos, heads, kv)
 
     qk = rope.apply(qkv[:, : (heads + kv) * hd].view(n, heads + kv, hd), cos, sin)
     want_k, want_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
-    want_k[slots, :, pos] = qk[:, heads:]
-    want_v[slots, :, pos] = qkv[:, (heads + kv) * hd :].view(n, kv, hd)
+    want_k[slots, :, pos] = qk[:, heads:].to(cache_dtype)
+    want_v[slots, :, pos] = qkv[:, (heads + kv) * hd :].view(n, kv, hd).to(cache_dtype)  # (rounded to nearest)
     assert torch.allclose(q, qk[:, :heads], rtol=0, atol=1e-6)
-    assert torch.allclose(k_cache, want_k, rtol=0, atol=1e-6) and torch.equal(v_cache, want_v)
+    # float16: the same rounding of values that differ by float32 ulps can land one float16 ulp apart
+    assert torch.allclose(k_cache.float(), want_k.float(), rtol=1e-3 if cache_dtype == torch.float16 else 0, atol=1e-6)
+    assert torch.equal(v_cache, want_v)
     with pytest.raises(RuntimeError, match="outside the cache"):
         cpu_kernels.ops().rope_cache(qkv, cos, sin, k_cache, v_cache, slots, pos + 10, heads, kv)

@@ -210,3 +210,20 @@ def test_masked_logits_are_never_drawn():
     x[[3, 7]] = torch.tensor([0.0, 0.1])
     smp = Sampler(GenerationOptions(seed=0, top_k=0, top_p=1.0))
     assert {smp.sample(x) for _ in range(200)} == {3, 7}
+
+
+def test_batched_greedy_argmax_matches_torch_on_ties_nan_and_inf():
+    """sample_batch's greedy fast path (numpy's argmax over the float32 logits) picks exactly torch.argmax's
+    token: the first index on ties, a NaN as the largest value, and works for other dtypes too."""
+    inf, nan = float("inf"), float("nan")
+    rows = torch.tensor([[1.0, 3.0, 3.0, 2.0], [nan, 1.0, nan, 5.0], [-inf] * 4, [0.0, inf, inf, 1.0]])
+    rows = torch.cat([rows, torch.randn(4, 4)])
+    greedy = [Sampler(GenerationOptions(temperature=0.0)) for _ in range(len(rows))]
+    want = torch.argmax(rows, dim=-1).tolist()
+    assert sample_batch(rows, greedy, [[]] * len(rows)) == want
+    assert sample_batch(rows.to(torch.bfloat16), greedy, [[]] * len(rows)) == torch.argmax(
+        rows.to(torch.bfloat16), dim=-1).tolist()
+    # a greedy row among sampled ones is still the argmax, and the others are unchanged
+    mixed = [greedy[0], Sampler(GenerationOptions(seed=3)), greedy[4]]
+    alone = Sampler(GenerationOptions(seed=3)).sample(rows[4], [])
+    assert sample_batch(rows[[0, 4, 4]], mixed, [[]] * 3) == [want[0], alone, want[4]]

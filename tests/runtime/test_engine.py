@@ -261,6 +261,40 @@ def test_async_iteration_streams_same_chunks(engine, tokenizer):
         time.sleep(0.01)
 
 
+def test_coalesced_consumer_is_woken_once_and_gets_the_same_chunks(engine, tokenizer, monkeypatch):
+    """A caller that answers at the end (`coalesce`, as the non-streaming API does) takes one hand-off for the
+    whole request instead of one per token, and still gets every chunk, stamped with the engine's times."""
+    from ollama_distributed.runtime import requests as rq
+
+    req = GenerationRequest(tokenizer.encode("Why is the sky blue?"), GREEDY.merged({"num_predict": 12}))
+    streamed = list(engine.submit(req))
+    wakes = []
+    real = rq._wake_waiter
+    monkeypatch.setattr(rq, "_wake_waiter", lambda w: (wakes.append(1), real(w)))
+    gate = threading.Event()
+    blocker = threading.Thread(target=engine._call_on_loop, args=(gate.wait,))
+    blocker.start()  # the engine thread waits on the gate, so the consumer below waits before any token exists
+
+    async def consume():
+        h = engine.submit(req)
+        h.coalesce()
+        task = asyncio.ensure_future(_chunks(h))
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await task
+
+    async def _chunks(h):
+        return [c async for c in h]
+
+    got = asyncio.run(consume())
+    blocker.join(10)
+    assert len(wakes) == 1
+    assert [(c.text, c.token_ids) for c in got] == [(c.text, c.token_ids) for c in streamed]
+    times = [c.time for c in got]
+    assert times[0] > 0 and times == sorted(times)
+    assert all(c.batch >= 1 for c in got if c.token_ids)
+
+
 def test_many_threads_submit_concurrently(engine, tokenizer):
     prompt = tokenizer.encode("hello")
     want = engine.generate(GenerationRequest(prompt, GREEDY.merged({"num_predict": 8}))).token_ids

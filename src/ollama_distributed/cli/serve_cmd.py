@@ -18,8 +18,11 @@ def serve(
     local_nodes: int = typer.Option(0, "--local-nodes", help="Start N Ray nodes on this machine."),
     node_memory: str = typer.Option(None, "--node-memory", help="Memory budget per local node, e.g. 2GiB."),
     strategy: str = typer.Option("auto", "--strategy", help="auto|single|pipeline|tensor|hybrid"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32|bfloat16|int4 (int4: the GGUF's 4-bit blocks, "
-                              "~2x faster decode on CPU)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto|float32|bfloat16|float16|int4 (auto: every tensor in "
+                              "its file type, the file's memory; float32/bfloat16/float16: dequantised; int4: "
+                              "4-bit groups)."),
+    kv_cache_type: str = typer.Option(None, "--kv-cache-type", help="KV cache f32|f16|q8_0 (default: OLLAMA_KV_CACHE_TYPE, "
+                                      "else f16 with --dtype auto and the compute dtype otherwise)."),
     max_replicas: int = typer.Option(None, "--max-replicas", help="Copies of a model on disjoint nodes when the "
                                      "cluster holds more than one (default 1, or OLLAMA_DISTRIBUTED_MAX_REPLICAS; "
                                      "0 = as many as fit)."),
@@ -41,11 +44,14 @@ def serve(
     try:
         settings = ServerSettings.from_env(
             host=host, port=port, address=address, local_nodes=local_nodes, node_memory=node_memory,
-            strategy=strategy, dtype=dtype, max_replicas=max_replicas, autotune=autotune, replan=replan,
+            strategy=strategy, dtype=dtype, kv_cache_type=kv_cache_type, max_replicas=max_replicas, autotune=autotune, replan=replan,
         )
     except ValueError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from None
+    from ..model.cpu_kernels import build_in_background
+
+    build_in_background()  # a fresh machine compiles its kernels while the server starts, not at the first request
     where = (f"Ray cluster {settings.address}" if settings.address else
              f"{settings.local_nodes} local Ray nodes" if settings.local_nodes else "in-process")
     typer.echo(f"ollama-distributed listening on http://{settings.host}:{settings.port} (models run {where}; "

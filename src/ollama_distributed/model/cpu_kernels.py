@@ -11,15 +11,22 @@ What is hand-written and why (measured on this project's 2-core AVX-512 machine,
   - a thread pool that spins between calls (under OMP_WAIT_POLICY=PASSIVE, where OpenMP's threads sleep and every
     parallel region pays a wake-up; see the .cpp).
 
-The extension is compiled with torch.utils.cpp_extension (g++ and ninja; ~20 s once, cached under
+  - qmatmul and dequant_rows (kernels/native_kernels.cpp): weights in their GGUF type (model/native.py).
+
+The extension is compiled with torch.utils.cpp_extension (g++ and ninja; ~1 min once, cached under
 ~/.cache/torch_extensions). Where the CPU lacks AVX-512 VNNI or the build fails, `ops()` is None and the model
-keeps torch's ops; OLLAMA_DISTRIBUTED_CPU_KERNELS=0 forces that.
+keeps torch's ops; OLLAMA_DISTRIBUTED_CPU_KERNELS=0 forces that. CPUs with AVX2, FMA and F16C but no AVX-512 (most
+desktop and cloud x86) get qmatmul and dequant_rows from a second, smaller build: `native_ops()` returns whichever
+fits this CPU (OLLAMA_DISTRIBUTED_CPU_ISA=avx2 forces the AVX2 one, for tests).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import threading
+import time
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -30,34 +37,114 @@ log = logging.getLogger(__name__)
 
 GROUP = 32  # inputs per scale: GGUF's 4-bit block (the .cpp's kGroup; model/quant.py GROUP)
 BLOCK_ROWS = 4  # rows per 512-bit load, one per 128-bit lane (the .cpp's kRows)
-_SOURCE = Path(__file__).with_name("kernels") / "cpu_kernels.cpp"
+_KERNELS = Path(__file__).with_name("kernels")
+_SOURCES = [str(_KERNELS / "cpu_kernels.cpp"), str(_KERNELS / "native_kernels.cpp")]  # both include common.h
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c", "-fopenmp"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma", "f16c")
+# The AVX2 build: native_kernels.cpp alone, its own module (OD_NATIVE_MODULE), no AVX-512 instruction in it.
+_AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-DOD_NATIVE_MODULE"]
+_AVX2_CPU_FLAGS = ("avx2", "fma", "f16c")
+ISAS = ("avx512", "avx2")
 
 
-def _cpu_supports() -> bool:
+def _cpu_flags() -> list[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
-        return False
-    return all(flag in flags for flag in _CPU_FLAGS)
+        return []
+
+
+def _cpu_supports(required: tuple[str, ...] = _CPU_FLAGS) -> bool:
+    flags = _cpu_flags()
+    return all(flag in flags for flag in required)
+
+
+def _disabled() -> bool:
+    return os.environ.get("OLLAMA_DISTRIBUTED_CPU_KERNELS", "1") == "0"
 
 
 @lru_cache(maxsize=1)
 def ops() -> ModuleType | None:
     """The compiled kernels (q4_matmul, rms_norm, rope_cache, attend_cached), or None where they cannot run
     here. Builds them on the first call."""
-    if os.environ.get("OLLAMA_DISTRIBUTED_CPU_KERNELS", "1") == "0" or not _cpu_supports():
+    if _disabled() or not _cpu_supports():
         return None
+    return _build("ollama_distributed_cpu_kernels", _SOURCES, _FLAGS)
+
+
+@lru_cache(maxsize=1)
+def _avx2_ops() -> ModuleType | None:
+    if _disabled() or not _cpu_supports(_AVX2_CPU_FLAGS):
+        return None
+    return _build("ollama_distributed_avx2_kernels", _SOURCES[1:], _AVX2_FLAGS)
+
+
+# One build at a time: a model loading while `build_in_background` compiles waits for that build instead of
+# starting its own (lru_cache alone would let two threads compile the same module).
+_BUILD_LOCK = threading.RLock()
+
+
+def _build(name: str, sources: list[str], flags: list[str]) -> ModuleType | None:
+    with _BUILD_LOCK:
+        return _build_locked(name, sources, flags)
+
+
+def _build_locked(name: str, sources: list[str], flags: list[str]) -> ModuleType | None:
+    # The name carries a digest of what is compiled: torch caches builds by name in one directory per user, so two
+    # checkouts or installed versions with different sources would otherwise rebuild over each other's .so (and a
+    # process could load the other's, missing functions).
+    digest = hashlib.sha256(repr(flags).encode())
+    for path in [*sources, str(_KERNELS / "common.h")]:
+        digest.update(Path(path).read_bytes())
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="ollama_distributed_cpu_kernels", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        t0 = time.perf_counter()
+        module = load(name=f"{name}_{digest.hexdigest()[:12]}", sources=sources, extra_cflags=flags,
+                      extra_ldflags=["-fopenmp"], verbose=False)
+        if time.perf_counter() - t0 > 2:  # compiled now, not loaded from the cache
+            log.info("CPU kernels %s built in %.0f s (once per machine and version)", name, time.perf_counter() - t0)
+        return module
     except Exception as e:  # no compiler, no ninja, an old assembler: keep torch's ops
-        log.warning("CPU kernels unavailable (%s); using torch's ops", e)
+        log.warning("CPU kernels %s unavailable (%s); using torch's ops", name, e)
         return None
+
+
+@lru_cache(maxsize=1)
+def native_ops() -> ModuleType | None:
+    """The module with qmatmul and dequant_rows for this CPU (model/native.py): the AVX-512 VNNI build where the
+    CPU has it, else the AVX2 build, else None (the portable torch path). Builds it on the first call.
+    OLLAMA_DISTRIBUTED_CPU_ISA=avx512|avx2 picks one (falling back to the other, then None)."""
+    if _disabled():
+        return None
+    isa = os.environ.get("OLLAMA_DISTRIBUTED_CPU_ISA", "")
+    if isa and isa not in ISAS:
+        log.warning("OLLAMA_DISTRIBUTED_CPU_ISA=%s: expected one of %s; choosing by the CPU", isa, "|".join(ISAS))
+    if isa == "avx2":
+        return _avx2_ops() or ops()
+    return ops() or _avx2_ops()
+
+
+def build_in_background() -> threading.Thread | None:
+    """Compile (or load from the cache) this CPU's kernels in a daemon thread, so that a fresh install's compile
+    overlaps start-up and model loading instead of following them; `serve` and `run` call it first thing. The
+    first model load then waits only for what is left of the build (the builds hold _BUILD_LOCK). None where no
+    kernels apply."""
+    if _disabled() or not (_cpu_supports() or _cpu_supports(_AVX2_CPU_FLAGS)):
+        return None
+
+    def build() -> None:
+        log.info("preparing CPU kernels (compiled on a machine's first run, ~20-60 s; cached after)")
+        t0 = time.perf_counter()
+        ready = native_ops() is not None
+        ops()
+        log.info("CPU kernels %s after %.1f s", "ready" if ready else "unavailable: torch's ops serve",
+                 time.perf_counter() - t0)
+
+    thread = threading.Thread(target=build, name="cpu-kernel-build", daemon=True)
+    thread.start()
+    return thread
 
 
 def available() -> bool:

@@ -29,29 +29,34 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import cpu_kernels
+from . import cpu_kernels, formats
 from .cpu_kernels import Q4Linear
+from .kv_cache import Q8_0
+from .linear import linear, weight_tensors
 
 GROUP = 32  # GGUF's block of 32 inputs (QK4_0 = QK4_1 = 32 in ggml-common.h)
 TORCH_INT4_DTYPE = torch.bfloat16  # torch's CPU int4 kernel takes bf16 activations (fp32 ones run ~25x slower)
-QUANT_FORMATS = ("int4",)
+QUANT_FORMATS = ("int4", "native")  # native: the file's own types (model/file_format.py)
 # Resolved once: looking an op up through torch.ops costs a few µs, paid 120 times per decoded token otherwise.
 _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
-# User-facing weight formats (`--dtype`): name → (activation/compute dtype, quantisation).
+# `--dtype` names (model/formats.py, where each format's meaning lives) → (torch compute dtype, loader quant mode)
 WEIGHT_FORMATS: dict[str, tuple[torch.dtype, str | None]] = {
-    "float32": (torch.float32, None),
-    "bfloat16": (torch.bfloat16, None),
-    "float16": (torch.float16, None),
-    "int4": (torch.float32, "int4"),  # float32 residual stream, attention and cache (ModelShard)
+    f.name: (getattr(torch, f.compute_dtype), f.quant) for f in formats.FORMATS.values()
 }
+# KV cache element types (model/formats.py kv_cache_type) as KVCache takes them: torch dtypes, or "q8_0"
+KV_DTYPES: dict[str, torch.dtype | str] = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16,
+                                           "q8_0": Q8_0}
 
 
 def weight_format(name: str) -> tuple[torch.dtype, str | None]:
     """(dtype, quant) for a `--dtype` name; ValueError naming the choices otherwise."""
-    try:
-        return WEIGHT_FORMATS[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}: expected {'|'.join(WEIGHT_FORMATS)}") from None
+    return WEIGHT_FORMATS[formats.weight_format_info(name).name]
+
+
+def kv_cache_dtype(weight_format_name: str, setting: str | None = None) -> torch.dtype | str:
+    """The KVCache dtype a shard of `weight_format_name` holds under `setting` (f32|f16|q8_0, None: the format's
+    default; model/formats.py kv_cache_type)."""
+    return KV_DTYPES[formats.kv_cache_type(weight_format_name, setting)]
 
 
 @dataclass
@@ -186,18 +191,3 @@ def pack(qm: QuantMatrix) -> Weight:
     if n % 16 == 0 and k % GROUP == 0:
         return Int4Linear(qm)
     return qm.dequantize()
-
-
-def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for dense and quantised weights alike."""
-    if isinstance(w, torch.Tensor):
-        return F.linear(x, w, bias)
-    y = w(x)
-    return y if bias is None else y + bias
-
-
-def weight_tensors(w: Weight | None) -> list[torch.Tensor]:
-    """The tensors holding `w`'s bytes (for memory accounting)."""
-    if w is None:
-        return []
-    return [w] if isinstance(w, torch.Tensor) else w.tensors()

@@ -145,11 +145,26 @@ def sample_batch(logits: torch.Tensor, samplers: Sequence[Sampler], histories: S
     out: list[int] = [0] * n
     plain_greedy = [i for i, s in enumerate(samplers) if s.options.is_greedy and not s._penalise]
     if plain_greedy:
-        am = torch.argmax(logits[plain_greedy], dim=-1).tolist()
-        for i, t in zip(plain_greedy, am):
-            out[i] = int(t)
+        rows = logits if len(plain_greedy) == n else logits[plain_greedy]
+        for i, t in zip(plain_greedy, argmax_rows(rows)):
+            out[i] = t
+    if len(plain_greedy) == n:
+        return out
     done = set(plain_greedy)
     for i, s in enumerate(samplers):
         if i not in done:
             out[i] = s.sample(logits[i], histories[i])
     return out
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Index of each row's largest value (the first one on ties; a NaN counts as the largest, as in torch).
+
+    numpy's argmax on a float32 CPU tensor's memory: torch.argmax of one 49k-vocab row takes ~64 µs on a 2-core
+    CPU (its reduction setup, not the 200 KB it reads), numpy's ~4 µs; same results. This runs once per decode
+    step, on the engine thread, between two model steps.
+    """
+    x = logits.detach()
+    if x.dtype == torch.float32 and x.device.type == "cpu":
+        return x.numpy().argmax(-1).tolist()
+    return torch.argmax(x, dim=-1).tolist()

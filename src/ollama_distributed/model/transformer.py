@@ -24,9 +24,13 @@ import torch.nn.functional as F
 from . import cpu_kernels, rope
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .quant import GROUP, QUANT_FORMATS, RefinedHead, QuantMatrix, Weight, linear, pack, quantize_rtn, weight_tensors
+from .file_format import GGUFRows, lookup, pack_stacked
+from .file_format import pack as pack_rows
+from .linear import linear, weight_tensors
+from .formats import weight_format_name
+from .quant import GROUP, QUANT_FORMATS, RefinedHead, QuantMatrix, Weight, kv_cache_dtype, pack, quantize_rtn
 from .shard import ShardSpec
-from .weights import load_weights, read_config
+from .weights import drop_file_pages, load_weights, read_config
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 OUTPUTS = ("logits", "all_logits", "hidden")
@@ -107,7 +111,8 @@ class _DecodeBatch:
 class ModelShard:
     """Layers `spec.layers` of `cfg`, for the heads and FFN columns `spec` names. See module docstring."""
 
-    def __init__(self, cfg: ModelConfig, spec: ShardSpec, weights: dict[str, Any], quant: str | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, spec: ShardSpec, weights: dict[str, Any], quant: str | None = None,
+                 kv_dtype: torch.dtype | str | None = None) -> None:
         """Build from canonical weights (contracts.md).
 
         `weights` is consumed: each layer's entries are popped as they are fused/transposed into this shard's
@@ -117,10 +122,16 @@ class ModelShard:
         stream, norms, attention and KV cache are float32 (`dtype`): our 4-bit kernel takes float32 inputs, and with
         torch's (bf16 inputs and outputs) a float32 stream still halves the free-running disagreement with fp32
         (73 → 84 % equal tokens on 20 prompts × 32 tokens, for 5 % of the step; bench/README.md section 6).
+        quant="native" (implied by GGUFRows entries; `--dtype auto`): every matrix stays in its file type
+        (model/file_format.py), the stream is float32, and the embedding rows are decoded on lookup.
+        kv_dtype: the KV cache's dtype (default: the format's, model/formats.py kv_cache_type: float16 for
+        quant="native", float32 for int4, else the stream's).
         """
         spec.validate(cfg)
         if quant is None and any(isinstance(w, QuantMatrix) for w in weights.values()):
             quant = "int4"
+        if quant is None and any(isinstance(w, GGUFRows) for w in weights.values()):
+            quant = "native"
         if quant is not None and quant not in QUANT_FORMATS:
             raise ValueError(f"unknown weight quantisation {quant!r}: expected one of {QUANT_FORMATS}")
         self.quant = quant
@@ -132,11 +143,16 @@ class ModelShard:
         self.q_dim = self.n_heads * cfg.head_dim
         self.kv_dim = self.n_kv * cfg.head_dim
         self.embed = weights["embed"] if spec.has_embedding else None
-        if quant and self.embed is not None:
+        if quant == "int4" and self.embed is not None:
             self.embed = self.embed.to(torch.float16)  # a lookup table: half the bytes, rows cast on lookup
         self.norm = weights["norm"] if spec.has_output else None
         self.lm_head: Weight | None = None
-        if spec.has_output:
+        if quant == "native":
+            self.embed = self._fused([self.embed]) if self.embed is not None else None
+            if spec.has_output:  # a tied head is the embedding's own blocks
+                tied = cfg.tie_embeddings and self.embed is not None
+                self.lm_head = self.embed if tied else self._fused([weights["lm_head"]])
+        elif spec.has_output:
             self.lm_head = RefinedHead(weights["lm_head"]) if quant else weights["lm_head"]
             if quant and cfg.tie_embeddings and self.embed is not None:
                 self.embed = self.lm_head.table  # one float16 table for both ends (rows are cast on lookup)
@@ -165,13 +181,17 @@ class ModelShard:
             some = self.layers[0].wqkv if self.layers else (self.embed if self.embed is not None else self.lm_head)
             assert isinstance(some, torch.Tensor)
             self.dtype = some.dtype
+        # (the format's default: float16 for the file's own types, as Ollama's; model/formats.py kv_cache_type)
+        self.kv_dtype = kv_dtype or kv_cache_dtype(weight_format_name(str(self.dtype), quant))
         self.inv_freq = rope.inv_freq(cfg, weights.get("rope_freqs"))
         # Our fused RMSNorm, RoPE + cache writes and decode attention (model/cpu_kernels.py) for float32 shards on
         # CPU; torch's ops elsewhere, and for shapes the kernels do not take.
-        probe = self.layers[0].attn_norm if self.layers else (self.embed if self.embed is not None else self.norm)
+        probe = self.layers[0].attn_norm if self.layers else self.norm
         fits = cfg.hidden_size % 16 == 0 and cfg.head_dim % 32 == 0 and cfg.head_dim <= 256
-        on_cpu = probe is not None and probe.device.type == "cpu"
+        on_cpu = probe is None or probe.device.type == "cpu"
         self._ops = cpu_kernels.ops() if self.dtype == torch.float32 and on_cpu and fits else None
+        # RoPE + cache writes and decode attention: caches of float32 or float16 (a q8_0 one takes torch's path)
+        self._cache_ops = self._ops if self.kv_dtype in (torch.float32, torch.float16) else None
         # One masked attention call for all decode sequences of a step (False: one call per sequence, the
         # reference path the batched one is tested against).
         self.batched_decode = True
@@ -180,6 +200,12 @@ class ModelShard:
         """Output-row concatenation of q/k/v or gate/up (one GEMM each: fewer ops per token), packed when quantised."""
         if not self.quant:
             return torch.cat(parts) if len(parts) > 1 else parts[0]
+        if self.quant == "native":
+            if all(isinstance(p, GGUFRows) for p in parts):
+                return pack_stacked(parts)
+            # a row-parallel cut off the block grid came back as float32 (model/weights.py _ShardReader.rows)
+            dense = [p.dequantize() if isinstance(p, GGUFRows) else p.float() for p in parts]
+            return torch.cat(dense) if len(dense) > 1 else dense[0]
         if parts[0].shape[1] % GROUP:  # inputs cut off the group grid (an uneven row-parallel split): stay dense
             dense = [p.dequantize() if isinstance(p, QuantMatrix) else p for p in parts]
             return torch.cat(dense).float()
@@ -188,23 +214,25 @@ class ModelShard:
 
     @classmethod
     def from_file(cls, path: str | Path, spec: ShardSpec | None = None, dtype: torch.dtype = torch.float32,
-                  quant: str | None = None) -> "ModelShard":
+                  quant: str | None = None, kv_dtype: torch.dtype | str | None = None) -> "ModelShard":
         """Read config and only this shard's weights from a GGUF file or HF directory (whole model by default).
         With quant="int4", `dtype` applies to nothing (the shard computes in float32); see __init__."""
         cfg = read_config(path)
         spec = spec or ShardSpec.full(cfg)
-        return cls(cfg, spec, load_weights(path, cfg, spec, dtype, quant), quant)
+        shard = cls(cfg, spec, load_weights(path, cfg, spec, dtype, quant), quant, kv_dtype)
+        drop_file_pages(path)
+        return shard
 
     def weight_bytes(self) -> int:
         """Bytes of the distinct weight storages this shard holds (a tied output head counts once; the RoPE table,
         derived from the config, is not a weight)."""
-        tensors = [self.embed, self.norm, *weight_tensors(self.lm_head)]
+        tensors = [*weight_tensors(self.embed), self.norm, *weight_tensors(self.lm_head)]
         tensors += [t for layer in self.layers for w in vars(layer).values() for t in weight_tensors(w)]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
         return sum(storages.values())
 
     def new_cache(self, max_seq_len: int) -> KVCache:
-        return KVCache(self.spec.n_layers, self.n_kv, self.cfg.head_dim, max_seq_len, self.dtype)
+        return KVCache(self.spec.n_layers, self.n_kv, self.cfg.head_dim, max_seq_len, self.kv_dtype)
 
     # ---------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -241,12 +269,17 @@ class ModelShard:
             slot_idx = torch.repeat_interleave(torch.tensor(slots), counts)
         cos, sin = rope.cos_sin(self.inv_freq, pos, self.dtype)
         dec = _DecodeBatch.build(seqs, n_tok) if self.batched_decode else None
-        if self._ops is not None and dec is None:  # built once here rather than in each layer's _attend
+        if self._cache_ops is not None and dec is None:  # built once here rather than in each layer's _attend
             for s in seqs:
                 if s.count == 1:
                     s.where = (torch.tensor([s.slot]), torch.tensor([s.total]))
 
-        h = F.embedding(x, self.embed).to(self.dtype) if self.spec.has_embedding else x.to(self.dtype)
+        if not self.spec.has_embedding:
+            h = x.to(self.dtype)
+        elif isinstance(self.embed, torch.Tensor):
+            h = F.embedding(x, self.embed).to(self.dtype)
+        else:
+            h = lookup(self.embed, x)
         for li, layer in enumerate(self.layers):
             h = self._block(li, layer, h, cos, sin, seqs, dec, slot_idx, pos, cache, all_reduce)
         cache.commit(seq_ids, token_counts)
@@ -304,26 +337,25 @@ class ModelShard:
     ) -> torch.Tensor:
         n_tok, hd = h.shape[0], self.cfg.head_dim
         qkv = linear(self._rms_norm(h, layer.attn_norm), layer.wqkv, layer.bqkv)
-        ck, cv = cache.k[li], cache.v[li]  # (slots, kv, capacity, hd)
-        if self._ops is not None:  # all of the below in one pass
-            q = self._ops.rope_cache(qkv, cos, sin, ck, cv, slot_idx, pos, self.n_heads, self.n_kv)
+        if self._cache_ops is not None:  # all of the below in one pass
+            q = self._cache_ops.rope_cache(qkv, cos, sin, cache.k[li], cache.v[li], slot_idx, pos, self.n_heads, self.n_kv)
         else:
             # q and k are adjacent columns of qkv: rotate them as one (N, heads + kv, hd) tensor (half the ops).
             qk = rope.apply(qkv[:, : self.q_dim + self.kv_dim].view(n_tok, self.n_heads + self.n_kv, hd), cos, sin)
             q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]  # (N, heads, hd), (N, kv, hd)
             v = qkv[:, self.q_dim + self.kv_dim :]
-            ck[slot_idx, :, pos] = k
-            cv[slot_idx, :, pos] = v.view(n_tok, self.n_kv, hd).to(cv.dtype)  # (bf16 from torch's int4 kernel)
+            cache.write(li, slot_idx, pos, k, v.view(n_tok, self.n_kv, hd))
         if dec is None:
-            attn = torch.cat([self._attend(q, ck, cv, s) for s in seqs]) if len(seqs) > 1 else self._attend(q, ck, cv, seqs[0])
+            attn = (torch.cat([self._attend(q, cache, li, s) for s in seqs]) if len(seqs) > 1
+                    else self._attend(q, cache, li, seqs[0]))
         elif dec.packed is None:  # pure decode step: every row is one sequence's token
-            attn = self._attend_decode(q, ck, cv, dec)
+            attn = self._attend_decode(q, cache, li, dec)
         else:  # mixed step: decode rows together, prompt chunks one by one
             attn = q.new_empty(n_tok, self.q_dim)
-            attn[dec.packed] = self._attend_decode(q[dec.packed], ck, cv, dec)
+            attn[dec.packed] = self._attend_decode(q[dec.packed], cache, li, dec)
             for s in seqs:
                 if s.count > 1:
-                    attn[s.offset : s.offset + s.count] = self._attend(q, ck, cv, s)
+                    attn[s.offset : s.offset + s.count] = self._attend(q, cache, li, s)
         out = linear(attn, layer.wo)
         if all_reduce is not None:
             out = all_reduce(out)
@@ -335,26 +367,27 @@ class ModelShard:
             out = all_reduce(out)
         return h + out
 
-    def _attend_decode(self, q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, dec: _DecodeBatch) -> torch.Tensor:
+    def _attend_decode(self, q: torch.Tensor, cache: KVCache, li: int, dec: _DecodeBatch) -> torch.Tensor:
         """One masked SDPA for all decode sequences (see _DecodeBatch); q (B, heads, hd) -> (B, heads * hd)."""
-        if self._ops is not None:  # each sequence over its own length, no padding or mask
-            return self._ops.attend_cached(q.contiguous(), ck, cv, dec.slots, dec.lengths)
+        if self._cache_ops is not None:  # each sequence over its own length, no padding or mask
+            return self._cache_ops.attend_cached(q.contiguous(), cache.k[li], cache.v[li], dec.slots, dec.lengths)
         b, hd, g = q.shape[0], self.cfg.head_dim, self.n_heads // self.n_kv
-        keys = ck[dec.lo : dec.hi, :, : dec.t_max]  # (S, kv, t_max, hd) view
-        values = cv[dec.lo : dec.hi, :, : dec.t_max]
+        keys, values = cache.span(li, slice(dec.lo, dec.hi), dec.t_max)  # (S, kv, t_max, hd)
+        q = q.to(keys.dtype)  # (a float16 cache is attended in float16, as llama.cpp converts q for KQ)
         qg = q.reshape(b, self.n_kv, g, hd)  # GQA: a KV head's query heads are its query rows (no repeat_kv)
         if dec.rows is not None:
             qg = q.new_zeros(dec.hi - dec.lo, self.n_kv, g, hd).index_copy_(0, dec.rows, qg)
         o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=dec.mask)  # (S, kv, g, hd)
         if dec.rows is not None:
             o = o[dec.rows]
-        return o.reshape(b, self.q_dim)
+        return o.reshape(b, self.q_dim).to(self.dtype)
 
-    def _attend(self, q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, s: _Seq) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, cache: KVCache, li: int, s: _Seq) -> torch.Tensor:
         """Causal attention of one sequence's new queries over its cached keys; returns (count, heads * hd)."""
         if s.where is not None:
-            return self._ops.attend_cached(q[s.offset : s.offset + 1], ck, cv, *s.where)
-        keys, values = ck[s.slot, :, : s.total], cv[s.slot, :, : s.total]  # (kv, total, hd) views
+            return self._cache_ops.attend_cached(q[s.offset : s.offset + 1], cache.k[li], cache.v[li], *s.where)
+        keys, values = cache.span(li, s.slot, s.total)  # (kv, total, hd)
+        q = q.to(keys.dtype)  # (a float16 cache is attended in float16, as llama.cpp converts q for KQ)
         hd = self.cfg.head_dim
         if s.count == 1:
             # One query per head sees the whole prefix: no mask. The query heads of a GQA group become that
@@ -362,10 +395,10 @@ class ModelShard:
             # 4-D inputs: torch's CPU SDPA takes its fused (flash) kernel only for 4-D tensors; 3-D ones fall back
             # to the math path (bmm + softmax + bmm, three parallel regions): measured 36 us vs 15 us per call.
             qg = q[s.offset].view(1, self.n_kv, self.n_heads // self.n_kv, hd)
-            return F.scaled_dot_product_attention(qg, keys[None], values[None]).reshape(1, self.q_dim)
+            return F.scaled_dot_product_attention(qg, keys[None], values[None]).reshape(1, self.q_dim).to(self.dtype)
         qs = q[s.offset : s.offset + s.count].transpose(0, 1)[None]  # (1, heads, count, hd)
         if s.mask is None:  # fresh prompt: plain causal (square) mask
             o = F.scaled_dot_product_attention(qs, keys[None], values[None], is_causal=True, enable_gqa=True)
         else:
             o = F.scaled_dot_product_attention(qs, keys[None], values[None], attn_mask=s.mask, enable_gqa=True)
-        return o[0].transpose(0, 1).reshape(s.count, self.q_dim)
+        return o[0].transpose(0, 1).reshape(s.count, self.q_dim).to(self.dtype)

@@ -24,6 +24,7 @@ import torch
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
 from .errors import ModelFileError, UnsupportedArchitectureError
+from .file_format import DENSE_TYPES, GGUFRows
 from .quant import GROUP, QUANT_FORMATS, QuantMatrix, from_gguf_blocks, quantize_rtn
 from .shard import ShardSpec
 
@@ -35,6 +36,10 @@ _ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 _GGUF_ARCHS = tuple(_ARCH_ALIASES)
 # Dequantise at most this many elements at once (float32 temporaries ≈ 4 × this many bytes).
 _CHUNK_ELEMS = 1 << 22
+# Byte offsets of the float16 scales in one block of each quantised type (ggml-common.h block structs), checked for
+# NaN/inf when a shard keeps the file's blocks: a cheap test for garbage bytes, where dequantising would not be.
+_SCALE_OFFSETS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q2_K": (80, 82),
+                  "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
 class _Truncated(Exception):
@@ -106,6 +111,23 @@ def _field_value(path: Path, field: Any) -> Any:
         return field.contents()
     except (ValueError, IndexError, UnicodeDecodeError) as exc:
         raise ModelFileError(path, f"corrupt metadata field {field.name!r} ({exc})") from None
+
+
+def drop_file_pages(path: str | Path) -> None:
+    """Take the file pages a load touched out of this process's resident set once the shard holds its own copy.
+
+    The reader memory-maps the file, and every page a shard's rows were read from stays mapped (and counted in
+    RSS) for as long as the cached reader lives, though the shard no longer reads them: without this a native
+    shard's RSS is its packed weights plus the file. MADV_DONTNEED on this clean, read-only mapping only drops the
+    page-table entries; the pages stay in the page cache and a later read faults them back in."""
+    import mmap
+
+    p = Path(path)
+    if _is_hf_dir(p) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    backing = getattr(open_gguf(p).data, "_mmap", None)  # np.memmap's mmap object
+    if backing is not None:
+        backing.madvise(mmap.MADV_DONTNEED)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -269,6 +291,36 @@ class _ShardReader:
                 out[a - r0 : b - r0] = stage
         return out
 
+    def rows(self, name: str, shape: tuple[int, int], rows: tuple[int, int] | None = None,
+             cols: tuple[int, int] | None = None) -> GGUFRows | torch.Tensor:
+        """Rows × columns of a 2-D tensor in the file's own bytes (model/file_format.py), for quant="native".
+
+        Columns are cut on whole quantisation blocks (the planner keeps tensor-parallel splits on the block grid,
+        32 inputs for legacy types and 256 for K-quants); a cut off the grid gets the dequantised float32 values
+        instead (said in the log), which the shard keeps dense."""
+        t = self._tensor(name, shape)
+        r0, r1 = rows or (0, shape[0])
+        c0, c1 = cols or (0, shape[1])
+        qtype = gguf.GGMLQuantizationType(int(t.tensor_type))
+        block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        if c0 % block or c1 % block:
+            log.warning("%s: columns [%d, %d) are off its %s block grid of %d; this slice is kept as float32",
+                        name, c0, c1, qtype.name, block)
+            return self.matrix(name, shape, rows, cols, dtype=torch.float32)
+        raw = np.asarray(t.data[r0:r1]).view(np.uint8).reshape(r1 - r0, -1)
+        if (c0, c1) != (0, shape[1]):
+            raw = raw.reshape(r1 - r0, -1, block_bytes)[:, c0 // block : c1 // block].reshape(r1 - r0, -1)
+        if qtype.name in ("F32", "F16"):
+            self._check_finite(name, raw.view(np.float32 if qtype.name == "F32" else np.float16))
+        elif qtype.name == "BF16" and ((raw.view(np.uint16) & 0x7F80) == 0x7F80).any():  # all-ones exponent
+            raise ModelFileError(self.path, f"tensor {name!r} holds NaN/inf values (corrupt data)")
+        elif qtype.name in _SCALE_OFFSETS:
+            blocks = raw.reshape(-1, block_bytes)
+            for off in _SCALE_OFFSETS[qtype.name]:
+                if not np.isfinite(blocks[:, off : off + 2].copy().view(np.float16)).all():
+                    raise ModelFileError(self.path, f"tensor {name!r} holds NaN/inf block scales (corrupt data)")
+        return GGUFRows(raw, qtype.name, c1 - c0)
+
     def quant_matrix(self, name: str, shape: tuple[int, int], rows: tuple[int, int] | None = None,
                      cols: tuple[int, int] | None = None) -> QuantMatrix | torch.Tensor:
         """Rows × columns of a 2-D tensor as 4-bit groups: the file's own codes for Q4_0/Q4_1 (exact), otherwise
@@ -287,9 +339,13 @@ class _ShardReader:
 
 
 def _unpermute(w: Any, n_head: int) -> Any:
-    """_unpermute_rows for a dense tensor or a QuantMatrix (whose codes, scales and zeros share the rows)."""
+    """_unpermute_rows for a dense tensor, a QuantMatrix (whose codes, scales and zeros share the rows) or the
+    file's bytes of whole rows (GGUFRows)."""
     if isinstance(w, QuantMatrix):
         return w.map_rows(lambda t: _unpermute_rows(t, n_head))
+    if isinstance(w, GGUFRows):
+        # (a copy: the rows are a read-only view of the memory-mapped file)
+        return w.map_rows(lambda raw: _unpermute_rows(torch.from_numpy(np.array(raw)), n_head).numpy())
     return _unpermute_rows(w, n_head)
 
 
@@ -308,6 +364,8 @@ def load_weights(path: str | Path, cfg: ModelConfig, spec: ShardSpec, dtype: tor
                  quant: str | None = None) -> dict[str, Any]:
     """The tensors shard `spec` owns, under the canonical names of contracts.md, dequantised to `dtype`.
 
+    quant="native" (`--dtype auto`): every matrix (layers, embedding, head) comes back as `GGUFRows`, the file's
+    own bytes for this shard's rows and columns (model/file_format.py), for `ModelShard` to pack; vectors as float32.
     quant="int4": the layers' seven matrices come back as `QuantMatrix` (4-bit codes, model/quant.py) instead of
     dense tensors, and everything else (norms, biases, embedding, head) in float32 whatever `dtype` says, for
     `ModelShard` to store each in its own precision; an HF directory's dense matrices are quantised by `ModelShard`.
@@ -324,7 +382,8 @@ def load_weights(path: str | Path, cfg: ModelConfig, spec: ShardSpec, dtype: tor
         return load_hf_weights(p, cfg, spec, dtype)
     spec.validate(cfg)
     src = _ShardReader(p, open_gguf(p), dtype)
-    matrix = src.quant_matrix if quant else src.matrix
+    matrix = {None: src.matrix, "int4": src.quant_matrix, "native": src.rows}[quant]
+    table = src.rows if quant == "native" else src.matrix  # the embedding and head
     hidden, hd = cfg.hidden_size, cfg.head_dim
     h0, h1 = spec.heads(cfg)
     k0, k1 = spec.kv_heads
@@ -332,14 +391,14 @@ def load_weights(path: str | Path, cfg: ModelConfig, spec: ShardSpec, dtype: tor
     permuted = cfg.arch == "llama"  # qwen2 GGUFs are written in HF order (no permute in Qwen2Model)
     out: dict[str, torch.Tensor] = {}
     if spec.has_embedding:
-        out["embed"] = src.matrix("token_embd.weight", (cfg.vocab_size, hidden))
+        out["embed"] = table("token_embd.weight", (cfg.vocab_size, hidden))
     if spec.has_output:
         out["norm"] = src.vector("output_norm.weight", hidden)
         head = "token_embd.weight" if cfg.tie_embeddings else "output.weight"
         if cfg.tie_embeddings and "embed" in out:
             out["lm_head"] = out["embed"]
         else:
-            out["lm_head"] = src.matrix(head, (cfg.vocab_size, hidden))
+            out["lm_head"] = table(head, (cfg.vocab_size, hidden))
     if "rope_freqs.weight" in src.tensors:
         out["rope_freqs"] = src.vector("rope_freqs.weight", hd // 2, dtype=torch.float32)
     for i in range(*spec.layers):

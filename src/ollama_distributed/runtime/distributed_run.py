@@ -18,12 +18,10 @@ from .ray_executor import RayExecutor
 
 log = logging.getLogger(__name__)
 
-_PROFILE_DTYPE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-
 
 def resolve_dtype(dtype: torch.dtype | str, quant: str | None = None) -> tuple[torch.dtype, str | None]:
-    """(torch dtype, quant) for a torch dtype or a weight-format name ("float32", "int4": model/quant.py), so the
-    service can pass its `--dtype` through as it is."""
+    """(torch dtype, quant) for a torch dtype or a weight-format name ("auto", "float32", "int4": model/quant.py), so
+    the service can pass its `--dtype` through as it is."""
     from ..model.quant import weight_format
 
     if isinstance(dtype, str):
@@ -33,35 +31,68 @@ def resolve_dtype(dtype: torch.dtype | str, quant: str | None = None) -> tuple[t
 
 
 def profile_dtype(dtype: torch.dtype | str, quant: str | None = None) -> str:
-    """The scheduler profile's dtype key (scheduler/profile.py DTYPE_BYTES) for what the shards will hold."""
-    dtype, quant = resolve_dtype(dtype, quant)
-    return quant or _PROFILE_DTYPE[dtype]
+    """The weight-format name (model/formats.py WEIGHT_FORMATS) of what the shards will hold, for the scheduler's
+    profile: a format name as it is, or (torch dtype, loader quant mode) mapped back to one."""
+    from ..model import formats
+
+    if isinstance(dtype, str):
+        return formats.weight_format_info(dtype).name
+    return formats.weight_format_name(str(dtype), quant)
+
+
+def model_profile(model_path: str | Path, dtype: torch.dtype | str = "auto", kv_cache_type: str | None = None,
+                  name: str | None = None, quant: str | None = None) -> Any:
+    """The scheduler's ModelProfile of a model file in weight format `dtype` (a format name, or a torch dtype with
+    the loader's `quant`), its KV cache in `kv_cache_type` (None: the format's default, formats.kv_cache_type).
+    For "auto" the weights count at their real bytes, read from the GGUF header (an HF directory: every tensor in
+    its config.json `torch_dtype`). Every planning path (plan_for_cluster, recovery, the learning loop) builds its
+    profile here, so they agree."""
+    from ..model import formats
+    from ..model.weights import read_config
+    from ..scheduler.profile import ModelProfile, TensorBytes
+
+    path = Path(model_path)
+    cfg = read_config(path)
+    fmt = profile_dtype(dtype, quant)
+    table = None
+    if fmt == "auto":
+        if path.is_dir():
+            table = TensorBytes.uniform(cfg, formats.bytes_per_element(formats.hf_tensor_type(path)))
+        else:
+            table = TensorBytes.from_tensors(cfg, formats.read_gguf_tensors(path))
+    return ModelProfile.from_config(cfg, dtype=fmt, name=name or path.stem, kv_cache_type=kv_cache_type,
+                                    tensor_bytes=table)
+
+
+def default_workload(context_length: int, max_seq_len: int | None = None) -> Any:
+    """The workload a model is planned for when the caller names none: a context of min(trained context,
+    max_seq_len or 2048) tokens, prompt and output within it."""
+    from ..scheduler.workload import Workload
+
+    ctx = min(context_length, max_seq_len or 2048)
+    return Workload(prompt_tokens=min(512, ctx // 2), output_tokens=min(256, ctx // 2), context_tokens=ctx)
 
 
 def plan_for_cluster(
     model_path: str | Path,
     cluster: ClusterHandle,
     strategy: str = "auto",
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = "auto",
     workload: Any = None,
     max_seq_len: int | None = None,
     quant: str | None = None,
+    kv_cache_type: str | None = None,
 ) -> Any:
-    """The scheduler's plan (PartitionPlan) for this model on this cluster's measured nodes and links (sized for
-    int4 weights when quant="int4")."""
-    from ..model.weights import read_config
+    """The scheduler's plan (PartitionPlan) for this model on this cluster's measured nodes and links, sized for
+    the weight format (`dtype`, or a torch dtype + `quant`; "auto": the file's own bytes) and its KV cache type."""
     from ..scheduler.config import PlanConfig
     from ..scheduler.planner import plan
-    from ..scheduler.profile import ModelProfile
-    from ..scheduler.workload import Workload
     from .measure import to_cluster_spec
 
-    cfg = read_config(model_path)
-    profile = ModelProfile.from_config(cfg, dtype=profile_dtype(dtype, quant), name=Path(model_path).stem)
+    profile = model_profile(model_path, dtype, kv_cache_type, quant=quant)
     spec = to_cluster_spec(cluster.measure())
     if workload is None:
-        ctx = min(cfg.context_length, max_seq_len or 2048)
-        workload = Workload(prompt_tokens=min(512, ctx // 2), output_tokens=min(256, ctx // 2), context_tokens=ctx)
+        workload = default_workload(profile.context_length, max_seq_len)
     chosen = plan(profile, spec, workload, PlanConfig(strategy=strategy))
     log.info("plan: %s — %s", chosen.strategy, chosen.reason)
     return chosen
@@ -72,14 +103,18 @@ def build_executor(
     cluster: ClusterHandle,
     strategy: str = "auto",
     plan: Any = None,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = "auto",
     max_seq_len: int | None = None,
     quant: str | None = None,
+    kv_cache_type: str | None = None,
     **executor_options: Any,
 ) -> RayExecutor:
     """A RayExecutor for `model_path` on `cluster`, on `plan` or on the scheduler's plan for `strategy`. `dtype`
-    may name a weight format ("int4"), as `serve --dtype` does."""
+    may name a weight format ("auto", "int4"), as `serve --dtype` does; kv_cache_type (f32|f16|q8_0, None: the
+    format's default) sizes the plan and goes to the shards."""
     dtype, quant = resolve_dtype(dtype, quant)
     if plan is None:
-        plan = plan_for_cluster(model_path, cluster, strategy, dtype, max_seq_len=max_seq_len, quant=quant)
-    return RayExecutor(plan, model_path, cluster, dtype=dtype, max_seq_len=max_seq_len, quant=quant, **executor_options)
+        plan = plan_for_cluster(model_path, cluster, strategy, dtype, max_seq_len=max_seq_len, quant=quant,
+                                kv_cache_type=kv_cache_type)
+    return RayExecutor(plan, model_path, cluster, dtype=dtype, max_seq_len=max_seq_len, quant=quant,
+                       kv_cache_type=kv_cache_type, **executor_options)

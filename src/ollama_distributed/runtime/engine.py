@@ -16,7 +16,8 @@ context shift uses it to rebuild a shortened context.
 Ollama behaviours kept (ollama runner `processBatch`/`NewSequence`): a prompt longer than num_ctx is truncated
 keeping its first num_keep tokens and the most recent ones (logged); generation ends with done_reason "stop" at
 an end-of-generation token or a stop string (not returned), and "length" at num_predict or when the context is
-full. Requests, handles and chunks are defined in `requests.py` and re-exported here.
+full. Requests, handles and chunks are defined in `requests.py` (which does not import this module) and
+re-exported here.
 """
 
 from __future__ import annotations
@@ -364,7 +365,7 @@ class InferenceEngine:
         with self._cond:
             for seq in [s for s in self._waiting if s.handle.cancelled]:
                 self._waiting.remove(seq)
-                self._end(seq, GenerationChunk.final(seq, "cancel"))
+                self._end(seq, _final_chunk(seq, "cancel"))
         for seq in [s for s in self._running if s.handle.cancelled]:
             self._finish(seq, "cancel")
 
@@ -413,9 +414,9 @@ class InferenceEngine:
         toks = sample_batch(rows, [batch[i].sampler for i in ready], [batch[i].tokens for i in ready])
         now = time.perf_counter()
         for i, tok in zip(ready, toks):
-            self._accept(batch[i], tok, now)
+            self._accept(batch[i], tok, now, len(batch))
 
-    def _accept(self, seq: _Seq, tok: int, now: float) -> None:
+    def _accept(self, seq: _Seq, tok: int, now: float, batch: int) -> None:
         """Handle one sampled token: emit text, and end the sequence when a stop condition holds."""
         seq.t_last_token = now
         limit = seq.request.options.num_predict
@@ -430,7 +431,7 @@ class InferenceEngine:
         seq.n_generated += 1
         text, stopped = seq.stop.push(seq.decoder.feed(tok))
         if text or not stopped:
-            seq.handle._push(GenerationChunk(text=text, token_ids=[tok]))
+            seq.handle._push(GenerationChunk(text=text, token_ids=[tok], time=now, batch=batch))
         if stopped:
             self._finish(seq, "stop")
         elif 0 <= limit <= seq.n_generated:
@@ -464,8 +465,8 @@ class InferenceEngine:
         if error is None and reason in ("length", "stop"):
             tail = seq.stop.flush() + _decoder_flush(seq.decoder)
             if tail:
-                seq.handle._push(GenerationChunk(text=tail, token_ids=[]))
-        self._end(seq, GenerationChunk.final(seq, reason, error))
+                seq.handle._push(GenerationChunk(text=tail, token_ids=[], time=time.perf_counter()))
+        self._end(seq, _final_chunk(seq, reason, error))
 
     def _end(self, seq: _Seq, chunk: GenerationChunk) -> None:
         seq.handle._push(chunk)
@@ -481,6 +482,27 @@ class InferenceEngine:
         for _, fut in jobs:
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(EngineClosedError("the engine was closed"))
+
+
+def _final_chunk(seq: _Seq, reason: str | None, error: str | None = None) -> GenerationChunk:
+    """The closing chunk of a sequence, with its metrics."""
+    now = time.perf_counter()
+    start = seq.t_prefill_start if seq.t_prefill_start is not None else now
+    prompt_done = seq.t_prompt_done if seq.t_prompt_done is not None else now
+    last = seq.t_last_token if seq.t_last_token is not None else prompt_done
+    return GenerationChunk(
+        text="",
+        token_ids=[],
+        done=True,
+        done_reason=reason,
+        prompt_eval_count=seq.n_prompt,
+        prompt_eval_duration_ns=int((prompt_done - start) * 1e9) if seq.t_prompt_done else 0,
+        eval_count=seq.n_generated,
+        eval_duration_ns=max(0, int((last - prompt_done) * 1e9)),
+        total_duration_ns=int((now - seq.t_submit) * 1e9),
+        error=error,
+        time=now,
+    )
 
 
 def _make_decoder(tokenizer: Any) -> Any:

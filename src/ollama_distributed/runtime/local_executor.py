@@ -19,14 +19,20 @@ import torch
 from ..model.config import ModelConfig
 from ..model.errors import ContextLengthError
 from ..model.tp_local import LocalPipeline, LocalStage
+from ..model.formats import weight_format_name
+from ..model.quant import kv_cache_dtype
 from ..model.shard import ShardSpec
 from ..model.transformer import ModelShard
-from ..model.weights import load_weights, read_config
+from ..model.weights import drop_file_pages, load_weights, read_config
 from .executor import CacheFullError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQ_LEN = 8192
+
+
+def kv_dtype(dtype: torch.dtype, quant: str | None, kv_cache_type: str | None) -> torch.dtype:
+    return kv_cache_dtype(weight_format_name(str(dtype), quant), kv_cache_type)
 
 
 class LocalExecutor:
@@ -35,7 +41,8 @@ class LocalExecutor:
     path: GGUF file or HF directory. dtype: compute dtype of the weights and cache.
     max_seq_len: most tokens per sequence (KV cache bound); default min(model context, 8192). The cache grows on
     demand, so a large bound costs nothing until used.
-    quant: "int4" runs the layers on the file's 4-bit weights (model/quant.py; dtype is then unused).
+    quant: "native" keeps every tensor in the file's own type (`--dtype auto`), "int4" runs the layers on 4-bit
+    groups (model/quant.py; dtype is then unused). kv_cache_type: "f32" | "f16" (None: the shard's default).
     """
 
     def __init__(
@@ -44,19 +51,23 @@ class LocalExecutor:
         dtype: torch.dtype = torch.float32,
         max_seq_len: int | None = None,
         quant: str | None = None,
+        kv_cache_type: str | None = None,
     ) -> None:
-        shard = ModelShard.from_file(path, None, dtype, quant)
+        shard = ModelShard.from_file(path, None, dtype, quant, kv_dtype(dtype, quant, kv_cache_type))
         self._init([[shard]], max_seq_len)
         self.path = Path(path)
 
     @classmethod
     def from_plan(
         cls, path: str | Path, plan: list[list[ShardSpec]], dtype: torch.dtype = torch.float32, max_seq_len: int | None = None,
-        quant: str | None = None,
+        quant: str | None = None, kv_cache_type: str | None = None,
     ) -> "LocalExecutor":
         """Load `plan[stage][tp_rank]` shards from one file (each reads only its tensors) and run them in-process."""
         cfg = read_config(path)
-        stages = [[ModelShard(cfg, spec, load_weights(path, cfg, spec, dtype, quant), quant) for spec in stage] for stage in plan]
+        kv = kv_dtype(dtype, quant, kv_cache_type)
+        stages = [[ModelShard(cfg, spec, load_weights(path, cfg, spec, dtype, quant), quant, kv) for spec in stage]
+                  for stage in plan]
+        drop_file_pages(path)
         self = cls.from_shards(stages, max_seq_len)
         self.path = Path(path)
         return self

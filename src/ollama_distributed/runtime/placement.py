@@ -159,9 +159,21 @@ def shard_weight_bytes(cfg: ModelConfig, spec: ShardSpec, dtype_bytes: int = 4) 
     return n * dtype_bytes
 
 
-def uniform_plan(cfg: ModelConfig, stage_nodes: list[list[str]], model: str = "model", dtype_bytes: int = 4) -> dict[str, Any]:
+def split_on_grid(n: int, weights: list[float], step: int = 1) -> list[tuple[int, int]]:
+    """split_evenly (model/tp_local.py) of [0, n) in whole units of `step` (a quantisation block's worth of FFN
+    columns, or of KV groups), so every cut falls on the grid; unit by unit where the grid does not divide n or
+    has fewer units than parts."""
+    if step > 1 and n % step == 0 and n // step >= len(weights):
+        return [(a * step, b * step) for a, b in split_evenly(n // step, weights)]
+    return split_evenly(n, weights)
+
+
+def uniform_plan(cfg: ModelConfig, stage_nodes: list[list[str]], model: str = "model", dtype_bytes: int = 4,
+                 kv_step: int = 1, ffn_step: int = 1) -> dict[str, Any]:
     """A plan JSON with layers split evenly over the stages and, within a stage, KV groups split evenly over its
-    nodes (FFN columns in the same proportion) — for tests, benchmarks and `--strategy` without a planner."""
+    nodes (FFN columns in the same proportion) — for tests, benchmarks and `--strategy` without a planner.
+    kv_step / ffn_step: KV groups / FFN columns per unit of the quantisation-block grid (the scheduler profile's
+    kv_step and ffn_step), so row-parallel slices are whole blocks."""
     if len(stage_nodes) > cfg.n_layers:
         raise PlacementError(f"{len(stage_nodes)} stages for {cfg.n_layers} layers")
     stages = []
@@ -169,8 +181,8 @@ def uniform_plan(cfg: ModelConfig, stage_nodes: list[list[str]], model: str = "m
     for i, (layers, nodes) in enumerate(zip(split_evenly(cfg.n_layers, [1.0] * len(stage_nodes)), stage_nodes)):
         if len(nodes) > cfg.n_kv_heads:
             raise PlacementError(f"stage {i}: {len(nodes)} tensor-parallel shards for {cfg.n_kv_heads} KV heads")
-        kvs = split_evenly(cfg.n_kv_heads, [1.0] * len(nodes))
-        ffns = split_evenly(cfg.ffn_size, [float(e - s) for s, e in kvs])
+        kvs = split_on_grid(cfg.n_kv_heads, [1.0] * len(nodes), kv_step)
+        ffns = split_on_grid(cfg.ffn_size, [float(e - s) for s, e in kvs], ffn_step)
         shards = []
         for j, (node, kv, ffn) in enumerate(zip(nodes, kvs, ffns)):
             spec = ShardSpec(layers, kv, ffn, i == 0, i == last and j == 0)

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..model.formats import weight_format_name
 from ..model.quant import QUANT_FORMATS
 from ..model.weights import read_config
 from .cluster import ClusterHandle
@@ -61,22 +62,25 @@ class LiveShard:
     gpus: float
     model_path: str
     dtype: str
+    kv_cache_type: str | None
     max_seq_len: int
     pid: int | None
     local: bool  # its node is on this machine (its pid may be signalled from here)
 
-    def fits(self, p: ShardPlacement, model_path: str, dtype: str, max_seq_len: int) -> bool:
+    def fits(self, p: ShardPlacement, model_path: str, dtype: str, kv_cache_type: str | None, max_seq_len: int) -> bool:
         return (self.node_id == p.node_id and self.spec == p.spec and self.gpus == p.gpus
                 and self.resources == tuple(sorted((p.resources or {}).items()))
-                and (self.model_path, self.dtype, self.max_seq_len) == (model_path, dtype, max_seq_len))
+                and (self.model_path, self.dtype, self.kv_cache_type, self.max_seq_len)
+                == (model_path, dtype, kv_cache_type, max_seq_len))
 
 
 class RayExecutor:
     """Executor over the shards of `plan` on `cluster` (see module docstring).
 
     plan: a PartitionPlan or its JSON dict. model_path: GGUF file (or HF dir) present at this path on every node.
-    dtype: compute dtype of weights and KV cache. quant: "int4" for 4-bit layers on CPU workers (model/quant.py;
-    dtype is then bf16). max_seq_len: KV-cache bound per sequence (default
+    dtype: compute dtype of weights and KV cache. quant: "int4" for 4-bit layers on CPU workers, "native" for the
+    file's own types (model/quant.py; dtype is then float32). kv_cache_type: "f32" | "f16" (None: the format's
+    default, model/formats.py kv_cache_type). max_seq_len: KV-cache bound per sequence (default
     min(context, 8192)). transport: "dist" (torch.distributed between stages) or "ray" (object refs per hop).
     micro_batches: pieces a multi-sequence batch is split into so pipeline stages overlap. None: one per stage when
       every stage is on its own machine (address), else 1 — stages sharing a machine share its cores, and there
@@ -99,6 +103,7 @@ class RayExecutor:
         step_timeout: StepTimeout | None = None,
         reuse: Sequence[LiveShard] = (),
         quant: str | None = None,
+        kv_cache_type: str | None = None,
     ) -> None:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -124,7 +129,8 @@ class RayExecutor:
         self.timer = StepTimer(self.step_timeout)
         self.probe_rounds = 0  # times busy shards were probed (a step outlived its deadline)
         self.cluster = cluster
-        self._dtype_name = quant or _DTYPE_NAMES[dtype]  # a model/quant.py weight-format name
+        self._dtype_name = weight_format_name(str(dtype), quant)  # a model/formats.py weight-format name
+        self._kv_cache_type = kv_cache_type
         self._plan = plan_dict(plan)
         self.stages: list[list[ShardPlacement]] = place(self._plan, self.config, cluster)
         self._flat = [p for row in self.stages for p in row]
@@ -145,7 +151,7 @@ class RayExecutor:
         self._reused: dict[int, LiveShard] = {}
         spare = list(reuse)
         for i, p in enumerate(self._flat):
-            live = next((r for r in spare if r.fits(p, str(self.model_path), self._dtype_name, self.max_seq_len)), None)
+            live = next((r for r in spare if r.fits(p, str(self.model_path), self._dtype_name, self._kv_cache_type, self.max_seq_len)), None)
             if live is not None:
                 spare.remove(live)
                 self._reused[i] = live
@@ -194,6 +200,7 @@ class RayExecutor:
                  "has_embedding": p.spec.has_embedding, "has_output": p.spec.has_output},
                 dtype_name,
                 self.max_seq_len,
+                self._kv_cache_type,
             )
             for i, (w, p) in enumerate(zip(self._workers, self._flat))
         ]
@@ -311,7 +318,8 @@ class RayExecutor:
                 continue
             p, info = self._flat[i], self._infos[i] if i < len(self._infos) else {}
             out.append(LiveShard(self._workers[i], p.node_id, p.spec, tuple(sorted((p.resources or {}).items())),
-                                 p.gpus, str(self.model_path), self._dtype_name, self.max_seq_len, info.get("pid"),
+                                 p.gpus, str(self.model_path), self._dtype_name, self._kv_cache_type, self.max_seq_len,
+                                 info.get("pid"),
                                  self._address.get(p.node) in _LOCAL_ADDRESSES))
             self._workers[i] = None
         log.info("detached %d live shard(s) of %d for reuse", len(out), len(self._flat))

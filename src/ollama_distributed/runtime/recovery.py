@@ -265,17 +265,21 @@ class Recovery:
     on_event: called with each RecoveryRecord (after a success or a capacity failure), on the engine thread.
     reuse_survivors: let the new executor take over the failed one's live shards (see RayExecutor.reuse);
       False restarts every shard (the behaviour before; bench/recovery_bench.py compares the two).
+    kv_cache_type: the model's KV cache setting (f32|f16|q8_0; None: the weight format's default), for re-plans
+      and the default build.
     """
 
     def __init__(self, model_path: str | Path, cluster: Any, strategy: str = "auto", dtype: Any = None,
                  health: NodeHealth | None = None, on_event: Callable[[RecoveryRecord], None] | None = None,
-                 build: Callable[[Any], Any] | None = None, reuse_survivors: bool = True) -> None:
+                 build: Callable[[Any], Any] | None = None, reuse_survivors: bool = True,
+                 kv_cache_type: str | None = None) -> None:
         import torch
 
         self.model_path = Path(model_path)
         self.cluster = cluster
         self.strategy = strategy
         self.dtype = dtype if dtype is not None else torch.float32
+        self.kv_cache_type = kv_cache_type
         self.health = health or NodeHealth()
         self.on_event = on_event
         self._build = build
@@ -347,7 +351,8 @@ class Recovery:
         from .distributed_run import build_executor
 
         try:
-            return build_executor(self.model_path, self.cluster, plan=chosen, dtype=self.dtype, reuse=tuple(reuse))
+            return build_executor(self.model_path, self.cluster, plan=chosen, dtype=self.dtype,
+                                  kv_cache_type=self.kv_cache_type, reuse=tuple(reuse))
         except BaseException:
             _release(reuse)  # the executor kills what it took over when its start fails; the rest here
             raise
@@ -366,7 +371,7 @@ class Recovery:
         m = self._measurement
         if m is None or not keep <= {n.name for n in m.nodes}:
             m = self._measurement = self.cluster.measure()  # a node joined since: probe (cached by the cluster)
-        profile, spec, workload = planning_inputs(self.model_path, m, keep, self.dtype)
+        profile, spec, workload = planning_inputs(self.model_path, m, keep, self.dtype, self.kv_cache_type)
         chosen = plan(profile, spec, workload, PlanConfig(strategy=self.strategy))
         log.info("recovery plan on %s: %s — %s", sorted(keep), chosen.strategy, chosen.reason)
         return chosen
@@ -394,23 +399,19 @@ class Recovery:
                 log.exception("recovery event handler failed")
 
 
-def planning_inputs(model_path: str | Path, measurement: Any, keep: Iterable[str], dtype: Any) -> tuple[Any, Any, Any]:
+def planning_inputs(model_path: str | Path, measurement: Any, keep: Iterable[str], dtype: Any,
+                    kv_cache_type: str | None = None) -> tuple[Any, Any, Any]:
     """(ModelProfile, ClusterSpec of the measured nodes in `keep`, Workload) as distributed_run.plan_for_cluster
-    builds them, for planning on part of a cluster."""
-    from ..model.weights import read_config
-    from ..scheduler.profile import ModelProfile
-    from ..scheduler.workload import Workload
-    from .distributed_run import profile_dtype
+    builds them (distributed_run.model_profile: the weight format's bytes, "auto" from the file's header, and the
+    KV cache type), for planning on part of a cluster."""
+    from .distributed_run import default_workload, model_profile
     from .measure import ClusterMeasurement, to_cluster_spec
 
     keep = set(keep)
     nodes = tuple(n for n in measurement.nodes if n.name in keep)
     links = tuple(l for l in measurement.links if l.a in keep and l.b in keep)
-    cfg = read_config(model_path)
-    profile = ModelProfile.from_config(cfg, dtype=profile_dtype(dtype), name=Path(model_path).stem)
-    ctx = min(cfg.context_length, 2048)
-    workload = Workload(prompt_tokens=min(512, ctx // 2), output_tokens=min(256, ctx // 2), context_tokens=ctx)
-    return profile, to_cluster_spec(ClusterMeasurement(nodes, links)), workload
+    profile = model_profile(model_path, dtype, kv_cache_type)
+    return profile, to_cluster_spec(ClusterMeasurement(nodes, links)), default_workload(profile.context_length)
 
 
 def _release(shards: Iterable[Any]) -> None:

@@ -1,8 +1,12 @@
 """What callers hand the engine and what they get back: requests, streamed chunks, handles, errors.
 
 A `RequestHandle` is consumed either synchronously (`for chunk in handle`) or from asyncio
-(`async for chunk in handle`, e.g. a FastAPI streaming response); the engine thread pushes chunks through a
-thread-safe queue, or with `loop.call_soon_threadsafe` into an `asyncio.Queue` once an event loop is iterating.
+(`async for chunk in handle`, e.g. a FastAPI streaming response). The engine thread appends chunks to the
+handle's buffer and wakes the consumer only when it is waiting for one: a consumer that is still busy with the
+previous chunk picks the next ones up without another thread hand-off, so a loaded event loop gets one wake-up
+per burst of tokens, not one per token. A caller that only answers at the end (`result()`, `aresult()`, or
+`coalesce()` before iterating) is woken once, when the request ends. Chunks carry the engine's timestamp, so
+token timings measured from them do not depend on when the consumer read them.
 Leaving either iteration early (break, client disconnect, task cancelled) cancels the request, so its KV cache
 is freed at the next step boundary.
 """
@@ -10,17 +14,14 @@ is freed at the next step boundary.
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 from ..model.errors import ContextLengthError  # an input does not fit num_ctx (the API answers 400)
 from ..model.options import GenerationOptions
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import _Seq
 
 
 class QueueFullError(RuntimeError):
@@ -69,6 +70,10 @@ class GenerationChunk:
     token ids sampled since the previous chunk. The final chunk (done=True) carries done_reason — "stop",
     "length", "cancel", or None with `error` set — and the metrics (durations in integer nanoseconds, Ollama's
     units); its text is "" except from `RequestHandle.result()`, which returns the whole text in one chunk.
+
+    time: `time.perf_counter()` when the engine produced the chunk (for a token, right after sampling it), so
+    TTFT and inter-token latency can be measured by a consumer that reads chunks late; 0.0 if unknown.
+    batch: sequences in the engine step that sampled this chunk's token (0 for chunks without one).
     """
 
     text: str
@@ -82,26 +87,8 @@ class GenerationChunk:
     total_duration_ns: int = 0
     load_duration_ns: int = 0
     error: str | None = None
-
-    @classmethod
-    def final(cls, seq: "_Seq", reason: str | None, error: str | None = None) -> "GenerationChunk":
-        """The closing chunk of a sequence, with its metrics."""
-        now = time.perf_counter()
-        start = seq.t_prefill_start if seq.t_prefill_start is not None else now
-        prompt_done = seq.t_prompt_done if seq.t_prompt_done is not None else now
-        last = seq.t_last_token if seq.t_last_token is not None else prompt_done
-        return cls(
-            text="",
-            token_ids=[],
-            done=True,
-            done_reason=reason,
-            prompt_eval_count=seq.n_prompt,
-            prompt_eval_duration_ns=int((prompt_done - start) * 1e9) if seq.t_prompt_done else 0,
-            eval_count=seq.n_generated,
-            eval_duration_ns=max(0, int((last - prompt_done) * 1e9)),
-            total_duration_ns=int((now - seq.t_submit) * 1e9),
-            error=error,
-        )
+    time: float = 0.0
+    batch: int = 0
 
 
 class RequestHandle:
@@ -112,28 +99,40 @@ class RequestHandle:
         self.seq_id = seq_id
         self._wake = wake
         self._cancelled = threading.Event()
-        self._lock = threading.Lock()
-        self._sync: queue.Queue[GenerationChunk] = queue.Queue()
+        # Guards the buffer and the waiter; sync consumers wait on it.
+        self._cond = threading.Condition(threading.Lock())
+        self._chunks: collections.deque[GenerationChunk] = collections.deque()  # produced, not yet consumed
+        self._pushed = 0  # chunks produced so far (a sync consumer's timeout counts from the last one)
+        self._final: GenerationChunk | None = None
+        self._at_end = False  # wake the consumer only for the final chunk (see `coalesce`)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._async: asyncio.Queue[GenerationChunk] | None = None
-        self._done = threading.Event()
+        self._waiter: asyncio.Future[None] | None = None  # set while an async consumer waits for a chunk
         self._consumed_final = False
 
     # ---- producer side (engine thread) ----------------------------------------------------------------------------
 
     def _push(self, chunk: GenerationChunk) -> None:
-        with self._lock:
-            if self._done.is_set():
+        with self._cond:
+            if self._final is not None:
                 return  # exactly one final chunk, nothing after it
             if chunk.done:
-                self._done.set()
-            if self._loop is not None:
-                try:
-                    self._loop.call_soon_threadsafe(self._async.put_nowait, chunk)  # type: ignore[union-attr]
-                except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
-                    self._cancelled.set()
-            else:
-                self._sync.put(chunk)
+                self._final = chunk
+            self._chunks.append(chunk)
+            self._pushed += 1
+            if self._at_end and not chunk.done:
+                return
+            self._cond.notify_all()
+            waiter, self._waiter = self._waiter, None
+            loop = self._loop
+        # Only a consumer that is waiting needs a wake-up: one busy with earlier chunks finds this one in the
+        # buffer, so a lagging event loop is not handed one callback per token.
+        if waiter is not None:
+            try:
+                loop.call_soon_threadsafe(_wake_waiter, waiter)  # type: ignore[union-attr]
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+                self._cancelled.set()
+        elif loop is not None and loop.is_closed():
+            self._cancelled.set()
 
     # ---- consumer side --------------------------------------------------------------------------------------------
 
@@ -144,33 +143,52 @@ class RequestHandle:
     @property
     def done(self) -> bool:
         """The final chunk has been produced (not necessarily consumed)."""
-        return self._done.is_set()
+        return self._final is not None
 
     def cancel(self) -> None:
         """Stop generating; the KV cache is freed at the next step boundary and the stream ends with
         done_reason "cancel". No effect once the request is done."""
-        if not self._done.is_set():
+        if self._final is None:
             self._cancelled.set()
             self._wake()
+
+    def coalesce(self) -> None:
+        """Wake the consumer only when the request ends, then hand over every chunk at once: for callers that
+        answer with the whole text (non-streaming), which would otherwise take a thread hand-off per token
+        for nothing. Chunks and their order are unchanged (their `time` still says when each token came)."""
+        with self._cond:
+            self._at_end = True
 
     def __iter__(self) -> Iterator[GenerationChunk]:
         return self._iter_sync()
 
     def _iter_sync(self, timeout: float | None = None) -> Iterator[GenerationChunk]:
+        """timeout: raise queue.Empty when no chunk is produced for this many seconds."""
         if self._loop is not None:
             raise RuntimeError("this handle is already being consumed by an async iterator")
         if self._consumed_final:
             raise RuntimeError("this handle's stream has already been consumed")
         try:
             while True:
-                chunk = self._sync.get(timeout=timeout)
-                yield chunk
-                if chunk.done:
-                    self._consumed_final = True
-                    return
+                with self._cond:
+                    while not self._ready():
+                        seen = self._pushed
+                        # (a coalescing consumer is not woken per chunk, but chunks still count as progress)
+                        if not self._cond.wait(timeout) and self._pushed == seen:
+                            raise queue.Empty
+                    chunks = list(self._chunks)
+                    self._chunks.clear()
+                for chunk in chunks:
+                    yield chunk
+                    if chunk.done:
+                        self._consumed_final = True
+                        return
         finally:
             if not self._consumed_final:
                 self.cancel()
+
+    def _ready(self) -> bool:
+        return self._final is not None if self._at_end else bool(self._chunks)
 
     def __aiter__(self) -> AsyncIterator[GenerationChunk]:
         return self._iter_async()
@@ -178,40 +196,52 @@ class RequestHandle:
     async def _iter_async(self) -> AsyncIterator[GenerationChunk]:
         if self._consumed_final:
             raise RuntimeError("this handle's stream has already been consumed")
-        with self._lock:
+        loop = asyncio.get_running_loop()
+        with self._cond:
             if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-                self._async = asyncio.Queue()
-                while True:  # chunks produced before the consumer attached
-                    try:
-                        self._async.put_nowait(self._sync.get_nowait())
-                    except queue.Empty:
-                        break
-            elif self._loop is not asyncio.get_running_loop():
+                self._loop = loop
+            elif self._loop is not loop:
                 raise RuntimeError("this handle is bound to another event loop")
-        aq = self._async
-        assert aq is not None
         try:
             while True:
-                chunk = await aq.get()
-                yield chunk
-                if chunk.done:
-                    self._consumed_final = True
-                    return
+                with self._cond:
+                    if self._ready():
+                        chunks = list(self._chunks)
+                        self._chunks.clear()
+                    else:
+                        chunks = []
+                        self._waiter = waiter = loop.create_future()
+                if not chunks:
+                    await waiter
+                    continue
+                for chunk in chunks:
+                    yield chunk
+                    if chunk.done:
+                        self._consumed_final = True
+                        return
         finally:
+            self._waiter = None
             if not self._consumed_final:
                 self.cancel()
 
     def result(self, timeout: float | None = None) -> GenerationChunk:
-        """Wait for the end; the whole text and token ids in one final chunk. Raises GenerationError on error."""
+        """Wait for the end; the whole text and token ids in one final chunk. Raises GenerationError on error.
+        timeout: raise queue.Empty when the engine produces nothing for this many seconds."""
+        self.coalesce()
         return _collect(self._iter_sync(timeout))
 
     async def aresult(self) -> GenerationChunk:
         """`result()` from asyncio."""
+        self.coalesce()
         parts: list[GenerationChunk] = []
         async for chunk in self:
             parts.append(chunk)
         return _combine(parts)
+
+
+def _wake_waiter(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():  # (its consumer may have been cancelled meanwhile)
+        waiter.set_result(None)
 
 
 def _collect(chunks: Iterator[GenerationChunk]) -> GenerationChunk:
@@ -236,5 +266,6 @@ def _combine(parts: list[GenerationChunk]) -> GenerationChunk:
         total_duration_ns=final.total_duration_ns,
         load_duration_ns=final.load_duration_ns,
         error=None,
+        time=final.time,
     )
 

@@ -93,12 +93,14 @@ class ShardWorker:
         self.anon_baseline = _rss_anon()
 
     # ---- setup ---------------------------------------------------------------------------------------------
-    def load(self, model_path: str, spec: dict[str, Any], dtype: str, max_seq_len: int) -> dict[str, Any]:
+    def load(self, model_path: str, spec: dict[str, Any], dtype: str, max_seq_len: int,
+             kv_cache_type: str | None = None) -> dict[str, Any]:
         """Read this shard's weights from `model_path` (on this node) and allocate its KV cache. `dtype` names a
-        weight format (model/quant.py WEIGHT_FORMATS: float32, bfloat16, float16, int4)."""
-        from ..model.quant import weight_format
+        weight format (model/quant.py WEIGHT_FORMATS: auto, float32, bfloat16, float16, int4), `kv_cache_type`
+        the cache's (f32|f16|q8_0; None: the format's default, model/formats.py kv_cache_type)."""
+        from ..model.quant import kv_cache_dtype, weight_format
         from ..model.transformer import ModelShard
-        from ..model.weights import load_weights, read_config
+        from ..model.weights import drop_file_pages, load_weights, read_config
 
         t0 = time.perf_counter()
         self.spec = ShardSpec(
@@ -110,15 +112,16 @@ class ShardWorker:
         self.anon_baseline = _rss_anon()
         torch_dtype, quant = weight_format(dtype)
         if quant and self.device.type != "cpu":
-            raise ValueError(f"--dtype {dtype} runs on CPU workers only (its kernel is torch's CPU int4 matmul)")
+            raise ValueError(f"--dtype {dtype} runs on CPU workers only (its kernels are CPU ones; use float16 on GPUs)")
         weights = load_weights(model_path, cfg, self.spec, torch_dtype, quant)
         if self.device.type == "cuda":
             weights = {k: v.to(self.device) for k, v in weights.items()}
             # After loading (the GGUF reader builds host tensors): the KV cache, RoPE tables and index tensors
             # that ModelShard creates from here on follow the weights onto the GPU.
             torch.set_default_device(self.device)
-        self.shard = ModelShard(cfg, self.spec, weights, quant)
+        self.shard = ModelShard(cfg, self.spec, weights, quant, kv_cache_dtype(dtype, kv_cache_type))
         del weights
+        drop_file_pages(model_path)
         self.cache = self.shard.new_cache(max_seq_len)
         _trim_heap()
         self.rss_loaded = _rss()

@@ -14,47 +14,132 @@ FLOPs per token: 2 per multiply-accumulate of every weight (Kaplan et al. 2020, 
 Language Models", Table 1), plus attention over a context of c tokens: QKᵀ and A·V each c·d MACs per
 query head, so 4·c·d FLOPs per query head (Kaplan counts QKᵀ only; A·V costs the same and is included here).
 KV cache per token per layer: K and V rows of each KV head, 2·d elements per KV head.
+
+Bytes follow the weight format (model/formats.py): float32 / bfloat16 / float16 / int4 count every element at the
+format's size; `auto` counts each tensor at its real bytes in the file (`TensorBytes`, from the GGUF header), and
+memory-bandwidth costs (bytes read per token) follow the same bytes. The KV cache is counted in its cache type
+(formats.kv_cache_type: f16 for auto by default, as Ollama).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
+from typing import Mapping
 
+from ..model import formats
 from ..model.config import ModelConfig
+from ..model.formats import GGUFTensor
 
-# Bytes per weight element of the compute dtypes the planner knows. Quantized GGUF types count their
-# block scales (Q8_0: 34 bytes per 32 weights, Q4_0: 18/32, Q4_1: 20/32 — ggml's block layouts).
+# Profile dtype keys besides the weight formats (model/formats.py WEIGHT_FORMATS): the short names of the float
+# formats, and any GGUF tensor type in lower case ("q8_0", "q4_k") for a model whose every tensor has that type.
+_SHORT_FORMATS = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+# Bytes per weight element of the profile dtype keys older callers use (derived from model/formats.py).
 DTYPE_BYTES: dict[str, float] = {
-    "f32": 4.0,
-    "f16": 2.0,
-    "bf16": 2.0,
-    "q8_0": 34 / 32,
-    "q4_1": 20 / 32,
-    "q4_0": 18 / 32,
-    # Our int4 path (model/quant.py): 4-bit codes + a bf16 scale and zero per 32 weights; its embedding and
-    # output head are larger (EMBED_BYTES).
-    "int4": 0.5 + 4 / 32,
+    **{k: formats.FORMATS[f].weight_bytes or 0.0 for k, f in _SHORT_FORMATS.items()},
+    **{t: formats.bytes_per_element(t) for t in ("q8_0", "q4_1", "q4_0")},
+    "int4": formats.FORMATS["int4"].weight_bytes or 0.0,
 }
-# Bytes per embedding / output-head element where they differ from the layers' (dtype → bytes).
-# int4: the head's 4-bit ranking rows (0.625 B) + its float16 table for refining the top logits (2 B), which a tied
-# embedding shares; an embedding-only shard holds just a 2-byte table, so this slightly over-counts it
-# (model/quant.py).
-EMBED_BYTES: dict[str, float] = {"int4": 2.625}
-# Bytes per activation and KV-cache element where they are not the weights' dtype: the int4 path keeps its residual
-# stream, attention and cache in float32 (model/transformer.py, ModelShard.__init__).
-STREAM_BYTES: dict[str, float] = {"int4": 4.0}
+
+
+@dataclass(frozen=True)
+class TensorBytes:
+    """A model's weights in their own (file) types, in the planner's units: what `ModelProfile` counts for the
+    `auto` weight format, where every tensor keeps its GGUF type (Q4_K_M files mix Q4_K, Q6_K, Q5_0, Q8_0 …).
+
+    attn_unit: one KV group of one layer — its query heads' q rows, its k and v rows, the matching o columns
+      (+ q/k/v biases) — each in its tensor's own type. ffn_unit: one FFN column — a gate row, an up row and a
+      down column. layer_norms: attn_norm + ffn_norm (and any other per-layer tensor), replicated on every TP
+      shard. Per-layer types vary (llama.cpp gives some layers' attn_v / ffn_down Q6_K), so these three are the
+      averages over the layers: a stage of the Q6_K-heavy layers holds slightly more than its share, the model's
+      total is exact. embedding: token_embd. head: the output matrix (token_embd's bytes when tied). final_norm:
+      output_norm. (rope_freqs, d/2 floats, is not counted.)
+    ffn_block / attn_block: inputs per block of ffn_down's / attn_output's type (the coarsest over the layers):
+      the grid a row-parallel cut must fall on for shards to read only their own blocks.
+    """
+
+    attn_unit: float
+    ffn_unit: float
+    layer_norms: float
+    embedding: float
+    head: float
+    final_norm: float
+    ffn_block: int = 1
+    attn_block: int = 1
+
+    def __post_init__(self) -> None:
+        for f in ("attn_unit", "ffn_unit", "embedding", "head"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"TensorBytes.{f} must be > 0, got {getattr(self, f)}")
+        if self.layer_norms < 0 or self.final_norm < 0 or self.ffn_block < 1 or self.attn_block < 1:
+            raise ValueError(f"TensorBytes: norms must be >= 0 and blocks >= 1, got {self}")
+
+    @classmethod
+    def from_tensors(cls, cfg: ModelConfig, tensors: Mapping[str, GGUFTensor]) -> "TensorBytes":
+        """The table of a GGUF file from its header's tensors (model/formats.py read_gguf_tensors), llama.cpp's
+        tensor names; ValueError naming a missing tensor."""
+        def get(name: str) -> GGUFTensor:
+            t = tensors.get(name)
+            if t is None:
+                raise ValueError(f"GGUF file lacks tensor {name!r}")
+            return t
+
+        L, A, F = cfg.n_layers, cfg.n_kv_heads, cfg.ffn_size
+        attn = ffn = norms = 0
+        ffn_blocks, attn_blocks = [], []
+        attn_names = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight")
+        ffn_names = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+        biases = ("attn_q.bias", "attn_k.bias", "attn_v.bias")
+        for i in range(L):
+            attn += sum(get(f"blk.{i}.{n}").nbytes for n in attn_names)
+            attn += sum(tensors[f"blk.{i}.{n}"].nbytes for n in biases if f"blk.{i}.{n}" in tensors)
+            ffn += sum(get(f"blk.{i}.{n}").nbytes for n in ffn_names)
+            ffn_blocks.append(get(f"blk.{i}.ffn_down.weight").block)
+            attn_blocks.append(get(f"blk.{i}.attn_output.weight").block)
+        counted = {f"blk.{i}.{n}" for i in range(L) for n in attn_names + biases + ffn_names}
+        norms = sum(t.nbytes for name, t in tensors.items() if name.startswith("blk.") and name not in counted)
+        embedding = get("token_embd.weight").nbytes
+        head = embedding if cfg.tie_embeddings else get("output.weight").nbytes
+        return cls(attn / (L * A), ffn / (L * F), norms / L, embedding, head, get("output_norm.weight").nbytes,
+                   formats.lcm_blocks(ffn_blocks), formats.lcm_blocks(attn_blocks))
+
+    @classmethod
+    def uniform(cls, cfg: ModelConfig, bytes_per_weight: float, ffn_block: int = 1,
+                attn_block: int = 1) -> "TensorBytes":
+        """Every weight at `bytes_per_weight` (a model known by its hyper-parameters, or one stored in one type)."""
+        g, d, h = cfg.group_size, cfg.head_dim, cfg.hidden_size
+        attn = (2 * g + 2) * d * h + ((g + 2) * d if cfg.attention_bias else 0)
+        b = bytes_per_weight
+        return cls(attn * b, 3 * h * b, 2 * h * b, cfg.vocab_size * h * b, cfg.vocab_size * h * b, h * b,
+                   ffn_block, attn_block)
+
+    @classmethod
+    def q4_k_m(cls, cfg: ModelConfig) -> "TensorBytes":
+        """A preset counted as Ollama's default download, Q4_K_M, at llama.cpp's average bits per weight
+        (model/formats.py Q4_K_M_BITS_PER_WEIGHT); its blocks are the K-quants' 256 where a row is a whole number
+        of them, else llama.cpp's 32-input fallback."""
+        return cls.uniform(cfg, formats.Q4_K_M_BITS_PER_WEIGHT / 8, formats.q4_k_m_block(cfg.ffn_size),
+                           formats.q4_k_m_block(cfg.n_heads * cfg.head_dim))
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
 class ModelProfile:
-    """Sizes of one model in one compute dtype.
+    """Sizes of one model in one weight format.
 
     name: label used in plans. n_layers .. vocab_size: as ModelConfig. tie_embeddings: output head is the
-    embedding matrix. attention_bias: q/k/v carry biases (qwen2). weight_bytes: bytes per weight element in
-    the compute dtype. kv_bytes: bytes per KV-cache element. act_bytes: bytes per activation element sent
-    between stages / all-reduced. context_length: trained context (workloads longer than it are rejected).
-    embed_bytes: bytes per element of the embedding and output-head matrices where they differ from weight_bytes
-    (0 = the same).
+    embedding matrix. attention_bias: q/k/v carry biases (qwen2). weight_bytes: bytes per weight element (with
+    tensor_bytes: derived, the model's average, for display). kv_bytes: bytes per KV-cache element. act_bytes:
+    bytes per activation element sent between stages / all-reduced. context_length: trained context (workloads
+    longer than it are rejected). embed_bytes: bytes per element of the embedding and output-head matrices where
+    they differ from weight_bytes (0 = the same).
+    tensor_bytes: the weights' real bytes per unit (TensorBytes: the file's own types); None = every element at
+      weight_bytes / embed_bytes.
+    ffn_block / attn_block: inputs per quantisation block of ffn_down / attn_output (1 = any column); with
+      tensor_bytes, the table's. Tensor-parallel splits keep FFN columns in multiples of `ffn_step` and KV groups
+      in multiples of `kv_step`, so each shard's row-parallel slice is whole blocks.
     """
 
     name: str
@@ -72,6 +157,9 @@ class ModelProfile:
     kv_bytes: float = 2.0
     act_bytes: float = 2.0
     embed_bytes: float = 0.0
+    tensor_bytes: TensorBytes | None = None
+    ffn_block: int = 1
+    attn_block: int = 1
 
     def __post_init__(self) -> None:
         for f in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "ffn_size", "vocab_size",
@@ -83,25 +171,56 @@ class ModelProfile:
         for f in ("weight_bytes", "kv_bytes", "act_bytes"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"ModelProfile.{f} must be > 0, got {getattr(self, f)}")
+        if self.ffn_block < 1 or self.ffn_size % self.ffn_block:
+            raise ValueError(f"ffn_size ({self.ffn_size}) must be a multiple of ffn_block ({self.ffn_block})")
+        # attn_output has n_heads·d inputs, a whole number of its blocks; so n_kv_heads is a multiple of kv_step
+        if self.attn_block < 1 or self.n_kv_heads % self.kv_step:
+            raise ValueError(f"attn_output's {self.n_heads * self.head_dim} inputs are not a whole number of "
+                             f"{self.attn_block}-input blocks")
+        if self.tensor_bytes is not None:  # derived: the average over the model, for display
+            object.__setattr__(self, "weight_bytes", self.total_weight_bytes / self.total_params)
 
     # --- constructors -------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, cfg: ModelConfig, dtype: str = "f16", name: str | None = None,
-                    kv_dtype: str | None = None) -> "ModelProfile":
-        """Profile of `cfg` computing in `dtype` (a key of DTYPE_BYTES); KV cache in kv_dtype (default: the
-        compute dtype, or f16 for quantized weights, as llama.cpp keeps its cache in f16)."""
-        if dtype not in DTYPE_BYTES:
-            raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
-        wb = DTYPE_BYTES[dtype]
-        act = STREAM_BYTES.get(dtype, wb if wb >= 2 else 2.0)
-        kvb = DTYPE_BYTES[kv_dtype] if kv_dtype else act
+                    kv_cache_type: str | None = None, tensor_bytes: TensorBytes | None = None) -> "ModelProfile":
+        """Profile of `cfg` in weight format `dtype`: a model/formats.py WEIGHT_FORMATS name, a short float name
+        (f32 / f16 / bf16), or a GGUF type in lower case ("q8_0") for a model whose every tensor has that type.
+
+        "auto" (each tensor in its file's type) needs `tensor_bytes`: TensorBytes.from_tensors of the file's
+        header, or TensorBytes.q4_k_m for a model known only by its hyper-parameters. kv_cache_type: the KV cache
+        setting (f32 | f16 | q8_0, from --kv-cache-type / OLLAMA_KV_CACHE_TYPE); None = the format's default
+        (formats.kv_cache_type)."""
+        fmt_name = _SHORT_FORMATS.get(dtype, dtype)
+        if fmt_name in formats.FORMATS:
+            fmt = formats.FORMATS[fmt_name]
+            if fmt.weight_bytes is None and tensor_bytes is None:
+                raise ValueError(f"dtype {dtype!r} counts each tensor in its file's type: pass tensor_bytes "
+                                 f"(TensorBytes.from_tensors of the file's header, or TensorBytes.q4_k_m)")
+            if fmt.weight_bytes is not None and tensor_bytes is not None:
+                raise ValueError(f"dtype {dtype!r} holds every weight in {fmt.compute_dtype}: tensor_bytes (the "
+                                 f"file's own types) applies to 'auto' only")
+            kv = formats.kv_cache_type(fmt_name, kv_cache_type)
+            wb, embed, act, block = fmt.weight_bytes or 1.0, fmt.matrix_bytes or 0.0, fmt.stream_bytes, fmt.block or 1
+        else:
+            try:
+                type_bytes, type_block = formats.bytes_per_element(dtype), formats.block_size(dtype)
+            except ValueError:
+                raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(formats.WEIGHT_FORMATS)}, "
+                                 f"{', '.join(_SHORT_FORMATS)} or a GGUF tensor type (q8_0, q4_k, ...)") from None
+            # one GGUF type throughout: held as `auto` holds a file's types (stream, default cache)
+            tensor_bytes = tensor_bytes or TensorBytes.uniform(cfg, type_bytes, type_block, type_block)
+            kv = formats.kv_cache_type("auto", kv_cache_type)
+            wb, embed, act, block = 1.0, 0.0, formats.FORMATS["auto"].stream_bytes, 1
         return cls(
             name=name or cfg.name or f"{cfg.arch}-{cfg.n_layers}l",
             n_layers=cfg.n_layers, hidden_size=cfg.hidden_size, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
             head_dim=cfg.head_dim, ffn_size=cfg.ffn_size, vocab_size=cfg.vocab_size,
             context_length=cfg.context_length, tie_embeddings=cfg.tie_embeddings,
-            attention_bias=cfg.attention_bias, weight_bytes=wb, kv_bytes=kvb, act_bytes=act,
-            embed_bytes=EMBED_BYTES.get(dtype, 0.0),
+            attention_bias=cfg.attention_bias, weight_bytes=wb, kv_bytes=formats.kv_bytes_per_element(kv),
+            act_bytes=act, embed_bytes=embed, tensor_bytes=tensor_bytes,
+            ffn_block=tensor_bytes.ffn_block if tensor_bytes else block,  # a table carries its file's blocks
+            attn_block=tensor_bytes.attn_block if tensor_bytes else block,
         )
 
     # --- granularity --------------------------------------------------------------------------------
@@ -109,6 +228,18 @@ class ModelProfile:
     def group_size(self) -> int:
         """Query heads per KV head."""
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def ffn_step(self) -> int:
+        """FFN columns per tensor-parallel unit: ffn_down is cut by input columns, on its type's block grid."""
+        return self.ffn_block
+
+    @property
+    def kv_step(self) -> int:
+        """KV groups per tensor-parallel unit: a group owns g·d of attn_output's input columns, so cuts after every
+        kv_step groups fall on its block grid (Q4_K o-projection of llama-7b, g·d = 128: 2 groups)."""
+        gd = self.group_size * self.head_dim
+        return self.attn_block // math.gcd(self.attn_block, gd)
 
     # --- parameters (elements) ----------------------------------------------------------------------
     @property
@@ -148,40 +279,53 @@ class ModelProfile:
     # --- bytes ---------------------------------------------------------------------------------------
     @property
     def attn_unit_bytes(self) -> float:
-        return self.attn_unit_params * self.weight_bytes
+        t = self.tensor_bytes
+        return t.attn_unit if t else self.attn_unit_params * self.weight_bytes
 
     @property
     def ffn_unit_bytes(self) -> float:
-        return self.ffn_unit_params * self.weight_bytes
+        t = self.tensor_bytes
+        return t.ffn_unit if t else self.ffn_unit_params * self.weight_bytes
 
     @property
     def layer_norm_bytes(self) -> float:
-        return self.layer_norm_params * self.weight_bytes
+        t = self.tensor_bytes
+        return t.layer_norms if t else self.layer_norm_params * self.weight_bytes
 
     @property
     def layer_bytes(self) -> float:
         """All weights of one layer."""
-        return self.layer_params * self.weight_bytes
+        if self.tensor_bytes is None:
+            return self.layer_params * self.weight_bytes
+        return self.n_kv_heads * self.attn_unit_bytes + self.ffn_size * self.ffn_unit_bytes + self.layer_norm_bytes
 
     @property
     def _matrix_bytes(self) -> float:
-        """Bytes per element of the embedding / output-head matrices."""
+        """Bytes per element of the embedding / output-head matrices (without tensor_bytes)."""
         return self.embed_bytes or self.weight_bytes
 
     @property
+    def _final_norm_bytes(self) -> float:
+        t = self.tensor_bytes
+        return t.final_norm if t else self.hidden_size * self.weight_bytes
+
+    @property
     def embedding_bytes(self) -> float:
-        return self.embedding_params * self._matrix_bytes
+        t = self.tensor_bytes
+        return t.embedding if t else self.embedding_params * self._matrix_bytes
 
     @property
     def head_bytes(self) -> float:
         """Output head + final norm as stored on a node that does NOT also hold the embedding."""
-        return self.vocab_size * self.hidden_size * self._matrix_bytes + self.hidden_size * self.weight_bytes
+        t = self.tensor_bytes
+        matrix = t.head if t else self.vocab_size * self.hidden_size * self._matrix_bytes
+        return matrix + self._final_norm_bytes
 
     def head_extra_bytes(self, holds_embedding: bool) -> float:
         """Bytes the output role adds to a node: a tied head on the node that already holds the embedding
         costs only the final norm (the matrix is shared); otherwise its own copy."""
         if self.tie_embeddings and holds_embedding:
-            return self.hidden_size * self.weight_bytes
+            return self._final_norm_bytes
         return self.head_bytes
 
     @property
@@ -220,7 +364,10 @@ class ModelProfile:
         return 2.0 * self.vocab_size * self.hidden_size
 
     def to_dict(self) -> dict[str, object]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+        d: dict[str, object] = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        if self.tensor_bytes is not None:
+            d["tensor_bytes"] = self.tensor_bytes.to_dict()
+        return d
 
 
 def _cfg(arch: str, layers: int, hidden: int, heads: int, kv: int, ffn: int, vocab: int, ctx: int,
@@ -247,9 +394,11 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def preset_profile(name: str, dtype: str = "f16") -> ModelProfile:
-    """Profile of a published model by preset name (see PRESETS)."""
+def preset_profile(name: str, dtype: str = "f16", kv_cache_type: str | None = None) -> ModelProfile:
+    """Profile of a published model by preset name (see PRESETS) in weight format `dtype`; "auto" has no file to
+    read, so it counts the model as Q4_K_M, Ollama's default download (TensorBytes.q4_k_m)."""
     cfg = PRESETS.get(name)
     if cfg is None:
         raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
-    return ModelProfile.from_config(cfg, dtype=dtype, name=name)
+    table = TensorBytes.q4_k_m(cfg) if dtype == "auto" else None
+    return ModelProfile.from_config(cfg, dtype=dtype, name=name, kv_cache_type=kv_cache_type, tensor_bytes=table)

@@ -34,9 +34,6 @@ from .metrics import ServerMetrics, TimedHandle
 
 log = logging.getLogger(__name__)
 
-_PROFILE_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int4": "int4"}
-
-
 @dataclass(frozen=True)
 class LearningConfig:
     """calibration: EMA settings. drift_every: reports between two re-plan checks. drift_min_gain: another
@@ -112,24 +109,23 @@ class LearningLoop:
                            predicted=p.predicted.to_dict())
 
     def attach_loaded(self, model: str, path: str | Path, placement: PartitionPlan | Mapping[str, Any],
-                      cluster: Any, dtype: str = "float32", max_seq_len: int | None = None) -> None:
-        """`attach` for a model the server just loaded on the Ray cluster: the profile from the weights file, the
-        cluster spec from the runtime's (cached) measurements (`cluster`: a runtime ClusterHandle, or already a
+                      cluster: Any, dtype: str = "auto", max_seq_len: int | None = None,
+                      kv_cache_type: str | None = None) -> None:
+        """`attach` for a model the server just loaded on the Ray cluster: the profile from the weights file in
+        weight format `dtype` with its KV cache type (runtime.distributed_run.model_profile, as the plan was made),
+        the cluster spec from the runtime's (cached) measurements (`cluster`: a runtime ClusterHandle, or already a
         ClusterSpec), and the planning workload as runtime.distributed_run.plan_for_cluster builds it."""
-        from ..model.weights import read_config
+        from ..runtime.distributed_run import default_workload, model_profile
 
-        cfg = read_config(path)
-        profile = ModelProfile.from_config(cfg, dtype=_PROFILE_DTYPE.get(dtype, "f32"), name=Path(path).stem)
+        profile = model_profile(path, dtype, kv_cache_type)
         if isinstance(cluster, ClusterSpec):
             spec = cluster
         else:
             from ..runtime.measure import to_cluster_spec
 
             spec = to_cluster_spec(cluster.measure())
-        # mirrors plan_for_cluster's default workload: the same KV budget decides which other plans fit
-        ctx = min(cfg.context_length, max_seq_len or 2048)
-        workload = Workload(prompt_tokens=min(512, ctx // 2), output_tokens=min(256, ctx // 2), context_tokens=ctx)
-        self.attach(model, placement, profile, spec, workload)
+        # plan_for_cluster's default workload: the same KV budget decides which other plans fit
+        self.attach(model, placement, profile, spec, default_workload(profile.context_length, max_seq_len))
 
     def detach(self, model: str) -> None:
         with self._lock:

@@ -277,9 +277,11 @@ def _model_of(body: bytes) -> str | None:
 
 class TimedHandle:
     """Wraps an engine RequestHandle: same iteration (sync and async) and attributes, plus TTFT, inter-token
-    latency and token counts observed as chunks arrive, and `on_final(model, chunk, batch)` when the last
-    chunk (done=True) arrives. `batch_fn` (e.g. lambda: engine.stats()["running"]) is sampled per token to
-    know how many sequences shared the decode steps."""
+    latency and token counts of its chunks, and `on_final(model, chunk, batch)` when the last chunk (done=True)
+    arrives. Token times are the engine's (`chunk.time`, on `clock`'s perf_counter scale), so a consumer that
+    reads chunks in a burst (a non-streaming request, woken only at the end) measures the same as one that
+    streams; `batch` averages the step batch size the engine stamps on each token chunk. Chunks without these
+    stamps fall back to `clock()` at arrival and to `batch_fn` (e.g. lambda: engine.stats()["running"])."""
 
     def __init__(self, handle: Any, model: str, metrics: ServerMetrics,
                  on_final: Callable[[str, Any, float], None] | None = None,
@@ -301,15 +303,19 @@ class TimedHandle:
 
     def _seen(self, chunk: Any) -> None:
         n = len(getattr(chunk, "token_ids", ()) or ())
-        now = self._clock()
         if n:
+            now = getattr(chunk, "time", 0.0) or self._clock()
             if self._last is None:
                 self._metrics.observe_ttft(self._model, now - self._start)
                 self._metrics.observe_token(self._model, None, n)
             else:
                 self._metrics.observe_token(self._model, (now - self._last) / n, n)
             self._last = now
-            if self._batch_fn is not None:
+            batch = getattr(chunk, "batch", 0) or 0
+            if batch > 0:
+                self._batch_sum += batch
+                self._batch_n += 1
+            elif self._batch_fn is not None:
                 try:
                     self._batch_sum += max(1, int(self._batch_fn()))
                     self._batch_n += 1

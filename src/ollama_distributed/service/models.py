@@ -160,14 +160,15 @@ class ModelManager:
         from ..model.quant import weight_format
 
         dtype, quant = weight_format(self.settings.dtype)
-        return LocalExecutor(path, dtype=dtype, quant=quant)
+        return LocalExecutor(path, dtype=dtype, quant=quant, kv_cache_type=self.settings.kv_cache_type)
 
     def torch_dtype(self) -> Any:
         """What the runtime's `dtype` arguments take: a torch dtype, or the name of a quantised weight format
-        ("int4"), which runtime.distributed_run.resolve_dtype turns into (bf16, quant)."""
+        ("auto", "int4"), which runtime.distributed_run.resolve_dtype turns into (float32, quant)."""
         import torch
 
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "int4": "int4"}[self.settings.dtype]
+        dense = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        return dense.get(self.settings.dtype, self.settings.dtype)
 
     def node_health(self) -> Any:
         """The server's runtime.recovery.NodeHealth (failure back-off and drained nodes), shared by every model."""
@@ -182,7 +183,8 @@ class ModelManager:
         from ..runtime.distributed_run import build_executor
 
         cluster, dtype, slow = self.cluster(), self.torch_dtype(), self.settings.test_slow_nodes
-        return lambda plan: slowed(build_executor(path, cluster, plan=plan, dtype=dtype), slow)
+        kv = self.settings.kv_cache_type
+        return lambda plan: slowed(build_executor(path, cluster, plan=plan, dtype=dtype, kv_cache_type=kv), slow)
 
     def _place(self, name: str, path: Path) -> list[Any]:
         """Started executors for the model's replicas (service/replicas.py `place_model`)."""
@@ -382,7 +384,8 @@ class ModelManager:
         live = runner.live_replicas
         if len(live) == 1:
             self.learning.attach_loaded(runner.name, runner.entry.model_path, placement or live[0].placement(),
-                                        self.cluster(), self.settings.dtype)
+                                        self.cluster(), self.settings.dtype,
+                                        kv_cache_type=self.settings.kv_cache_type)
         elif live:
             self.learning.attach(runner.name, live[0].placement(),
                                  reason=f"{len(live)} replicas; calibration needs a single copy")

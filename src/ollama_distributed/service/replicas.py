@@ -138,9 +138,10 @@ def usable_nodes(cluster: Any, exclude: Iterable[str] = ()) -> list[str]:
 
 
 def plan_on(model_path: str | Path, cluster: Any, keep: Iterable[str], strategy: str, dtype: Any,
-            max_replicas: int = 1) -> tuple[list[Any], Any]:
+            max_replicas: int = 1, kv_cache_type: str | None = None) -> tuple[list[Any], Any]:
     """Replica plans (scheduler plan_replicas) on the nodes `keep` of `cluster`, and the planning inputs
-    (profile, spec, workload). Raises scheduler InfeasiblePlanError when not even one copy fits."""
+    (profile, spec, workload), for weight format `dtype` and its KV cache type (None: the format's default).
+    Raises scheduler InfeasiblePlanError when not even one copy fits."""
     from ..runtime.recovery import planning_inputs
     from ..scheduler.config import PlanConfig
     from ..scheduler.errors import InfeasiblePlanError
@@ -149,7 +150,7 @@ def plan_on(model_path: str | Path, cluster: Any, keep: Iterable[str], strategy:
     keep = list(keep)
     if not keep:
         raise InfeasiblePlanError("no node left to place a replica on")
-    inputs = planning_inputs(model_path, cluster.measure(), keep, dtype)
+    inputs = planning_inputs(model_path, cluster.measure(), keep, dtype, kv_cache_type)
     plans = plan_replicas(*inputs, PlanConfig(strategy=strategy), max_replicas)
     return plans, inputs
 
@@ -178,7 +179,7 @@ def place_model(manager: Any, name: str, path: Path) -> list[Any]:
     s = manager.settings
     cluster = manager.cluster()
     keep = usable_nodes(cluster, manager.node_health().backed_off())
-    plans, inputs = plan_on(path, cluster, keep, s.strategy, manager.torch_dtype(), s.max_replicas)
+    plans, inputs = plan_on(path, cluster, keep, s.strategy, manager.torch_dtype(), s.max_replicas, s.kv_cache_type)
     build = manager.builder(path)
     if len(plans) == 1 and s.autotune and s.strategy == "auto":
         cands = tuning.candidates(inputs, s.autotune_candidates)
@@ -236,7 +237,8 @@ def replica_recovery(manager: Any, runner: Any, replica: Replica) -> Any:
 
     build = manager.builder(path)
     return Recovery(path, manager.cluster(), manager.settings.strategy, manager.torch_dtype(),
-                    ReplicaHealth(manager.node_health(), others), on_event, build=build)
+                    ReplicaHealth(manager.node_health(), others), on_event, build=build,
+                    kv_cache_type=manager.settings.kv_cache_type)
 
 
 def _quietly(fn: Callable[..., Any], *args: Any) -> None:

@@ -297,7 +297,8 @@ class SlowedExecutor:
 
 
 def build_replica_executors(model_path: Any, cluster: Any, strategy: str = "auto", max_replicas: int = 0,
-                            dtype: Any = None, exclude: Sequence[str] = ()) -> list[Any]:
+                            dtype: Any = None, exclude: Sequence[str] = (),
+                            kv_cache_type: str | None = None) -> list[Any]:
     """One RayExecutor per replica the scheduler places on disjoint nodes of `cluster` (scheduler
     `plan_replicas`: plan, remove the nodes used, repeat while the model fits; `max_replicas` 0 = no limit).
     Raises scheduler InfeasiblePlanError when not even one copy fits."""
@@ -310,13 +311,13 @@ def build_replica_executors(model_path: Any, cluster: Any, strategy: str = "auto
 
     dtype = dtype if dtype is not None else torch.float32
     keep = [n.name for n in cluster.nodes() if n.name not in set(exclude)]
-    profile, spec, workload = planning_inputs(model_path, cluster.measure(), keep, dtype)
+    profile, spec, workload = planning_inputs(model_path, cluster.measure(), keep, dtype, kv_cache_type)
     plans = plan_replicas(profile, spec, workload, PlanConfig(strategy=strategy), max_replicas)
     log.info("%d replica(s): %s", len(plans), [sorted(p.nodes) for p in plans])
     executors: list[Any] = []
     try:
         for p in plans:
-            executors.append(build_executor(model_path, cluster, plan=p, dtype=dtype))
+            executors.append(build_executor(model_path, cluster, plan=p, dtype=dtype, kv_cache_type=kv_cache_type))
     except BaseException:
         for ex in executors:
             ex.close()

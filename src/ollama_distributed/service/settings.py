@@ -29,11 +29,14 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from ..model import formats
+
 DEFAULT_PORT = 11434
 DEFAULT_KEEP_ALIVE_S = 300.0
 FOREVER = math.inf
-# compute dtypes the server accepts (service/models.py maps each to a torch dtype)
-DTYPES = ("float32", "bfloat16", "int4")  # int4: the GGUF's 4-bit blocks, float32 activations (model/quant.py)
+# weight formats the server accepts (model/formats.py; auto: every tensor in its file type)
+DTYPES = formats.WEIGHT_FORMATS
+KV_CACHE_TYPES = formats.KV_CACHE_TYPES  # f32|f16|q8_0, Ollama's OLLAMA_KV_CACHE_TYPE names
 
 _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _GO_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
@@ -110,7 +113,8 @@ class ServerSettings:
     keep_alive_s: default keep_alive (inf = forever). num_ctx: default context window (OLLAMA_CONTEXT_LENGTH).
     max_queue / num_parallel: per-model engine queue bound and batch size. origins: extra CORS origins.
     address / local_nodes / node_memory / strategy: where models run (None + 0 = in-process LocalExecutor).
-    dtype: compute dtype name ("float32" or "bfloat16"). include_bundled: list the bundled SmolLM2.
+    dtype: weight format name (DTYPES). kv_cache_type: f32|f16|q8_0 (OLLAMA_KV_CACHE_TYPE; None: f16 for auto, else the
+      compute dtype). include_bundled: list the bundled SmolLM2.
     max_loaded: models kept loaded at once (the least recently used is unloaded to make room).
     max_replicas: copies of each model placed on disjoint nodes when the cluster holds more than one (1 = one
       copy, today's behaviour; 0 = as many as fit); requests go to the replica with the least outstanding work
@@ -137,7 +141,8 @@ class ServerSettings:
     local_nodes: int = 0
     node_memory: str | None = None
     strategy: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"
+    kv_cache_type: str | None = None
     include_bundled: bool = True
     max_loaded: int = 3
     max_replicas: int = 1
@@ -166,6 +171,9 @@ class ServerSettings:
             raise ValueError(f"unknown strategy {self.strategy!r}: expected auto|single|pipeline|tensor|hybrid")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}: expected {'|'.join(DTYPES)}")
+        if self.kv_cache_type is not None and self.kv_cache_type not in KV_CACHE_TYPES:
+            raise ValueError(f"unknown KV cache type {self.kv_cache_type!r} (OLLAMA_KV_CACHE_TYPE / --kv-cache-type): "
+                             f"expected {'|'.join(KV_CACHE_TYPES)}")
         if self.max_replicas < 0:
             raise ValueError(f"max_replicas must be >= 0 (0 = as many as fit), got {self.max_replicas}")
         if not 1 <= self.autotune_candidates <= 3 or not 1 <= self.autotune_steps <= 32:
@@ -203,6 +211,7 @@ class ServerSettings:
             "max_replicas": _env_int(env, "OLLAMA_DISTRIBUTED_MAX_REPLICAS", 1),
             "autotune": _env_bool(env, "OLLAMA_DISTRIBUTED_AUTOTUNE", True),
             "replan": _env_bool(env, "OLLAMA_DISTRIBUTED_REPLAN", True),
+            "kv_cache_type": formats.kv_cache_type_from_env(env),
             "test_slow_nodes": parse_slow_nodes(env.get("OLLAMA_DISTRIBUTED_TEST_SLOW_NODES", "")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})

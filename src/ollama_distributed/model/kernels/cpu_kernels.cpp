@@ -16,166 +16,20 @@
 // load holds a group of 32 weights for 4 rows:
 //   codes (N/4, G, 64) u8: lane r, byte j = q[4b+r, 32g+j] | q[4b+r, 32g+16+j] << 4  (GGUF's own qs order)
 //   d, m  (N/4, G, 4) f16: the group's scale and offset for the block's 4 rows.
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-
-#include <strings.h>
-#include <unistd.h>
+#include "common.h"
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
-#include <cstdint>
-#include <cstdlib>
-#include <functional>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 namespace {
 
-// Whether OpenMP's idle threads sleep (OMP_WAIT_POLICY=PASSIVE; libgomp reads it once, at start-up).
-bool openmp_sleeps() {
-  static const bool passive = [] {
-    const char* policy = std::getenv("OMP_WAIT_POLICY");
-    return policy != nullptr && strcasecmp(policy, "passive") == 0;
-  }();
-  return passive;
-}
-
-// Worker threads for our kernels that spin between calls, then sleep. A decode step makes 4 matmuls per layer a
-// few µs apart; under OMP_WAIT_POLICY=PASSIVE (our default, so that a team never spins against a busy neighbour)
-// every OpenMP parallel region wakes a sleeping thread, which costs tens of µs in this VM and made the int4 step
-// ~2.7x slower than under libgomp's spinning default (bench/README.md section 6). Like llama.cpp's thread pool,
-// these workers spin for kSpin after each call, so they stay awake through a step and sleep between requests.
-class SpinPool {
- public:
-  static SpinPool& get(int threads) {
-    static SpinPool* pool = nullptr;
-    static std::mutex create;
-    std::lock_guard<std::mutex> lock(create);
-    if (pool == nullptr || pool->threads_ != threads || pool->pid_ != getpid()) {
-      // (a new intra-op thread count, or a forked child, whose copy has no workers; the old pool's threads, if
-      // any, sleep on)
-      pool = new SpinPool(threads);
-    }
-    return *pool;
-  }
-
-  // Runs fn(t) for t in [0, threads) and returns when all have; t = 0 on the calling thread. One call at a time.
-  void run(const std::function<void(int)>& fn) {
-    std::lock_guard<std::mutex> one(running_);
-    task_ = &fn;
-    pending_.store(threads_ - 1, std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_seq_cst);
-    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
-      std::lock_guard<std::mutex> lock(mu_);
-      wake_.notify_all();
-    }
-    fn(0);
-    while (pending_.load(std::memory_order_acquire) > 0) _mm_pause();
-  }
-
- private:
-  static constexpr auto kSpin = std::chrono::microseconds(500);
-
-  explicit SpinPool(int threads) : threads_(threads), pid_(getpid()) {
-    for (int t = 1; t < threads; ++t) std::thread([this, t] { work(t); }).detach();
-  }
-
-  void work(int t) {
-    uint64_t seen = 0;  // the generation at construction (not a fresh load: run() may already have begun one)
-    for (;;) {
-      const auto until = std::chrono::steady_clock::now() + kSpin;
-      int polls = 0;
-      while (generation_.load(std::memory_order_acquire) == seen) {
-        _mm_pause();
-        if (++polls % 64 == 0 && std::chrono::steady_clock::now() > until) {
-          std::unique_lock<std::mutex> lock(mu_);
-          sleepers_.fetch_add(1, std::memory_order_seq_cst);
-          wake_.wait(lock, [&] { return generation_.load(std::memory_order_seq_cst) != seen; });
-          sleepers_.fetch_sub(1, std::memory_order_relaxed);
-          break;
-        }
-      }
-      ++seen;  // run() waits for every worker, so each generation is seen exactly once
-      (*task_)(t);
-      pending_.fetch_sub(1, std::memory_order_acq_rel);
-    }
-  }
-
-  const int threads_;
-  const pid_t pid_;
-  const std::function<void(int)>* task_ = nullptr;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  std::atomic<int> sleepers_{0};
-  std::mutex mu_, running_;
-  std::condition_variable wake_;
-};
-
-// fn(begin, end) over [0, n) in one contiguous range per thread, on the spinning pool or OpenMP's team (see
-// openmp_sleeps); inline when not `worth` it or with one thread.
-template <class F>
-void parallel(int64_t n, bool worth, const F& fn) {
-  // The pool always has the intra-op thread count (one pool per process, not one per size); with fewer items than
-  // threads some ranges are empty.
-  const int threads = at::get_num_threads();
-  if (!worth || threads <= 1 || n <= 1) {
-    fn(0, n);
-  } else if (openmp_sleeps()) {
-    SpinPool::get(threads).run([&](int t) { fn(n * t / threads, n * (t + 1) / threads); });
-  } else {  // OpenMP's own team spins between regions: a second spinning pool would only compete with it
-    at::parallel_for(0, n, (n + threads - 1) / threads, fn);
-  }
-}
-
-
-constexpr int64_t kGroup = 32;
-constexpr int64_t kRows = 4;   // rows per block: one per 128-bit lane
-constexpr int kLevels = 2;     // int8 levels per activation group (see quantize_activations)
-
-// x ≈ dx·(q1 + q2/256) per group: the int8 codes of x, then those of what they missed (x − dx·q1, at most dx/2,
-// in steps of dx/256). One level of int8 per group loses the small inputs of any group that holds an outlier
-// (LLM activations have a few channels 100x the rest): on SmolLM2, greedy agreement with fp32 fell from 98.8 % to
-// 93.4 % with one level (the logits' max relative error from 0.027 to 0.18). With two, x keeps ~15 bits per
-// group, and since the second scale is exactly the first / 256 both levels share one integer sum
-// (s1·256 + s2 < 2^24: no overflow, exact in the float conversion).
-// Out: q (M·G, 2, 32) int8, dx (M·G) = the level-2 step dx/256, sx (M·G) = Σ x per group in float.
-void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* q, float* dx, float* sx) {
-  const int64_t ng = K / kGroup;
-  for (int64_t i = 0; i < M * ng; ++i) {
-    const float* p = x + i * kGroup;
-    __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
-    sx[i] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-    float scale = amax / 127.f;
-    dx[i] = scale / 256.f;
-    for (int level = 0; level < kLevels; ++level) {
-      const __m512 inv = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
-      // round to nearest even (the default MXCSR mode), saturating to int8 (only +128 in level 2 clips, by 1)
-      const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
-      int8_t* out = q + (i * kLevels + level) * kGroup;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtsepi32_epi8(qa));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtsepi32_epi8(qb));
-      const __m512 vs = _mm512_set1_ps(scale);
-      a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(qa), vs, a);  // the remainder for the next level
-      b = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(qb), vs, b);
-      scale /= 256.f;
-    }
-  }
-}
-
-// Sum of each 128-bit lane of v (one row's partial sums) -> the 4 row totals.
-inline __m128 lane_sums(__m512 v) {
-  v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
-  v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
-  const __m512i first = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-  return _mm512_castps512_ps128(_mm512_permutexvar_ps(first, v));
-}
+using od::kGroup;
+using od::kLevels;
+using od::kRows;
+using od::lane_sums;
+using od::parallel;
+using od::quantize_activations;
 
 struct Operands {
   const uint8_t* codes;  // (N/4, G, 64)
@@ -312,9 +166,26 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 // SDPA). torch's flash kernel spends ~30 µs per call on setup for the few KB a decode step attends over at
 // short contexts, and a batch of sequences of different lengths needs a padded, masked call (260 µs for 16
 // sequences); this takes a few µs per sequence and splits (sequence, KV head) pairs over the threads.
-torch::Tensor attend_cached(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots, torch::Tensor lengths) {
+// The KV cache holds float32 or float16 (Ollama's default OLLAMA_KV_CACHE_TYPE=f16) elements: 16 at a time in and
+// out of float32 registers (F16C: VCVTPH2PS / VCVTPS2PH, round to nearest even).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// A cache of float32 or float16 (both the same type), and which.
+bool half_cache(const torch::Tensor& kc, const torch::Tensor& vc) {
   TORCH_CHECK(kc.dim() == 4 && kc.is_contiguous() && vc.is_contiguous() && kc.sizes() == vc.sizes() &&
-              kc.scalar_type() == torch::kFloat32 && vc.scalar_type() == torch::kFloat32, "caches: contiguous float32 (S, KV, C, D)");
+              kc.scalar_type() == vc.scalar_type() &&
+              (kc.scalar_type() == torch::kFloat32 || kc.scalar_type() == torch::kFloat16),
+              "caches: contiguous float32 or float16 (S, KV, C, D)");
+  return kc.scalar_type() == torch::kFloat16;
+}
+
+template <class E>
+torch::Tensor attend_impl(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots, torch::Tensor lengths) {
   const int64_t S = kc.size(0), KV = kc.size(1), C = kc.size(2), D = kc.size(3), B = q.size(0);
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.scalar_type() == torch::kFloat32 && q.size(1) % KV == 0 && q.size(2) == D,
               "q: contiguous float32 (B, KV·G, D), got ", q.sizes());
@@ -331,8 +202,8 @@ torch::Tensor attend_cached(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
   }
   auto out = torch::empty({B, KV * G * D}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* kp = kc.data_ptr<float>();
-  const float* vp = vc.data_ptr<float>();
+  const E* kp = kc.data_ptr<E>();
+  const E* vp = vc.data_ptr<E>();
   float* op = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t chunks = D / 16;
@@ -340,8 +211,8 @@ torch::Tensor attend_cached(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
     std::vector<float> p;
     for (int64_t pair = p0; pair < p1; ++pair) {
       const int64_t b = pair / KV, h = pair % KV, T = ln[b];
-      const float* kh = kp + (sl[b] * KV + h) * C * D;
-      const float* vh = vp + (sl[b] * KV + h) * C * D;
+      const E* kh = kp + (sl[b] * KV + h) * C * D;
+      const E* vh = vp + (sl[b] * KV + h) * C * D;
       p.resize(T);
       for (int64_t j = 0; j < G; ++j) {
         const int64_t head = (b * KV + h) * G + j;  // = b·H + h·G + j
@@ -349,9 +220,9 @@ torch::Tensor attend_cached(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
         for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(qp + head * D + 16 * c), _mm512_set1_ps(scale));
         float mx = -INFINITY;
         for (int64_t t = 0; t < T; ++t) {
-          const float* kt = kh + t * D;
-          __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kt));
-          for (int64_t c = 1; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kt + 16 * c), acc);
+          const E* kt = kh + t * D;
+          __m512 acc = _mm512_mul_ps(qv[0], load16(kt));
+          for (int64_t c = 1; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], load16(kt + 16 * c), acc);
           p[t] = _mm512_reduce_add_ps(acc);
           mx = std::max(mx, p[t]);
         }
@@ -360,9 +231,9 @@ torch::Tensor attend_cached(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
         __m512 o[16];
         for (int64_t c = 0; c < chunks; ++c) o[c] = _mm512_setzero_ps();
         for (int64_t t = 0; t < T; ++t) {
-          const float* vt = vh + t * D;
+          const E* vt = vh + t * D;
           const __m512 pt = _mm512_set1_ps(p[t]);
-          for (int64_t c = 0; c < chunks; ++c) o[c] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vt + 16 * c), o[c]);
+          for (int64_t c = 0; c < chunks; ++c) o[c] = _mm512_fmadd_ps(pt, load16(vt + 16 * c), o[c]);
         }
         const __m512 inv = _mm512_set1_ps(1.f / total);
         for (int64_t c = 0; c < chunks; ++c) _mm512_storeu_ps(op + head * D + 16 * c, _mm512_mul_ps(o[c], inv));
@@ -375,14 +246,17 @@ torch::Tensor attend_cached(torch::Tensor q, torch::Tensor kc, torch::Tensor vc,
   return out;
 }
 
+torch::Tensor attend_cached(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, torch::Tensor slots, torch::Tensor lengths) {
+  return half_cache(kc, vc) ? attend_impl<at::Half>(q, kc, vc, slots, lengths) : attend_impl<float>(q, kc, vc, slots, lengths);
+}
+
 // RoPE on the new tokens' q and k heads, and k, v into the cache, in one pass: q/k/v come packed as one qkv row
 // per token ((H + 2·KV)·D floats), cos and the signed sin are (N, D) (model/rope.py: rotate_half(x)·sin =
 // roll(x, D/2)·signed_sin), and token n's k and v land at cache[slot[n], head, pos[n]]. Replaces ~10 torch ops
 // per layer (rope's mul/roll/mul/add and two index_put_ with their views). Returns the rotated q (N, H, D).
-torch::Tensor rope_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc, torch::Tensor vc,
-                         torch::Tensor slot, torch::Tensor pos, int64_t H, int64_t KV) {
-  TORCH_CHECK(kc.dim() == 4 && kc.is_contiguous() && vc.is_contiguous() && kc.sizes() == vc.sizes() &&
-              kc.scalar_type() == torch::kFloat32 && vc.scalar_type() == torch::kFloat32, "caches: contiguous float32 (S, KV, C, D)");
+template <class E>
+torch::Tensor rope_impl(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc, torch::Tensor vc,
+                        torch::Tensor slot, torch::Tensor pos, int64_t H, int64_t KV) {
   const int64_t S = kc.size(0), C = kc.size(2), D = kc.size(3), N = qkv.size(0);
   TORCH_CHECK(kc.size(1) == KV && D % 32 == 0, "cache heads/head_dim: ", kc.sizes());
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.scalar_type() == torch::kFloat32 && qkv.size(1) == (H + 2 * KV) * D,
@@ -398,34 +272,44 @@ torch::Tensor rope_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin
   const int64_t* slp = slot.data_ptr<int64_t>();
   const int64_t* pp = pos.data_ptr<int64_t>();
   float* qp = q.data_ptr<float>();
-  float* kp = kc.data_ptr<float>();
-  float* vp = vc.data_ptr<float>();
+  E* kp = kc.data_ptr<E>();
+  E* vp = vc.data_ptr<E>();
   const int64_t half = D / 2;
   for (int64_t n = 0; n < N; ++n) {
     TORCH_CHECK(slp[n] >= 0 && slp[n] < S && pp[n] >= 0 && pp[n] < C, "token ", n, ": slot ", slp[n], " pos ", pp[n], " outside the cache");
     const float* row = xp + n * (H + 2 * KV) * D;
     const float* cn = cp + n * D;
     const float* sn = sp + n * D;
-    for (int64_t h = 0; h < H + KV; ++h) {
-      const float* x = row + h * D;
-      float* out = h < H ? qp + (n * H + h) * D : kp + ((slp[n] * KV + (h - H)) * C + pp[n]) * D;
+    // rotated q heads go to q (float32), rotated k heads to the cache (E)
+    auto rotate = [&](const float* x, auto* out) {
       for (int64_t i = 0; i < half; i += 16) {
         const __m512 lo = _mm512_loadu_ps(x + i), hi = _mm512_loadu_ps(x + half + i);
-        _mm512_storeu_ps(out + i, _mm512_fmadd_ps(hi, _mm512_loadu_ps(sn + i), _mm512_mul_ps(lo, _mm512_loadu_ps(cn + i))));
-        _mm512_storeu_ps(out + half + i,
-                         _mm512_fmadd_ps(lo, _mm512_loadu_ps(sn + half + i), _mm512_mul_ps(hi, _mm512_loadu_ps(cn + half + i))));
+        store16(out + i, _mm512_fmadd_ps(hi, _mm512_loadu_ps(sn + i), _mm512_mul_ps(lo, _mm512_loadu_ps(cn + i))));
+        store16(out + half + i,
+                _mm512_fmadd_ps(lo, _mm512_loadu_ps(sn + half + i), _mm512_mul_ps(hi, _mm512_loadu_ps(cn + half + i))));
       }
-    }
+    };
+    for (int64_t h = 0; h < H; ++h) rotate(row + h * D, qp + (n * H + h) * D);
+    for (int64_t h = 0; h < KV; ++h) rotate(row + (H + h) * D, kp + ((slp[n] * KV + h) * C + pp[n]) * D);
     for (int64_t h = 0; h < KV; ++h) {
-      std::copy_n(row + (H + KV + h) * D, D, vp + ((slp[n] * KV + h) * C + pp[n]) * D);
+      const float* v = row + (H + KV + h) * D;
+      E* dst = vp + ((slp[n] * KV + h) * C + pp[n]) * D;
+      for (int64_t i = 0; i < D; i += 16) store16(dst + i, _mm512_loadu_ps(v + i));
     }
   }
   return q;
 }
 
+torch::Tensor rope_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc, torch::Tensor vc,
+                         torch::Tensor slot, torch::Tensor pos, int64_t H, int64_t KV) {
+  return half_cache(kc, vc) ? rope_impl<at::Half>(qkv, cos, sin, kc, vc, slot, pos, H, KV)
+                            : rope_impl<float>(qkv, cos, sin, kc, vc, slot, pos, H, KV);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  od::register_native(mod);  // qmatmul, dequant_rows (native_kernels.cpp)
   mod.def("q4_matmul", &q4_matmul, "Y = X W^T, W 4-bit groups in blocks of 4 rows, X quantised to int8 per group");
   mod.def("rms_norm", &rms_norm, "RMSNorm of float32 rows");
   mod.def("attend_cached", &attend_cached, "one-query GQA attention per sequence over its cache slot");

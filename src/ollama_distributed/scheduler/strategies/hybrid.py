@@ -13,9 +13,9 @@ from __future__ import annotations
 from ..config import PlanConfig
 from ..cost import CostModel
 from ..plan import PartitionPlan
-from . import pipeline
+from . import pipeline, search
 from .base import Worker, build_stages, finish, infeasible, node_worker
-from .tensor import GroupSplit, group_worker, split_group
+from .tensor import Grid, GroupSplit, grid_note, grids, group_worker, split_group
 
 
 class HybridStrategy:
@@ -29,8 +29,26 @@ class HybridStrategy:
         if len(names) > config.hybrid_node_limit:
             note = f"; grouped the {config.hybrid_node_limit} fastest of {len(names)} nodes"
             names = names[:config.hybrid_node_limit]
-        splits: dict[tuple[object, ...], GroupSplit | None] = {}  # identical members give identical splits
         pmax = min(config.max_tp, cm.profile.n_kv_heads, len(names) // 2 if len(names) >= 4 else len(names))
+        best = None
+        for grid in grids(cm):  # the quantisation-block grid; single KV groups / columns only if nothing fits on it
+            best = self._search(cm, config, names, pmax, grid)
+            if best is not None:
+                break
+        if best is None:
+            raise infeasible(cm, self.name, "no grouping of the nodes into tensor-parallel stages fits the model")
+        cost, assignment, how, p, grid = best
+        stages = build_stages(cm, assignment)
+        desc = "; ".join(f"{'+'.join(w.nodes)} layers {n}" for w, n in assignment)
+        return finish(cm, stages, f"{len(stages)} stage(s) of up to {p}-way TP: {desc}; stage search: {how}; "
+                                  f"groups of speed-sorted nodes{note}{grid_note(grid, cm)}; objective "
+                                  f"{cm.objective}")
+
+    @staticmethod
+    def _search(cm: CostModel, config: PlanConfig, names: list[str], pmax: int,
+                grid: Grid) -> tuple[float, search.Assignment, str, int, Grid] | None:
+        """The best (cost, assignment, how, TP degree, grid) over TP degrees 2..pmax with splits on `grid`."""
+        splits: dict[tuple[object, ...], GroupSplit | None] = {}  # identical members give identical splits
         best = None
         for p in range(2, pmax + 1):
             groups: list[Worker] = []
@@ -39,7 +57,7 @@ class HybridStrategy:
                 # shares sized for one layer; the memory bound enters through the worker's layer capacity
                 sig = tuple((cm.rates[n], cm.capacity[n]) for n in members)
                 if sig not in splits:
-                    splits[sig] = split_group(cm, members, 1, has_embedding=False, has_output=False)
+                    splits[sig] = split_group(cm, members, 1, has_embedding=False, has_output=False, grid=grid)
                 split = splits[sig]
                 if split is None:
                     continue
@@ -56,11 +74,6 @@ class HybridStrategy:
                 if res is None or all(len(w.nodes) == 1 for w, _ in res[1]):
                     continue
                 if best is None or res[0] < best[0]:
-                    best = (res[0], res[1], res[2], p)
-        if best is None:
-            raise infeasible(cm, self.name, "no grouping of the nodes into tensor-parallel stages fits the model")
-        cost, assignment, how, p = best
-        stages = build_stages(cm, assignment)
-        desc = "; ".join(f"{'+'.join(w.nodes)} layers {n}" for w, n in assignment)
-        return finish(cm, stages, f"{len(stages)} stage(s) of up to {p}-way TP: {desc}; stage search: {how}; "
-                                  f"groups of speed-sorted nodes{note}; objective {cm.objective}")
+                    best = (res[0], res[1], res[2], p, grid)
+        return best
+

@@ -16,6 +16,13 @@ KV cache, embedding / output head):
   * the search stops once T_a + (T_f without memory limits) cannot beat the best found.
 Groups: every subset of 2..max_tp nodes when the usable nodes number at most PlanConfig.exact_node_limit;
 otherwise the fastest and the largest-memory nodes of each size (the plan says so).
+
+Quantisation blocks: the row-parallel weights (ffn_down, attn_output) are cut by input columns, and a shard reads
+only its own blocks when the cuts fall on the tensor type's block grid (32 inputs for legacy GGUF types, 256 for
+K-quants). So the split runs on a grid (`Grid`): FFN columns in multiples of profile.ffn_step, KV groups in
+multiples of profile.kv_step; shares stay uneven at that granularity. Where no split on the grid fits (fewer grid
+units than nodes, or memory), it falls back to single KV groups and columns and the plan says so: the loader then
+keeps the off-grid slices dense (float32), which this profile does not count.
 """
 
 from __future__ import annotations
@@ -31,6 +38,30 @@ from ..plan import PartitionPlan
 from .base import Worker, build_stages, finish, infeasible
 
 EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Grid:
+    """KV groups and FFN columns per split unit (1, 1 = any cut)."""
+
+    kv: int = 1
+    ffn: int = 1
+
+
+def grids(cm: CostModel) -> list[Grid]:
+    """The profile's quantisation-block grid first, then the unit grid as the fallback (when they differ)."""
+    aligned = Grid(cm.profile.kv_step, cm.profile.ffn_step)
+    return [aligned] if aligned == Grid() else [aligned, Grid()]
+
+
+def grid_note(grid: Grid, cm: CostModel) -> str:
+    """What the plan's reason says about the grid it was split on."""
+    if grid == Grid(cm.profile.kv_step, cm.profile.ffn_step):
+        if grid == Grid():
+            return ""
+        return f"; splits on quantisation blocks ({grid.kv} KV group(s), {grid.ffn} FFN columns per unit)"
+    return ("; no split on the quantisation-block grid fits, so some row-parallel slices are off it (loaded "
+            "dense)")
 
 
 @dataclass(frozen=True)
@@ -97,26 +128,29 @@ def minmax_time(total: int, taus: Sequence[float], caps: Sequence[int] | None = 
 
 
 def split_group(cm: CostModel, nodes: Sequence[str], n_layers: int, has_embedding: bool,
-                has_output: bool) -> GroupSplit | None:
-    """Exact min of T_a + T_f for `nodes` (nodes[0] holds the output head when has_output) under memory."""
+                has_output: bool, grid: Grid = Grid()) -> GroupSplit | None:
+    """Exact min of T_a + T_f for `nodes` (nodes[0] holds the output head when has_output) under memory, with
+    shares in whole units of `grid` (the search below runs in grid units; the result is in KV groups / columns)."""
     p = cm.profile
-    A, F, Ls = p.n_kv_heads, p.ffn_size, n_layers
+    Ls = n_layers
+    A, F = p.n_kv_heads // grid.kv, p.ffn_size // grid.ffn  # units of the grid (the profile checks they divide)
     k = len(nodes)
     if k > A or k > F:
         return None
-    ta = [cm.rates[n].tau_attn for n in nodes]
-    tf = [cm.rates[n].tau_ffn for n in nodes]
+    ta = [cm.rates[n].tau_attn * grid.kv for n in nodes]
+    tf = [cm.rates[n].tau_ffn * grid.ffn for n in nodes]
+    attn_unit_mem, ffn_unit_mem = cm.attn_unit_mem * grid.kv, cm.ffn_unit_mem * grid.ffn
     free = []
     for i, n in enumerate(nodes):
         extras = cm.extras_mem(has_embedding, has_output and i == 0)
         free.append(cm.capacity[n] - extras - Ls * cm.norm_mem)
 
     def fmax(i: int, a: int) -> int:
-        room = free[i] - Ls * a * cm.attn_unit_mem
-        return -1 if room < 0 else min(F, _floor(room / (Ls * cm.ffn_unit_mem)))
+        room = free[i] - Ls * a * attn_unit_mem
+        return -1 if room < 0 else min(F, _floor(room / (Ls * ffn_unit_mem)))
 
     # most KV groups node i can hold while keeping room for one FFN column
-    amem = [min(A, _floor((free[i] - Ls * cm.ffn_unit_mem) / (Ls * cm.attn_unit_mem))) for i in range(k)]
+    amem = [min(A, _floor((free[i] - Ls * ffn_unit_mem) / (Ls * attn_unit_mem))) for i in range(k)]
     if any(x < 1 for x in amem):
         return None  # a node cannot hold one KV group and one column of every layer
     tf0 = minmax_time(F, tf)
@@ -236,7 +270,10 @@ def split_group(cm: CostModel, nodes: Sequence[str], n_layers: int, has_embeddin
         g = GroupSplit(tuple(nodes), tuple(a_sh), tuple(f_sh), max(a * t for a, t in zip(a_sh, ta)), t_ffn(cur))
         if best is None or g.t_attn + g.t_ffn < best.t_attn + best.t_ffn:
             best = g
-    return best
+    if best is None:
+        return None
+    return GroupSplit(best.nodes, tuple(a * grid.kv for a in best.kv), tuple(f * grid.ffn for f in best.ffn),
+                      best.t_attn, best.t_ffn)
 
 
 def group_worker(cm: CostModel, split: GroupSplit, key: str) -> Worker:
@@ -286,14 +323,32 @@ class TensorStrategy:
                                             f"{len(names)} node(s), model {cm.profile.n_kv_heads} KV heads, max_tp "
                                             f"{config.max_tp})")
         groups, exhaustive = candidate_groups(cm, names, config)
-        A, F = cm.profile.n_kv_heads, cm.profile.ffn_size
+        for grid in grids(cm):
+            split = self._best_split(cm, groups, grid)
+            if split is not None:
+                break
+        else:
+            raise infeasible(cm, self.name, f"no group of 2..{min(config.max_tp, len(names))} nodes holds its "
+                                            f"slices of all {L} layers")
+        w = Worker("+".join(split.nodes), split.nodes, 0.0, 0.0, (L, L, L, L), split.ranges())
+        stages = build_stages(cm, [(w, L)])
+        how = "every node group searched" if exhaustive else "fastest / largest groups of each size searched"
+        reason = (f"{len(split.nodes)}-way tensor parallel on {', '.join(split.nodes)}: KV groups {list(split.kv)}, "
+                  f"FFN columns {list(split.ffn)}; {how}{grid_note(grid, cm)}; objective {cm.objective}")
+        return finish(cm, stages, reason)
+
+    @staticmethod
+    def _best_split(cm: CostModel, groups: Sequence[tuple[str, ...]], grid: Grid) -> GroupSplit | None:
+        """The fastest split over `groups` (each with every choice of output-head node) on `grid`."""
+        L = cm.profile.n_layers
+        A, F = cm.profile.n_kv_heads // grid.kv, cm.profile.ffn_size // grid.ffn
         # lower bound per (group, head node): the split without memory limits. Visiting candidates in bound
         # order and stopping once the bound reaches the best found keeps the search exact but short.
         cands = []
         for group in groups:
             ar = 2 * cm.allreduce(group, cm.hidden_bytes)
-            ta = minmax_time(A, [cm.rates[n].tau_attn for n in group])
-            tf = minmax_time(F, [cm.rates[n].tau_ffn for n in group])
+            ta = minmax_time(A, [cm.rates[n].tau_attn * grid.kv for n in group])
+            tf = minmax_time(F, [cm.rates[n].tau_ffn * grid.ffn for n in group])
             if ta is None or tf is None:
                 continue
             for head in group:  # which node holds the output head (shard 0)
@@ -307,7 +362,7 @@ class TensorStrategy:
             order = (head,) + tuple(n for n in group if n != head)
             sig = tuple((cm.rates[n], cm.capacity[n]) for n in order)
             if sig not in solved:
-                solved[sig] = split_group(cm, order, L, has_embedding=True, has_output=True)
+                solved[sig] = split_group(cm, order, L, has_embedding=True, has_output=True, grid=grid)
             split = solved[sig]
             if split is None:
                 continue
@@ -315,13 +370,4 @@ class TensorStrategy:
             cost = L * (split.t_attn + split.t_ffn + ar) + cm.t_head(head)
             if best is None or cost < best[0] - 1e-15:
                 best = (cost, split)
-        if best is None:
-            raise infeasible(cm, self.name, f"no group of 2..{min(config.max_tp, len(names))} nodes holds its "
-                                            f"slices of all {L} layers")
-        split = best[1]
-        w = Worker("+".join(split.nodes), split.nodes, 0.0, 0.0, (L, L, L, L), split.ranges())
-        stages = build_stages(cm, [(w, L)])
-        how = "every node group searched" if exhaustive else "fastest / largest groups of each size searched"
-        reason = (f"{len(split.nodes)}-way tensor parallel on {', '.join(split.nodes)}: KV groups {list(split.kv)}, "
-                  f"FFN columns {list(split.ffn)}; {how}; objective {cm.objective}")
-        return finish(cm, stages, reason)
+        return None if best is None else best[1]

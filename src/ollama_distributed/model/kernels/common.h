@@ -1,0 +1,201 @@
+// What cpu_kernels.cpp and native_kernels.cpp share: the spinning thread pool and `parallel`, and (AVX-512 builds)
+// the two-level int8 activation quantisation. Everything here is `inline` in a named namespace, not in an anonymous
+// one, so that the pool's function-local statics exist once per process, not once per source file.
+#pragma once
+
+// Only the headers the kernels use, not <torch/extension.h>: that one pulls in all of libtorch's C++ API (autograd,
+// nn modules) and took 3x longer to compile (measured 43 s vs 14 s for cpu_kernels.cpp on this 2-core machine), which
+// a fresh install pays before its first request (model/cpu_kernels.py builds in the background at start-up).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11, with its at::Tensor caster
+#include <immintrin.h>
+
+#include <strings.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+// The names the kernels use from torch's C++ API (<torch/extension.h> would bring them), from ATen itself.
+namespace torch {
+using at::empty;
+using at::empty_like;
+using at::Tensor;
+using c10::dtype;
+constexpr auto kFloat32 = at::kFloat;
+constexpr auto kFloat16 = at::kHalf;
+constexpr auto kInt64 = at::kLong;
+constexpr auto kInt8 = at::kChar;
+constexpr auto kUInt8 = at::kByte;
+}  // namespace torch
+
+namespace od {
+
+constexpr int64_t kGroup = 32;  // inputs per activation scale: GGUF's legacy block (QK4_0 in ggml-common.h)
+constexpr int64_t kRows = 4;    // weight rows per block: one per 128-bit lane
+constexpr int kLevels = 2;      // int8 levels per activation group (see quantize_activations)
+
+// Whether OpenMP's idle threads sleep (OMP_WAIT_POLICY=PASSIVE; libgomp reads it once, at start-up).
+inline bool openmp_sleeps() {
+  static const bool passive = [] {
+    const char* policy = std::getenv("OMP_WAIT_POLICY");
+    return policy != nullptr && strcasecmp(policy, "passive") == 0;
+  }();
+  return passive;
+}
+
+// Worker threads for our kernels that spin between calls, then sleep. A decode step makes 4 matmuls per layer a
+// few µs apart; under OMP_WAIT_POLICY=PASSIVE (our default, so that a team never spins against a busy neighbour)
+// every OpenMP parallel region wakes a sleeping thread, which costs tens of µs in this VM and made the int4 step
+// ~2.7x slower than under libgomp's spinning default (bench/README.md section 6). Like llama.cpp's thread pool,
+// these workers spin for kSpin after each call, so they stay awake through a step and sleep between requests.
+class SpinPool {
+ public:
+  static SpinPool& get(int threads) {
+    static SpinPool* pool = nullptr;
+    static std::mutex create;
+    std::lock_guard<std::mutex> lock(create);
+    if (pool == nullptr || pool->threads_ != threads || pool->pid_ != getpid()) {
+      // (a new intra-op thread count, or a forked child, whose copy has no workers; the old pool's threads, if
+      // any, sleep on)
+      pool = new SpinPool(threads);
+    }
+    return *pool;
+  }
+
+  // Runs fn(t) for t in [0, threads) and returns when all have; t = 0 on the calling thread. One call at a time.
+  void run(const std::function<void(int)>& fn) {
+    std::lock_guard<std::mutex> one(running_);
+    task_ = &fn;
+    pending_.store(threads_ - 1, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      wake_.notify_all();
+    }
+    fn(0);
+    while (pending_.load(std::memory_order_acquire) > 0) _mm_pause();
+  }
+
+ private:
+  static constexpr auto kSpin = std::chrono::microseconds(500);
+
+  explicit SpinPool(int threads) : threads_(threads), pid_(getpid()) {
+    for (int t = 1; t < threads; ++t) std::thread([this, t] { work(t); }).detach();
+  }
+
+  void work(int t) {
+    uint64_t seen = 0;  // the generation at construction (not a fresh load: run() may already have begun one)
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + kSpin;
+      int polls = 0;
+      while (generation_.load(std::memory_order_acquire) == seen) {
+        _mm_pause();
+        if (++polls % 64 == 0 && std::chrono::steady_clock::now() > until) {
+          std::unique_lock<std::mutex> lock(mu_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          wake_.wait(lock, [&] { return generation_.load(std::memory_order_seq_cst) != seen; });
+          sleepers_.fetch_sub(1, std::memory_order_relaxed);
+          break;
+        }
+      }
+      ++seen;  // run() waits for every worker, so each generation is seen exactly once
+      (*task_)(t);
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  const int threads_;
+  const pid_t pid_;
+  const std::function<void(int)>* task_ = nullptr;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<int> sleepers_{0};
+  std::mutex mu_, running_;
+  std::condition_variable wake_;
+};
+
+// fn(begin, end) over [0, n) in one contiguous range per thread, on the spinning pool or OpenMP's team (see
+// openmp_sleeps); inline when not `worth` it or with one thread.
+template <class F>
+void parallel(int64_t n, bool worth, const F& fn) {
+  // The pool always has the intra-op thread count (one pool per process, not one per size); with fewer items than
+  // threads some ranges are empty.
+  const int threads = at::get_num_threads();
+  if (!worth || threads <= 1 || n <= 1) {
+    fn(0, n);
+  } else if (openmp_sleeps()) {
+    SpinPool::get(threads).run([&](int t) { fn(n * t / threads, n * (t + 1) / threads); });
+  } else {  // OpenMP's own team spins between regions: a second spinning pool would only compete with it
+    at::parallel_for(0, n, (n + threads - 1) / threads, fn);
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// x ≈ dx·(q1 + q2/256) per group: the int8 codes of x, then those of what they missed (x − dx·q1, at most dx/2,
+// in steps of dx/256). One level of int8 per group loses the small inputs of any group that holds an outlier
+// (LLM activations have a few channels 100x the rest): on SmolLM2, greedy agreement with fp32 fell from 98.8 % to
+// 93.4 % with one level (the logits' max relative error from 0.027 to 0.18). With two, x keeps ~15 bits per
+// group, and since the second scale is exactly the first / 256 both levels share one integer sum (256·s1 + s2).
+// Out: q (M·G, 2, 32) int8, dx (M·G) = the level-2 step dx/256, sx (M·G) = Σ x per group, and where `sx_half` is
+// given, (M·G, 2) = Σ x over inputs 0..15 and 16..31 of each group (Q6_K's scales are per 16). The sums are those
+// of the quantised x (step · Σ (256·q1 + q2)), as ggml-quants.c quantize_row_q8_1_ref's s = d·Σqs: a weight's
+// offset term (−dmin·m·Σx) then cancels against its code term (d·sc·Σq·x) exactly, and the result's error is
+// Σ w·(x̃ − x). With the exact float Σx instead, the error is Σ d·q·(x̃ − x): 3-5x larger for biased codes
+// (Q4_0's q − 8, Q8_0's q + 128), measured on random weights.
+inline void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* q, float* dx, float* sx,
+                                 float* sx_half = nullptr) {
+  const int64_t ng = K / kGroup;
+  for (int64_t i = 0; i < M * ng; ++i) {
+    const float* p = x + i * kGroup;
+    __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    float scale = amax / 127.f;
+    dx[i] = scale / 256.f;
+    int32_t sum_a = 0, sum_b = 0;  // Σ (256·q1 + q2) over inputs 0..15 and 16..31
+    for (int level = 0; level < kLevels; ++level) {
+      const __m512 inv = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+      // round to nearest even (the default MXCSR mode), saturating to int8 (only +128 in level 2 clips, by 1)
+      const __m512i lo = _mm512_set1_epi32(-128), hi = _mm512_set1_epi32(127);
+      const __m512i qa = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), lo), hi);
+      const __m512i qb = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv)), lo), hi);
+      int8_t* out = q + (i * kLevels + level) * kGroup;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(qa));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtepi32_epi8(qb));
+      sum_a = sum_a * 256 + _mm512_reduce_add_epi32(qa);
+      sum_b = sum_b * 256 + _mm512_reduce_add_epi32(qb);
+      const __m512 vs = _mm512_set1_ps(scale);
+      a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(qa), vs, a);  // the remainder for the next level
+      b = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(qb), vs, b);
+      scale /= 256.f;
+    }
+    sx[i] = dx[i] * static_cast<float>(sum_a + sum_b);
+    if (sx_half != nullptr) {
+      sx_half[2 * i] = dx[i] * static_cast<float>(sum_a);
+      sx_half[2 * i + 1] = dx[i] * static_cast<float>(sum_b);
+    }
+  }
+}
+
+// Sum of each 128-bit lane of v (one row's partial sums) -> the 4 row totals.
+inline __m128 lane_sums(__m512 v) {
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2)));
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1)));
+  const __m512i first = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(first, v));
+}
+#endif
+
+// Defines qmatmul and dequant_rows (native_kernels.cpp) in the extension's module.
+void register_native(pybind11::module_& mod);
+
+}  // namespace od
