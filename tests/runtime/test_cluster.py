@@ -73,7 +73,7 @@ def test_measure_nodes_and_links_feed_the_scheduler(ray_cluster, tiny_gguf):
     plan = plan_for_cluster(tiny_gguf, ray_cluster, strategy="pipeline", max_seq_len=64)
     assert plan.strategy in ("pipeline", "single")
     ex = build_executor(tiny_gguf, ray_cluster, plan=plan, max_seq_len=64)
-    ref = LocalExecutor(tiny_gguf, max_seq_len=64)
+    ref = LocalExecutor(tiny_gguf, max_seq_len=64, quant="native")  # build_executor's default format: auto
     try:
         a, b = ex.step([0], [[3, 4, 5]]), ref.step([0], [[3, 4, 5]])
         assert (a - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())
