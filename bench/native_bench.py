@@ -135,7 +135,8 @@ def run_ours(path: Path, threads: int, tokens: int, dtype: str) -> dict:
         env = dict(os.environ, OLLAMA_HOST=f"127.0.0.1:{port}", OLLAMA_DISTRIBUTED_MODELS=tmp,
                    OLLAMA_MODELS=str(Path(tmp) / "none"))
         cmd = [sys.executable, "-m", "ollama_distributed.cli", "serve", "--dtype", dtype]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        log = open(Path(tmp) / "server.log", "wb")  # (a pipe nobody reads would block the server once full)
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 120

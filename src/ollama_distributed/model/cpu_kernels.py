@@ -83,6 +83,7 @@ def _avx2_ops() -> ModuleType | None:
 # One build at a time: a model loading while `build_in_background` compiles waits for that build instead of
 # starting its own (lru_cache alone would let two threads compile the same module).
 _BUILD_LOCK = threading.RLock()
+_STALE_BUILD_S = 600
 
 
 def _build(name: str, sources: list[str], flags: list[str]) -> ModuleType | None:
@@ -98,10 +99,17 @@ def _build_locked(name: str, sources: list[str], flags: list[str]) -> ModuleType
     for path in [*sources, str(_KERNELS / "common.h")]:
         digest.update(Path(path).read_bytes())
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
+        full_name = f"{name}_{digest.hexdigest()[:12]}"
+        # torch's build baton is a lock file that a killed build leaves behind, and every later load then waits for
+        # it forever; no build of ours takes 10 minutes, so an older one is stale.
+        baton = Path(_get_build_directory(full_name, verbose=False)) / "lock"
+        if baton.exists() and time.time() - baton.stat().st_mtime > _STALE_BUILD_S:
+            log.warning("removing a stale build lock %s (a build was killed)", baton)
+            baton.unlink(missing_ok=True)
         t0 = time.perf_counter()
-        module = load(name=f"{name}_{digest.hexdigest()[:12]}", sources=sources, extra_cflags=flags,
+        module = load(name=full_name, sources=sources, extra_cflags=flags,
                       extra_ldflags=["-fopenmp"], verbose=False)
         if time.perf_counter() - t0 > 2:  # compiled now, not loaded from the cache
             log.info("CPU kernels %s built in %.0f s (once per machine and version)", name, time.perf_counter() - t0)
