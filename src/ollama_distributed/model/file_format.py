@@ -72,14 +72,13 @@ Weight = Any  # torch.Tensor | native.NativeMatrix | native.GGUFBlocks | Stacked
 
 def pack(rows: GGUFRows) -> Weight:
     """The weight a shard keeps for `rows` (see the module docstring)."""
-    from .native import NATIVE_TYPES, GGUFBlocks, NativeMatrix
+    from .native import from_gguf
 
-    if rows.type_name in NATIVE_TYPES:
-        return NativeMatrix.from_blocks(np.ascontiguousarray(rows.raw), rows.type_name, rows.in_features)
     dense = DENSE_TYPES.get(rows.type_name)
     if dense is not None:
         return torch.from_numpy(np.array(rows.raw)).view(dense).view(rows.shape)  # (a copy: the file is read-only)
-    return GGUFBlocks.from_blocks(np.ascontiguousarray(rows.raw), rows.type_name, rows.in_features)
+    # NativeMatrix where a kernel takes the type (and its derived scales fit float16), else the file's blocks
+    return from_gguf(np.ascontiguousarray(rows.raw), rows.type_name, rows.in_features)
 
 
 def pack_stacked(parts: list[GGUFRows]) -> Weight:

@@ -25,7 +25,6 @@ from . import cpu_kernels, rope
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .file_format import GGUFRows, lookup, pack_stacked
-from .file_format import pack as pack_rows
 from .linear import linear, weight_tensors
 from .formats import weight_format_name
 from .quant import GROUP, QUANT_FORMATS, RefinedHead, QuantMatrix, Weight, kv_cache_dtype, pack, quantize_rtn

@@ -24,7 +24,8 @@ import torch
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
 from .errors import ModelFileError, UnsupportedArchitectureError
-from .file_format import DENSE_TYPES, GGUFRows
+from .file_format import GGUFRows
+from .native import slice_columns
 from .quant import GROUP, QUANT_FORMATS, QuantMatrix, from_gguf_blocks, quantize_rtn
 from .shard import ShardSpec
 
@@ -309,7 +310,7 @@ class _ShardReader:
             return self.matrix(name, shape, rows, cols, dtype=torch.float32)
         raw = np.asarray(t.data[r0:r1]).view(np.uint8).reshape(r1 - r0, -1)
         if (c0, c1) != (0, shape[1]):
-            raw = raw.reshape(r1 - r0, -1, block_bytes)[:, c0 // block : c1 // block].reshape(r1 - r0, -1)
+            raw = slice_columns(raw, qtype.name, shape[1], (c0, c1))
         if qtype.name in ("F32", "F16"):
             self._check_finite(name, raw.view(np.float32 if qtype.name == "F32" else np.float16))
         elif qtype.name == "BF16" and ((raw.view(np.uint16) & 0x7F80) == 0x7F80).any():  # all-ones exponent
