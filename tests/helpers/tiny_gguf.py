@@ -470,3 +470,246 @@ def write_tiny_hf_dir(
         src = Path(tokenizer_from)
         AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(directory)
     return directory
+
+
+def write_tiny_qwen3moe_gguf(
+    path: str | Path,
+    *,
+    n_layers: int = 3,
+    hidden: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    head_dim: int = 32,
+    n_expert: int = 8,
+    n_expert_used: int = 3,
+    expert_ffn: int = 64,
+    vocab: int | None = 1024,
+    seed: int = 0,
+    dtype: str = "f32",
+    context_length: int = 2048,
+    rope_theta: float = 1000000.0,
+    rms_eps: float = 1e-6,
+    init_std: float = 0.08,
+    name: str = "tiny-random-qwen3moe",
+    arch: str = "qwen3moe",
+    shared_expert_ffn: int = 0,
+) -> Path:
+    """A tiny random Qwen3-MoE as llama.cpp's converter writes it (arch "qwen3moe"): qwen3 attention (per-head q/k
+    RMSNorm `attn_q_norm`/`attn_k_norm`, no qkv bias, HF rotate_half row order: no permute), and in every layer a
+    router `ffn_gate_inp` (n_expert, hidden) and the experts stacked along a third dimension, `ffn_gate_exps` /
+    `ffn_up_exps` (n_expert, expert_ffn, hidden) and `ffn_down_exps` (n_expert, hidden, expert_ffn) (numpy order; GGUF
+    lists the dims reversed). `dtype` applies to the 2-D matrices and the stacked experts as in
+    `write_tiny_llama_gguf` (the router and norms stay F32, as llama.cpp keeps them). SmolLM2's tokenizer.
+
+    transformers' GGUF loader does not map `expert_feed_forward_length`; load the reference with
+    `moe_intermediate_size=expert_ffn` (tests/model/test_moe.py).
+
+    arch="qwen2moe" writes a Qwen1.5/Qwen2-MoE instead: qwen2 attention (q/k/v biases, no q/k norms) and, with
+    `shared_expert_ffn` > 0, a shared expert `ffn_{gate,up,down}_shexp` with its sigmoid gate `ffn_gate_inp_shexp`
+    (hidden,), as llama.cpp's Qwen2MoeModel converter writes them (`expert_shared_feed_forward_length`)."""
+    if arch not in ("qwen3moe", "qwen2moe"):
+        raise ValueError(f"arch must be qwen3moe or qwen2moe, got {arch!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    tok = _smollm2_tokenizer(vocab)
+    n_vocab = len(tok["tokenizer.ggml.tokens"])
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape: int, std: float = init_std) -> np.ndarray:
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    def norm_weight(n: int) -> np.ndarray:
+        return (1.0 + rng.standard_normal(n) * 0.1).astype(np.float32)
+
+    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+    tensors: dict[str, np.ndarray] = {"token_embd.weight": normal(n_vocab, hidden, std=1.0)}
+    for i in range(n_layers):
+        b = f"blk.{i}."
+        tensors[b + "attn_norm.weight"] = norm_weight(hidden)
+        tensors[b + "attn_q.weight"] = normal(q_dim, hidden)
+        tensors[b + "attn_k.weight"] = normal(kv_dim, hidden)
+        tensors[b + "attn_v.weight"] = normal(kv_dim, hidden)
+        if arch == "qwen3moe":
+            tensors[b + "attn_q_norm.weight"] = norm_weight(head_dim)
+            tensors[b + "attn_k_norm.weight"] = norm_weight(head_dim)
+        else:
+            for proj, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
+                tensors[b + f"attn_{proj}.bias"] = normal(n, std=0.1)
+        tensors[b + "attn_output.weight"] = normal(hidden, q_dim)
+        tensors[b + "ffn_norm.weight"] = norm_weight(hidden)
+        # router logits of O(1) spread, so top-k picks differ from token to token
+        tensors[b + "ffn_gate_inp.weight"] = normal(n_expert, hidden, std=0.15)
+        tensors[b + "ffn_gate_exps.weight"] = normal(n_expert, expert_ffn, hidden)
+        tensors[b + "ffn_up_exps.weight"] = normal(n_expert, expert_ffn, hidden)
+        tensors[b + "ffn_down_exps.weight"] = normal(n_expert, hidden, expert_ffn)
+        if shared_expert_ffn:
+            tensors[b + "ffn_gate_inp_shexp.weight"] = normal(hidden, std=0.15)
+            tensors[b + "ffn_gate_shexp.weight"] = normal(shared_expert_ffn, hidden)
+            tensors[b + "ffn_up_shexp.weight"] = normal(shared_expert_ffn, hidden)
+            tensors[b + "ffn_down_shexp.weight"] = normal(hidden, shared_expert_ffn)
+    tensors["output_norm.weight"] = norm_weight(hidden)
+    tensors["output.weight"] = normal(n_vocab, hidden, std=0.2)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(name)
+    w.add_context_length(context_length)
+    w.add_embedding_length(hidden)
+    w.add_block_count(n_layers)
+    w.add_feed_forward_length(expert_ffn * n_expert_used)  # the dense width, unused by an all-MoE model
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(rope_theta)
+    w.add_layer_norm_rms_eps(rms_eps)
+    w.add_expert_count(n_expert)
+    w.add_expert_used_count(n_expert_used)
+    w.add_expert_feed_forward_length(expert_ffn)
+    if shared_expert_ffn:
+        w.add_expert_shared_feed_forward_length(shared_expert_ffn)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(_file_type(dtype))
+    for key, value in tok.items():
+        _add_field(w, key, value)
+    enc_rng = np.random.default_rng(seed + 1)
+    for tname, t in tensors.items():
+        keep_f32 = t.ndim == 1 or "ffn_gate_inp" in tname
+        data, raw_dtype = _encode_tensor(t, "f32" if keep_f32 else dtype, enc_rng)
+        w.add_tensor(tname, data, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# Families beyond the Llama block, written tensor by tensor as llama.cpp's converters name them.
+FAMILIES = ("gemma3", "gemma2", "qwen3", "phi3")
+
+
+def write_tiny_family_gguf(
+    path: str | Path,
+    arch: str,
+    *,
+    n_layers: int = 6,
+    hidden: int = 96,
+    n_heads: int = 6,
+    n_kv_heads: int = 3,
+    head_dim: int | None = None,
+    ffn: int = 128,
+    vocab: int | None = 1024,
+    seed: int = 0,
+    dtype: str = "f32",
+    context_length: int = 2048,
+    sliding_window: int = 8,
+    rope_theta: float | None = None,
+    init_std: float = 0.08,
+    tokenizer_metadata: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> Path:
+    """A tiny random model of `arch` (one of FAMILIES) with llama.cpp's metadata keys and tensor names, loadable by
+    transformers' GGUF loader (`AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`):
+
+    - gemma3 (convert_hf_to_gguf.py Gemma3Model): q/k norms `attn_q_norm`/`attn_k_norm`, `post_attention_norm` and
+      `post_ffw_norm` around attention/FFN, tied head, `attention.key_length` and `attention.sliding_window`; every
+      `*norm.weight` is stored as 1 + w (the converter adds 1 for Gemma's (1 + w) RMSNorm; transformers subtracts
+      it on load). head_dim defaults to 256, because transformers reads no `query_pre_attn_scalar` from a GGUF
+      and keeps its default 256 (the value of real Gemma 3 checkpoints with head_dim 256). 6 layers by default:
+      layers 0-4 slide over `sliding_window` positions with RoPE base 10000, layer 5 is global with base 1e6.
+    - gemma2: gemma3's layout without q/k norms; every other layer slides (layer 0, 2, ...), one RoPE base
+      (10000) for all, attention and final logits soft-capped at 50 and 30 (`attn_logit_softcapping`,
+      `final_logit_softcapping`: Gemma 2's values, also transformers' Gemma2Config defaults, which its GGUF loader
+      keeps as it reads neither key; load the reference with attn_implementation="eager", whose attention caps).
+    - qwen3: llama's tensors plus per-head q/k norms, no qkv bias, HF row order (no permute); head_dim defaults to
+      128 (transformers' Qwen3Config default, as its GGUF loader reads no key_length for qwen3).
+    - phi3: fused `attn_qkv` (rows q | k | v) and `ffn_up` (rows gate | up), plain RoPE (no LongRoPE factors).
+    2-D weights in `dtype` (one of DTYPES), vectors F32. Tokenizer: SmolLM2's (first `vocab` tokens) unless
+    `tokenizer_metadata` is given.
+    """
+    if arch not in FAMILIES:
+        raise ValueError(f"arch must be one of {FAMILIES}, got {arch!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    hd = head_dim or {"gemma3": 256, "gemma2": 256, "qwen3": 128}.get(arch, hidden // n_heads)
+    if arch == "phi3" and hd * n_heads != hidden:
+        raise ValueError("phi3 needs n_heads * head_dim == hidden")
+    tok = dict(tokenizer_metadata) if tokenizer_metadata is not None else _smollm2_tokenizer(vocab)
+    n_vocab = len(tok["tokenizer.ggml.tokens"])
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape: int, std: float = init_std) -> np.ndarray:
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    def norm_weight(n: int) -> np.ndarray:  # gemma's stored 1 + w and the others' w are both ~1
+        return (1.0 + rng.standard_normal(n) * 0.1).astype(np.float32)
+
+    q_dim, kv_dim = n_heads * hd, n_kv_heads * hd
+    gemma = arch in ("gemma2", "gemma3")
+    tied = gemma
+    # gemma scales embeddings by sqrt(hidden) and ties the head: small rows keep both ends O(1)
+    t: dict[str, np.ndarray] = {"token_embd.weight": normal(n_vocab, hidden, std=0.15 if tied else 1.0)}
+    for i in range(n_layers):
+        b = f"blk.{i}."
+        t[b + "attn_norm.weight"] = norm_weight(hidden)
+        if arch == "phi3":
+            t[b + "attn_qkv.weight"] = normal(q_dim + 2 * kv_dim, hidden)
+        else:
+            t[b + "attn_q.weight"] = normal(q_dim, hidden)
+            t[b + "attn_k.weight"] = normal(kv_dim, hidden)
+            t[b + "attn_v.weight"] = normal(kv_dim, hidden)
+        if arch in ("gemma3", "qwen3"):
+            t[b + "attn_q_norm.weight"] = norm_weight(hd)
+            t[b + "attn_k_norm.weight"] = norm_weight(hd)
+        t[b + "attn_output.weight"] = normal(hidden, q_dim)
+        if gemma:
+            t[b + "post_attention_norm.weight"] = norm_weight(hidden)
+        t[b + "ffn_norm.weight"] = norm_weight(hidden)
+        if arch == "phi3":
+            t[b + "ffn_up.weight"] = normal(2 * ffn, hidden)
+        else:
+            t[b + "ffn_gate.weight"] = normal(ffn, hidden)
+            t[b + "ffn_up.weight"] = normal(ffn, hidden)
+        t[b + "ffn_down.weight"] = normal(hidden, ffn)
+        if gemma:
+            t[b + "post_ffw_norm.weight"] = norm_weight(hidden)
+    t["output_norm.weight"] = norm_weight(hidden)
+    if not tied:
+        t["output.weight"] = normal(n_vocab, hidden, std=0.2)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(name or f"tiny-random-{arch}")
+    w.add_context_length(context_length)
+    w.add_embedding_length(hidden)
+    w.add_block_count(n_layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_rope_freq_base(rope_theta or {"gemma3": 1000000.0, "qwen3": 1000000.0}.get(arch, 10000.0))
+    w.add_layer_norm_rms_eps(1e-6 if arch != "phi3" else 1e-5)
+    if arch in ("gemma2", "gemma3", "qwen3"):
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    if gemma:
+        w.add_sliding_window(sliding_window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(50.0)
+        w.add_final_logit_softcapping(30.0)
+    if arch == "phi3":
+        w.add_rope_dimension_count(hd)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(_file_type(dtype))
+    for key, value in tok.items():
+        _add_field(w, key, value)
+    enc_rng = np.random.default_rng(seed + 1)
+    for tname, x in t.items():
+        data, raw_dtype = _encode_tensor(x, dtype, enc_rng)
+        w.add_tensor(tname, data, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -124,12 +124,15 @@ def test_corrupt_block_scales_are_caught_in_the_files_format(tmp_path, tiny_gguf
         load_weights(path, cfg, ShardSpec.full(cfg), quant="native")
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "mamba", "phi3"])
+@pytest.mark.parametrize("arch", ["gpt2", "mamba", "falcon"])
 def test_unsupported_architecture(tmp_path, good, arch):
     path = rewrite_gguf(good, tmp_path / f"{arch}.gguf", arch=arch)
     with pytest.raises(UnsupportedArchitectureError, match=rf"{arch}\.gguf: unsupported model architecture '{arch}'") as info:
         ModelShard.from_file(path)
     assert info.value.architecture == arch and isinstance(info.value, ModelFileError)
+    # the message lists what does load
+    for supported in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"):
+        assert supported in str(info.value)
 
 
 def test_missing_tensor(tmp_path, good):

@@ -44,12 +44,7 @@ K_TP_SHAPE = {"vocab": 1024, "hidden": 512, "n_heads": 8, "n_kv_heads": 2, "ffn"
 GREEDY = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(params=["kernels", "fallback"])

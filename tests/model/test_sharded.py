@@ -18,13 +18,7 @@ from ollama_distributed.model.weights import load_weights, read_config
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Correctness tests: one intra-op thread, so threaded TP shards do not oversubscribe shared CI cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -22,14 +22,7 @@ PROMPTS = [
 GREEDY_TOKENS = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Correctness tests: one intra-op thread. On shared, oversubscribed CI cores two spinning OpenMP threads
-    made a 64-token greedy run ~20x slower (measured); results do not depend on the thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

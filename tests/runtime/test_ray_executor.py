@@ -100,6 +100,126 @@ def test_ray_object_transport_matches(tiny_gguf, tiny_ref, ray_cluster):
         ex.close()
 
 
+SAMPLING = [
+    {"temperature": 0, "seed": 1},
+    {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 7},
+    {"temperature": 1.2, "min_p": 0.05, "repeat_penalty": 1.3, "presence_penalty": 0.2, "frequency_penalty": 0.1,
+     "repeat_last_n": 8, "seed": 3},
+    {"temperature": 0.7, "typical_p": 0.8, "seed": 11},
+]
+
+
+def sampled_run(step, samplers: list, n: int) -> list[list[int]]:
+    """Decode n tokens for len(samplers) sequences in one batch, PROMPTS[i] + [20 + i] each, starting with a prefill step in
+    which only the even sequences are complete (the odd ones get their last prompt token in the next step)."""
+    hist = [list(PROMPTS[i]) + [20 + i] for i in range(len(samplers))]
+    fed = [len(p) - (i % 2) for i, p in enumerate(hist)]
+    out: list[list[int]] = [[] for _ in samplers]
+    feeds = [h[:f] for h, f in zip(hist, fed)]
+    for _ in range(n + 1):
+        due = [f == len(h) for f, h in zip(fed, hist)]
+        toks = step(list(range(len(samplers))), feeds, [s if d else None for s, d in zip(samplers, due)],
+                    [h if d else None for h, d in zip(hist, due)])
+        feeds = []
+        for i, (tok, d) in enumerate(zip(toks, due)):
+            if d:
+                hist[i].append(tok)
+                out[i].append(tok)
+            else:
+                assert tok is None
+            feeds.append(hist[i][fed[i]:])
+            fed[i] = len(hist[i])
+    return [o[:n] for o in out]
+
+
+@pytest.mark.parametrize("shape", ["pp2", "tp2"])
+def test_last_stage_sampling_matches_in_process_sampler(shape, tiny_gguf, ray_cluster):
+    """step_sampled: the last stage samples with every option model/sampling.py supports and returns token ids;
+    tokens and the driver's generator states equal sampling the in-process engine's logits here."""
+    from ollama_distributed.model.options import GenerationOptions
+    from ollama_distributed.model.sampling import Sampler
+
+    def samplers():
+        return [Sampler(GenerationOptions.from_dict(o), 256) for o in SAMPLING]
+
+    ref = LocalExecutor(tiny_gguf, max_seq_len=256)
+
+    def local_step(ids, feeds, ss, hists):
+        logits = ref.step(ids, feeds)
+        return [None if s is None else s.sample(logits[i], h) for i, (s, h) in enumerate(zip(ss, hists))]
+
+    want_samplers, got_samplers = samplers(), samplers()
+    want = sampled_run(local_step, want_samplers, 8)
+    ref.close()
+    cfg = read_config(tiny_gguf)
+    ex = RayExecutor(uniform_plan(cfg, SHAPES[shape], "tiny"), tiny_gguf, ray_cluster, max_seq_len=256)
+    try:
+        got = sampled_run(ex.step_sampled, got_samplers, 8)
+        assert got == want
+        for a, b in zip(got_samplers, want_samplers):  # the driver's samplers stayed in step with the shard's
+            assert torch.equal(a.generator.get_state(), b.generator.get_state())
+        for i in range(len(SAMPLING)):
+            ex.free(i)
+        assert ex.cached_sequences() == set()
+    finally:
+        ex.close()
+
+
+def test_last_stage_applies_grammar_and_returns_logprobs(tiny_gguf, ray_cluster):
+    """A grammar constraint and logprobs run on the last stage too: the tokens, their logprobs and the constraint's
+    state equal sampling the in-process logits here (the driver's constraint copy follows the shard's)."""
+    from ollama_distributed.model.options import GenerationOptions
+    from ollama_distributed.model.sampling import Sampler
+    from ollama_distributed.model.tokenizer import Tokenizer
+    from ollama_distributed.service.grammar.constraint import GrammarConstraint
+    from ollama_distributed.service.grammar.schema import compile_format
+
+    tok = Tokenizer.from_gguf(tiny_gguf)
+    grammar = compile_format({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+
+    def samplers():
+        return [Sampler(GenerationOptions.from_dict({"temperature": 0}), 256,
+                        constraint=GrammarConstraint(grammar, tok, 12), top_logprobs=3),
+                Sampler(GenerationOptions.from_dict({"temperature": 0.8, "top_k": 40, "seed": 7}), 256,
+                        top_logprobs=0)]
+
+    ref = LocalExecutor(tiny_gguf, max_seq_len=256)
+    want_lp: list[list] = [[], []]
+    got_lp: list[list] = [[], []]
+
+    def local_step(ids, feeds, ss, hists):
+        logits = ref.step(ids, feeds)
+        toks = [None if s is None else s.sample(logits[i], h) for i, (s, h) in enumerate(zip(ss, hists))]
+        for i, s in enumerate(ss):
+            if s is not None:
+                want_lp[i].append(s.last_logprobs)
+        return toks
+
+    want_samplers, got_samplers = samplers(), samplers()
+    want = sampled_run(local_step, want_samplers, 10)
+    ref.close()
+    cfg = read_config(tiny_gguf)
+    ex = RayExecutor(uniform_plan(cfg, SHAPES["pp2"], "tiny"), tiny_gguf, ray_cluster, max_seq_len=256)
+    try:
+        def remote_step(ids, feeds, ss, hists):
+            toks = ex.step_sampled(ids, feeds, ss, hists)
+            for i, s in enumerate(ss):
+                if s is not None:
+                    got_lp[i].append(s.last_logprobs)
+            return toks
+
+        got = sampled_run(remote_step, got_samplers, 10)
+    finally:
+        ex.close()
+    assert got == want
+    assert got_samplers[0].constraint.consumed == want_samplers[0].constraint.consumed
+    for a, b in zip(got_lp, want_lp):
+        assert len(a) == len(b) and all(x is not None for x in a)
+        for x, y in zip(a, b):
+            assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 1e-4
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]
+
+
 def test_bad_plans_fail_before_starting(tiny_gguf, ray_cluster):
     cfg = read_config(tiny_gguf)
     plan = uniform_plan(cfg, [["node1"], ["nowhere"]], "tiny")

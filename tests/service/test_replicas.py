@@ -16,7 +16,8 @@ from ollama_distributed.runtime.engine import InferenceEngine
 from ollama_distributed.runtime.local_executor import LocalExecutor
 from ollama_distributed.runtime.recovery import NodeHealth
 from ollama_distributed.runtime.requests import GenerationRequest
-from ollama_distributed.service.json_format import ConstrainedExecutor
+from ollama_distributed.service.grammar import GrammarConstraint, compile_format
+from ollama_distributed.service.live_executor import LiveExecutor
 from ollama_distributed.service.replicas import ReplicaHealth, RoutedExecutors
 from ollama_distributed.service.router import ReplicaRouter, SlowedExecutor
 from ollama_distributed.service.settings import ServerSettings, parse_slow_nodes
@@ -57,10 +58,11 @@ def test_replica_health_adds_the_other_replicas_nodes() -> None:
 
 def test_json_constraint_lands_on_the_replica_that_serves(tiny_gguf: Path) -> None:
     """Replica 0 is busy (a slowed long request), so the router sends the JSON request to replica 1; the
-    constraint must be registered on replica 1's executor, and the output is a JSON object."""
+    constraint travels with the request, so replica 1's output is a JSON object. The facade's lock is the
+    router's locked submission: the serving replica cannot step until the block ends."""
     tok = Tokenizer.from_gguf(tiny_gguf)
-    execs = [ConstrainedExecutor(SlowedExecutor(LocalExecutor(tiny_gguf), 0.02), tok),
-             ConstrainedExecutor(LocalExecutor(tiny_gguf), tok)]
+    execs = [LiveExecutor(SlowedExecutor(LocalExecutor(tiny_gguf), 0.02), tok),
+             LiveExecutor(LocalExecutor(tiny_gguf), tok)]
     engines = [InferenceEngine(e, tok, max_batch=4) for e in execs]
     router = ReplicaRouter(engines, executors=execs)
     facade = RoutedExecutors(router)
@@ -68,21 +70,17 @@ def test_json_constraint_lands_on_the_replica_that_serves(tiny_gguf: Path) -> No
         busy = router.submit(GenerationRequest(prompt_ids=tok.encode("Once upon a time"),
                                                options=GenerationOptions(temperature=0, num_predict=64)))
         opts = GenerationOptions(temperature=0, num_predict=40)
-        req = GenerationRequest(prompt_ids=tok.encode("Give me JSON:"), options=opts)
+        req = GenerationRequest(prompt_ids=tok.encode("Give me JSON:"), options=opts,
+                                constraint=GrammarConstraint(compile_format("json"), tok, 40))
         with facade.lock:
             handle = router.submit(req)
             served = router.held_replica()
-            facade.register(handle.seq_id, len(req.prompt_ids), 40)
-            # the replica's own lock is held until the block ends: its engine cannot step the sequence yet
             assert served.executor.lock.locked()
         assert served.index == 1, router.stats()
         assert not execs[1].lock.locked()
         text = handle.result(timeout=120).text
-        json.loads(text)
+        assert isinstance(json.loads(text), dict), text
         assert busy.result(timeout=120).text
-        with pytest.raises(RuntimeError, match="no request was submitted"):
-            with facade.lock:
-                facade.register(1, 1, 1)
         assert facade.config.vocab_size == execs[0].config.vocab_size
     finally:
         router.close()

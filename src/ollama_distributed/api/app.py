@@ -14,6 +14,7 @@ from ..service.models import ExecutorFactory, ModelManager
 from ..service.settings import ServerSettings
 from ..service.store import ModelStore
 from . import distributed, models, observability, ollama, openai
+from .auth import APIKeyMiddleware
 from .common import AppState
 from .errors import install_error_handlers
 
@@ -46,6 +47,9 @@ def create_app(settings: ServerSettings, executor_factory: ExecutorFactory | Non
     app = FastAPI(title="ollama-distributed", version=__version__, lifespan=lifespan, docs_url=None,
                   redoc_url=None, openapi_url=None)
     app.state.od = AppState(settings=settings, store=store, manager=manager)
+    if settings.api_key:
+        # added before CORS, so CORS stays outermost and a 401 still carries its headers
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     origins = list(settings.origins)
     app.add_middleware(
         CORSMiddleware,

@@ -85,7 +85,9 @@ def distributed_status(manager: ModelManager) -> dict[str, Any]:
         models.append({"name": runner.name, "plans": manager.placements(runner),
                        "engine": {**runner.engine.stats(), "kv_sequences": runner.executor.live_sequences}})
     # fault tolerance: per-node failure counts / back-off and each model's recoveries (empty when in-process)
-    return {"nodes": nodes, "models": models, "recovery": manager.recovery_status()}
+    # weight_transfers: nodes that lacked the model file and fetched their slices (bytes, rate, ETA per node)
+    return {"nodes": nodes, "models": models, "recovery": manager.recovery_status(),
+            "weight_transfers": manager.weight_transfers()}
 
 
 @router.get("/api/distributed/status")

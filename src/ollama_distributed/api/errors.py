@@ -23,6 +23,7 @@ from ..runtime.recovery import CapacityError
 from ..runtime.requests import ContextLengthError, EngineClosedError, QueueFullError
 from ..scheduler.errors import InfeasiblePlanError
 from ..service.generation import UnsupportedRequestError
+from ..service.grammar import SchemaError
 from ..service.modelfile import ModelfileError
 from ..service.names import InvalidModelNameError
 from ..service.settings import InvalidDurationError
@@ -45,7 +46,7 @@ class APIError(Exception):
 MAPPED_ERRORS: tuple[type[BaseException], ...] = (
     APIError, InvalidModelNameError, StoreError, QueueFullError, EngineClosedError, ModelFileError,
     InvalidOptionError, InvalidDurationError, ModelfileError, ContextLengthError, UnsupportedRequestError,
-    ValidationError, InfeasiblePlanError, CapacityError,
+    ValidationError, InfeasiblePlanError, CapacityError, SchemaError,
 )
 
 
@@ -65,7 +66,7 @@ def status_and_message(exc: BaseException) -> tuple[int, str]:
         # the cluster cannot hold the model right now (a node is gone or too small): retry when capacity returns
         return 503, str(exc)
     if isinstance(exc, (ModelFileError, InvalidOptionError, InvalidDurationError, ModelfileError,
-                        ContextLengthError, UnsupportedRequestError)):
+                        ContextLengthError, UnsupportedRequestError, SchemaError)):
         return 400, str(exc)
     if isinstance(exc, ValidationError):
         return 400, describe_validation(exc.errors())

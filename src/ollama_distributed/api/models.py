@@ -156,7 +156,8 @@ async def show(request: Request) -> Any:
 @router.get("/api/ps")
 async def ps(request: Request) -> dict[str, Any]:
     manager = state(request).manager
-    items = [manager.ps_entry(r) for r in manager.runners()]
+    # a copy superseded by a pull/create only finishes its requests: the name's entry is its replacement
+    items = [manager.ps_entry(r) for r in manager.runners() if not r.superseded]
     items.sort(key=lambda m: m["expires_at"], reverse=True)
     return {"models": items}
 
@@ -181,7 +182,16 @@ async def create(request: Request) -> Any:
             quantize=req.quantize, adapters=req.adapters,
         )
 
-    return await stream_or_last(iterate_in_thread(run), req.stream is not False)
+    return await stream_or_last(_then_supersede(st, name, iterate_in_thread(run)), req.stream is not False)
+
+
+async def _then_supersede(st: Any, name: str, lines: Any) -> Any:
+    """Pass status lines through; before the final "success", replace a loaded copy of `name` that runs other
+    weights than the name now points at (one loaded copy per model: /api/ps and keep_alive see one entry)."""
+    async for obj in lines:
+        if obj.get("status") == "success":
+            await st.manager.supersede(await asyncio.to_thread(st.store.get, name))
+        yield obj
 
 
 @router.post("/api/pull")
@@ -191,7 +201,8 @@ async def pull(request: Request) -> Any:
     name = req.model or req.name
     if not name:
         raise APIError(400, "model is required")
-    return await stream_or_last(iterate_in_thread(lambda: creator.pull_model(st.store, name)), req.stream is not False)
+    lines = iterate_in_thread(lambda: creator.pull_model(st.store, name))
+    return await stream_or_last(_then_supersede(st, name, lines), req.stream is not False)
 
 
 @router.post("/api/push")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from ..model.options import GenerationOptions
 from ..runtime.engine import truncate_prompt
 from ..service import generation as gen
-from ..service.json_format import validate_format
+from ..service.grammar import SchemaError, normalize_format, tool_call_grammar
 from ..service.models import ModelView
 from ..service.settings import parse_keep_alive
 from ..service.store import ModelEntry
@@ -27,6 +27,7 @@ from .common import (
     AppState, metrics, ndjson_response, now_rfc3339, resolve_model, state, unless_disconnected,
 )
 from .errors import APIError, parse_body, read_json
+from .logprobs import ollama_logprobs
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -107,19 +108,18 @@ ROLES = ("system", "user", "assistant", "tool")
 
 def check_common(st: AppState, entry: ModelEntry, *, options: dict | None, fmt: Any, keep_alive: Any,
                  think: Any, logprobs: bool | None, top_logprobs: int | None, images: bool) -> tuple[Any, float]:
-    """Validation that needs no loaded model. Returns (format, keep_alive seconds)."""
+    """Validation that needs no loaded model (a schema is compiled here, so a bad one is a 400 before any
+    load). Returns (format, keep_alive seconds)."""
     GenerationOptions.from_dict(options)  # raises InvalidOptionError → 400 before any load
     try:
-        fmt = validate_format(fmt)
-    except ValueError as exc:
+        fmt = normalize_format(fmt)
+    except SchemaError as exc:
         raise APIError(400, str(exc)) from None
     ka = parse_keep_alive(keep_alive, st.settings.keep_alive_s)
     if think not in (None, False):
         raise APIError(400, f'"{entry.name.display}" does not support thinking')
     if top_logprobs is not None and not 0 <= top_logprobs <= 20:
         raise APIError(400, f"top_logprobs must be between 0 and 20, got {top_logprobs}")
-    if logprobs:
-        raise APIError(400, "logprobs are not supported by this server")
     if images:
         raise APIError(400, f'"{entry.name.display}" does not support images (it is a text model)')
     return fmt, ka
@@ -163,7 +163,8 @@ async def generate(request: Request) -> Any:
         else:
             text = gen.generate_prompt(view, req.prompt or "", req.system, req.template, req.suffix)
         ids = gen.encode_prompt(view, text, None if req.raw else req.context)
-        handle = gen.submit(view, ids, options, fmt, truncate=req.truncate is not False)
+        handle = gen.submit(view, ids, options, fmt, truncate=req.truncate is not False,
+                            top_logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         if req.stream is False:
             handle.coalesce()  # answered in one piece: no hand-off to this event loop per token
     except BaseException:
@@ -171,9 +172,11 @@ async def generate(request: Request) -> Any:
         raise
     context_prefix = _prompt_ids_for_context(view, ids, options)
     name = entry.name.display
+    tokenizer = view.runner.tokenizer
 
     async def lines() -> AsyncIterator[dict[str, Any]]:
         generated: list[int] = []
+        pending_lps: list[Any] = []  # logprobs of tokens whose text is still held back (a stop-string prefix)
         try:
             async for chunk in handle:
                 if chunk.done:
@@ -183,11 +186,17 @@ async def generate(request: Request) -> Any:
                              "done_reason": chunk.done_reason, **metrics(chunk, view.load_duration_ns)}
                     if not req.raw:
                         final["context"] = context_prefix + generated
+                    if pending_lps:
+                        final["logprobs"] = ollama_logprobs(tokenizer, pending_lps)
                     yield final
                     return
                 generated.extend(chunk.token_ids)
+                pending_lps.extend(chunk.logprobs)
                 if chunk.text:
-                    yield {"model": name, "created_at": now_rfc3339(), "response": chunk.text, "done": False}
+                    out = {"model": name, "created_at": now_rfc3339(), "response": chunk.text, "done": False}
+                    if pending_lps:
+                        out["logprobs"], pending_lps = ollama_logprobs(tokenizer, pending_lps), []
+                    yield out
         finally:
             handle.cancel()
             st.manager.release(view, ka)
@@ -196,15 +205,19 @@ async def generate(request: Request) -> Any:
         return ndjson_response(lines())
     async def collect() -> dict[str, Any]:
         parts: list[str] = []
+        lps: list[dict[str, Any]] = []
         final: dict[str, Any] = {}
         # aclosing: the request is cancelled and its KV cache freed even when this is cancelled midway.
         async with contextlib.aclosing(lines()) as it:
             async for obj in it:
+                lps.extend(obj.get("logprobs", ()))
                 if obj["done"]:
                     final = obj
                 else:
                     parts.append(obj["response"])
         final["response"] = "".join(parts)
+        if req.logprobs:
+            final["logprobs"] = lps
         return final
 
     return JSONResponse(await unless_disconnected(request, collect()))
@@ -244,7 +257,9 @@ async def chat(request: Request) -> Any:
             raise APIError(400, f'"{entry.name.display}" does not support tools')
         options = view.base_options.merged(req.options)
         ids = gen.encode_prompt(view, gen.chat_prompt(view, messages, req.tools))
-        handle = gen.submit(view, ids, options, fmt, truncate=req.truncate is not False)
+        handle = gen.submit(view, ids, options, fmt, truncate=req.truncate is not False,
+                            top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                            tool_grammar=tool_call_grammar(req.tools) if fmt is None else None)
         if req.stream is False:
             handle.coalesce()  # answered in one piece: no hand-off to this event loop per token
     except BaseException:
@@ -252,10 +267,16 @@ async def chat(request: Request) -> Any:
         raise
     name = entry.name.display
     tools = bool(req.tools)
+    tokenizer = view.runner.tokenizer
+    pending_lps: list[Any] = []  # logprobs of tokens not yet sent (text held back)
 
     def line(content: str, **extra: Any) -> dict[str, Any]:
-        return {"model": name, "created_at": now_rfc3339(),
-                "message": {"role": "assistant", "content": content, **extra}, "done": False}
+        out = {"model": name, "created_at": now_rfc3339(),
+               "message": {"role": "assistant", "content": content, **extra}, "done": False}
+        if pending_lps:
+            out["logprobs"] = ollama_logprobs(tokenizer, pending_lps)
+            pending_lps.clear()
+        return out
 
     async def lines() -> AsyncIterator[dict[str, Any]]:
         held: list[str] = []  # text held back while it may still be a tool call
@@ -275,6 +296,7 @@ async def chat(request: Request) -> Any:
                     final.update(done=True, done_reason=chunk.done_reason, **metrics(chunk, view.load_duration_ns))
                     yield final
                     return
+                pending_lps.extend(chunk.logprobs)
                 if not chunk.text:
                     continue
                 if holding:
@@ -295,9 +317,11 @@ async def chat(request: Request) -> Any:
     async def collect() -> dict[str, Any]:
         content: list[str] = []
         calls: list[dict[str, Any]] = []
+        lps: list[dict[str, Any]] = []
         final: dict[str, Any] = {}
         async with contextlib.aclosing(lines()) as it:
             async for obj in it:
+                lps.extend(obj.get("logprobs", ()))
                 if obj["done"]:
                     final = obj
                 else:
@@ -306,6 +330,8 @@ async def chat(request: Request) -> Any:
         final["message"] = {"role": "assistant", "content": "".join(content)}
         if calls:
             final["message"]["tool_calls"] = calls
+        if req.logprobs:
+            final["logprobs"] = lps
         return final
 
     return JSONResponse(await unless_disconnected(request, collect()))

@@ -18,9 +18,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..service import generation as gen
+from ..service.grammar import SchemaError, compile_tool_calls, tool_call_grammar
 from ..service.store import ModelEntry
 from .common import AppState, resolve_model, state, unless_disconnected
 from .errors import APIError, read_json, status_and_message
+from .logprobs import openai_chat_logprobs, openai_completion_logprobs
 from .ollama import check_common
 
 router = APIRouter()
@@ -59,8 +61,15 @@ def _format(body: dict[str, Any]) -> Any:
     if kind == "json_object":
         return "json"
     if kind == "json_schema":
-        schema = (rf.get("json_schema") or {}).get("schema")
-        return schema if isinstance(schema, dict) else "json"
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict):
+            raise APIError(400, "invalid response_format: json_schema must be an object with a 'schema'")
+        schema = spec.get("schema")
+        if schema is None:
+            return "json"
+        if not isinstance(schema, dict):
+            raise APIError(400, "invalid response_format: json_schema.schema must be a JSON schema object")
+        return schema
     if kind in (None, "text"):
         return None
     raise APIError(400, f"invalid response_format type {kind!r}")
@@ -122,19 +131,65 @@ def _openai_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for c in calls]
 
 
+def _top_logprobs(body: dict[str, Any], kind: str) -> int | None:
+    """How many alternatives per token to report (None: no logprobs). Chat: `logprobs: true` with
+    `top_logprobs` 0-20; completions: `logprobs: N` (an integer)."""
+    lp, top = body.get("logprobs"), body.get("top_logprobs")
+    if kind == "completion":
+        if lp is None:
+            return None
+        if isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= 20:
+            raise APIError(400, f"invalid logprobs {lp!r}: expected an integer between 0 and 20")
+        return lp
+    if lp not in (None, True, False):
+        raise APIError(400, f"invalid logprobs {lp!r}: expected a boolean")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+        raise APIError(400, f"invalid top_logprobs {top!r}: expected an integer between 0 and 20")
+    if top is not None and not lp:
+        raise APIError(400, "top_logprobs requires logprobs to be true")
+    return (top or 0) if lp else None
+
+
+def _tool_grammar(body: dict[str, Any], tools: Any) -> tuple[str | None, str | None]:
+    """(strict grammar, lazy tool-call grammar). `tool_choice: "required"` or a named function: the answer is
+    one tool call (a JSON object {"name", "arguments"} that validates against that tool's parameters). "auto"
+    (default): prose stays free, an answer that opens an object must be a valid call. "none": free."""
+    choice = body.get("tool_choice")
+    if not tools or choice == "none":
+        return None, None
+    if choice in (None, "auto"):
+        return None, tool_call_grammar(tools)
+    if not isinstance(tools, list):
+        raise APIError(400, "invalid tools: expected an array")
+    only = None
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise APIError(400, "invalid tool_choice: expected {type: function, function: {name}}")
+        only = fn["name"]
+    elif choice != "required":
+        raise APIError(400, f"invalid tool_choice {choice!r}: expected none, auto, required or a function")
+    try:
+        return compile_tool_calls(tools, only), None
+    except SchemaError as exc:
+        raise APIError(400, str(exc)) from None
+
+
 async def _start(st: AppState, entry: ModelEntry, body: dict[str, Any], prompt_fn: Any, images: bool,
-                 tools: Any) -> tuple[Any, Any, float]:
+                 tools: Any, top_logprobs: int | None) -> tuple[Any, Any, float]:
     opts = _options(body)
     fmt, ka = check_common(st, entry, options=opts, fmt=_format(body), keep_alive=body.get("keep_alive"),
-                           think=None, logprobs=body.get("logprobs"), top_logprobs=body.get("top_logprobs"),
-                           images=images)
+                           think=None, logprobs=None, top_logprobs=None, images=images)
+    grammar, lazy = _tool_grammar(body, tools)
+    if fmt is not None:
+        lazy = None  # a response_format decides the answer's shape
     view = await st.manager.acquire(entry)
     try:
         if tools and not gen.supports_tools(view):
             raise APIError(400, f'"{entry.name.display}" does not support tools')
         options = view.base_options.merged(opts)
         ids = gen.encode_prompt(view, prompt_fn(view))
-        handle = gen.submit(view, ids, options, fmt)
+        handle = gen.submit(view, ids, options, fmt, top_logprobs=top_logprobs, grammar=grammar, tool_grammar=lazy)
     except BaseException:
         st.manager.release(view, ka)
         raise
@@ -166,7 +221,9 @@ async def _generate(request: Request, kind: str) -> Any:
             raise APIError(400, "invalid prompt: 'prompt' must be a string")
         suffix = body.get("suffix")
         prompt_fn = lambda view: gen.generate_prompt(view, prompt, None, None, suffix)  # noqa: E731
-    view, handle, ka = await _start(st, entry, body, prompt_fn, images, tools)
+    top_logprobs = _top_logprobs(body, kind)
+    view, handle, ka = await _start(st, entry, body, prompt_fn, images, tools, top_logprobs)
+    tokenizer = view.runner.tokenizer
     if not stream:
         handle.coalesce()  # answered in one piece: no hand-off to this event loop per token
     n = next(_counter)
@@ -185,24 +242,35 @@ async def _generate(request: Request, kind: str) -> Any:
                         raise APIError(500, chunk.error)
                     yield "final", chunk
                     return
+                if chunk.logprobs:
+                    yield "logprobs", chunk.logprobs
                 if chunk.text:
                     yield "text", chunk.text
         finally:
             handle.cancel()
             st.manager.release(view, ka)
 
-    async def collect() -> tuple[list[str], Any]:
-        text_parts, final = [], None
+    async def collect() -> tuple[list[str], Any, list[Any]]:
+        text_parts, final, lps = [], None, []
         async with contextlib.aclosing(pieces()) as it:
             async for what, value in it:
                 if what == "text":
                     text_parts.append(value)
+                elif what == "logprobs":
+                    lps.extend(value)
                 else:
                     final = value
-        return text_parts, final
+        return text_parts, final, lps
+
+    def logprobs_of(lps: list[Any], offset: int = 0) -> Any:
+        if top_logprobs is None:
+            return None
+        if kind == "chat":
+            return openai_chat_logprobs(tokenizer, lps)
+        return openai_completion_logprobs(tokenizer, lps, offset)
 
     if not stream:
-        text_parts, final = await unless_disconnected(request, collect())
+        text_parts, final, lps = await unless_disconnected(request, collect())
         text = "".join(text_parts)
         reason = _finish(final.done_reason)
         if kind == "chat":
@@ -211,22 +279,36 @@ async def _generate(request: Request, kind: str) -> Any:
             if calls:
                 message = {"role": "assistant", "content": "", "tool_calls": _openai_tool_calls(calls)}
                 reason = "tool_calls"
-            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": reason}
+            choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": logprobs_of(lps),
+                                      "finish_reason": reason}
         else:
-            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+            choice = {"text": text, "index": 0, "logprobs": logprobs_of(lps), "finish_reason": reason}
         return {**head, "choices": [choice], "usage": _usage(final)}
 
+    pending: list[Any] = []  # logprobs of tokens whose text has not been sent yet
+    sent = [0]  # characters of text sent (completions' text_offset)
+
     def delta_chunk(delta: dict[str, Any] | str, reason: str | None) -> dict[str, Any]:
+        lp = None
+        if pending:
+            lp = logprobs_of(list(pending), sent[0])
+            pending.clear()
+        elif top_logprobs is not None and reason is None:
+            lp = logprobs_of([], sent[0])
         if kind == "chat":
-            choice = {"index": 0, "delta": delta, "finish_reason": reason}
+            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
         else:
-            choice = {"text": delta, "index": 0, "logprobs": None, "finish_reason": reason}
+            choice = {"text": delta, "index": 0, "logprobs": lp, "finish_reason": reason}
+            sent[0] += len(delta)
         return {**head, "choices": [choice]}
 
     async def sse() -> AsyncIterator[bytes]:
         first, held, holding = True, [], bool(tools)
         try:
             async for what, value in pieces():
+                if what == "logprobs":
+                    pending.extend(value)
+                    continue
                 if what == "text":
                     if holding:
                         held.append(value)

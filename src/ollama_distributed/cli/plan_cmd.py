@@ -95,12 +95,22 @@ def config_from_gguf(path: Path) -> ModelConfig:
     vocab = meta.get(f"{arch}.vocab_size") or meta.get("tokenizer.ggml.tokens")
     if not vocab:
         raise ValueError(f"{path}: cannot tell the vocabulary size")
+    experts = _expert_fields(meta, arch)
     return ModelConfig(arch=arch, n_layers=get("block_count"), hidden_size=get("embedding_length"), n_heads=heads,
-                       n_kv_heads=get("attention.head_count_kv", heads), ffn_size=get("feed_forward_length"),
+                       n_kv_heads=get("attention.head_count_kv", heads),
+                       ffn_size=experts.pop("ffn_size", None) or get("feed_forward_length"),
                        vocab_size=int(vocab), context_length=get("context_length"),
                        tie_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
                        head_dim=meta.get(f"{arch}.attention.key_length", 0) or 0,
-                       name=str(meta.get("general.name", path.stem)))
+                       name=str(meta.get("general.name", path.stem)), **experts)
+
+
+def _expert_fields(meta: dict[str, Any], arch: str) -> dict[str, Any]:
+    """A mixture-of-experts GGUF's expert counts; its FFN width is one expert's (model/config.py)."""
+    if not meta.get(f"{arch}.expert_count"):
+        return {}
+    return {"n_expert": int(meta[f"{arch}.expert_count"]), "n_expert_used": int(meta[f"{arch}.expert_used_count"]),
+            "ffn_size": int(meta[f"{arch}.expert_feed_forward_length"])}
 
 
 def config_from_hf(directory: Path) -> ModelConfig:
@@ -204,17 +214,24 @@ def plan_command(
         typer.echo(result.to_json(indent=2))
         return
     table = Table(title=f"{result.model}: {result.strategy} plan ({result.objective}), id {result.plan_id}")
-    for col in ("stage", "layers", "node", "heads", "kv heads", "ffn", "memory", "of node"):
+    moe = profile.is_moe  # an experts column: which node holds which experts of every MoE layer
+    for col in ("stage", "layers", "node", "heads", "kv heads", "ffn", *(("experts",) if moe else ()), "memory",
+                "of node"):
         table.add_column(col)
     for i, st in enumerate(result.stages):
         for j, sh in enumerate(st.shards):
+            experts = ((_range(sh.experts) if sh.experts is not None else "all"),) if moe else ()
             table.add_row(str(i) if j == 0 else "", _range(st.layers) if j == 0 else "", sh.node, _range(sh.heads),
-                          _range(sh.kv_heads), _range(sh.ffn), format_bytes(sh.memory_bytes),
+                          _range(sh.kv_heads), _range(sh.ffn), *experts, format_bytes(sh.memory_bytes),
                           format_bytes(spec.node(sh.node).memory_bytes))
     console.print(table)
-    kv_bytes = profile.n_layers * profile.kv_bytes_per_token_per_layer * workload.context_tokens * concurrency
+    kv_bytes = (profile.n_layers * profile.kv_bytes_per_token_per_layer * profile.kv_context(workload.context_tokens)
+                * concurrency)
     console.print(f"model: {format_bytes(profile.total_weight_bytes)} of weights ({dtype}), "
                   f"{format_bytes(kv_bytes)} of KV cache ({workload.context_tokens} tokens × {concurrency})")
+    if moe:
+        console.print(f"experts: {profile.n_expert} per layer, {profile.n_expert_used} used per token: "
+                      f"{profile.active_params / 1e9:.1f}B of {profile.total_params / 1e9:.1f}B parameters active")
     pr = result.predicted
     console.print(f"predicted: {pr.decode_ms_per_token:.2f} ms/token decode, {pr.prefill_ms:.1f} ms prefill "
                   f"({workload.prompt_tokens} tokens × {workload.concurrency}), {pr.tokens_per_s:.1f} tokens/s")

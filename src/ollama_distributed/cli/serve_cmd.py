@@ -32,6 +32,8 @@ def serve(
     replan: bool = typer.Option(None, "--replan/--no-replan", help="When a model is idle, apply drift re-plan "
                                 "proposals and better plans after nodes join (default on, or "
                                 "OLLAMA_DISTRIBUTED_REPLAN)."),
+    api_key: str = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on every endpoint but "
+                                "/ and /api/version (default: OLLAMA_DISTRIBUTED_API_KEY, else no key)."),
     log_level: str = typer.Option("info", "--log-level", help="debug|info|warning|error"),
 ) -> None:
     """Serve the Ollama and OpenAI APIs."""
@@ -45,6 +47,7 @@ def serve(
         settings = ServerSettings.from_env(
             host=host, port=port, address=address, local_nodes=local_nodes, node_memory=node_memory,
             strategy=strategy, dtype=dtype, kv_cache_type=kv_cache_type, max_replicas=max_replicas, autotune=autotune, replan=replan,
+            api_key=api_key,
         )
     except ValueError as exc:
         typer.echo(f"Error: {exc}", err=True)

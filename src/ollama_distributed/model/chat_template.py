@@ -34,6 +34,29 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Gemma's turn format (Gemma 3 model card / its tokenizer_config.json): "<start_of_turn>user|model\n...<end_of_turn>\n",
+# a system message folded into the first user turn, BOS first. Used for gemma2/3 files that ship no template (the
+# 270M GGUF has none; Ollama gets it from the registry's Modelfile instead).
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(system='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\n\n' %}"
+    "{% else %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n' }}"
+    "{% if ns.system %}{{ ns.system }}{% set ns.system = '' %}{% endif %}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+FAMILY_TEMPLATES = {"gemma2": GEMMA_TEMPLATE, "gemma3": GEMMA_TEMPLATE}
+
+
+def family_template(meta: Mapping[str, Any]) -> str | None:
+    """The file's `tokenizer.chat_template`, else its family's known format (FAMILY_TEMPLATES), else None."""
+    return meta.get("tokenizer.chat_template") or FAMILY_TEMPLATES.get(str(meta.get("general.architecture", "")))
+
+
 # Older names for a message's reasoning text; transformers copies them to `reasoning_content` (the standard
 # one) and `thinking` (read by gpt-oss templates) before rendering.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -194,7 +217,7 @@ class ChatTemplate:
             i = meta.get(f"tokenizer.ggml.{key}")
             return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
-        template = meta.get("tokenizer.chat_template")
+        template = family_template(meta)
         if not template:
             log.info("model has no chat template; using ChatML")
         return cls(template, text("bos_token_id") or "", text("eos_token_id") or "",

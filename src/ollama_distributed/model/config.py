@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# llama also covers Mistral-style files (model/weights.py _ARCH_ALIASES).
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen3moe", "qwen2moe")
+ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class ModelConfig:
     """Everything the engine and the scheduler need to know about a Llama-family model.
 
     Fields:
-      arch: GGUF `general.architecture` ("llama" or "qwen2").
+      arch: one of SUPPORTED_ARCHITECTURES (GGUF `general.architecture`; "mistral" is read as "llama").
       n_layers: transformer blocks.
       hidden_size: residual stream width (d_model).
       n_heads: query heads; n_kv_heads: key/value heads (GQA groups = n_heads // n_kv_heads).
@@ -49,6 +51,26 @@ class ModelConfig:
       tie_embeddings: output head shares the token embedding matrix.
       attention_bias: q/k/v projections carry a bias (qwen2).
       name: human-readable model name from metadata ("" if unknown).
+      qk_norm: per-head RMSNorm of q and k before RoPE (qwen3, qwen3moe: `attn_q_norm` / `attn_k_norm`).
+      n_expert: experts per mixture-of-experts FFN (0 = dense FFN); n_expert_used: experts each token is routed to
+        (top-k); for an MoE model `ffn_size` is one expert's FFN width (GGUF `expert_feed_forward_length`), so a
+        ShardSpec's `ffn` range cuts every expert's columns alike (model/moe.py).
+      norm_topk_prob: renormalise the top-k router probabilities to sum to 1 (Qwen3-MoE; llama.cpp qwen3moe.cpp).
+      shared_expert_ffn: width of the shared expert every token also runs, scaled by a sigmoid gate (qwen2moe's
+        `ffn_*_shexp`; 0 = none).
+      post_norms: RMSNorm of the attention and FFN outputs before each residual add (gemma3's
+        post_attention_norm / post_ffw_norm).
+      activation: the gate's nonlinearity, "silu" (SwiGLU) or "gelu_tanh" (GeGLU with tanh-approximated GELU,
+        gemma's `gelu_pytorch_tanh`).
+      embed_scale: the token embedding is multiplied by this (gemma: sqrt(hidden_size)).
+      attention_scale: softmax(q·k * attention_scale); 0 = head_dim ** -0.5.
+      sliding_window: keys a sliding-window layer sees, the query's own position included (0 = none);
+      sliding_window_pattern: every `pattern`-th layer (i + 1 ≡ 0 mod pattern) is global, the others slide
+        (gemma3: 6, llama.cpp's `set_swa_pattern(6)`, transformers' default `layer_types`); 1 = all global.
+      rope_local_theta: RoPE base of the sliding-window layers (gemma3: 10000; 0 = rope_theta). The global
+        layers use rope_theta and rope_scaling, the local ones no scaling (transformers' Gemma3 rope_parameters).
+      attn_softcap / final_softcap: gemma2's soft-capping, cap · tanh(x / cap), of the attention scores and of the
+        output logits (0 = none).
     """
 
     arch: str
@@ -66,6 +88,20 @@ class ModelConfig:
     head_dim: int = 0  # 0 = hidden_size // n_heads (filled in __post_init__)
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     name: str = ""
+    qk_norm: bool = False
+    n_expert: int = 0
+    n_expert_used: int = 0
+    norm_topk_prob: bool = True
+    shared_expert_ffn: int = 0
+    post_norms: bool = False
+    activation: str = "silu"
+    embed_scale: float = 1.0
+    attention_scale: float = 0.0  # 0 = head_dim ** -0.5 (filled in __post_init__)
+    sliding_window: int = 0
+    sliding_window_pattern: int = 1
+    rope_local_theta: float = 0.0  # 0 = rope_theta (filled in __post_init__)
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
 
     def __post_init__(self) -> None:
         if self.arch not in SUPPORTED_ARCHITECTURES:
@@ -77,10 +113,33 @@ class ModelConfig:
                 raise ValueError(f"{fname} must be > 0, got {getattr(self, fname)}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.n_expert < 0 or (self.n_expert and not 0 < self.n_expert_used <= self.n_expert):
+            raise ValueError(f"need 0 < n_expert_used ({self.n_expert_used}) <= n_expert ({self.n_expert})")
         if self.head_dim == 0:
             if self.hidden_size % self.n_heads:
                 raise ValueError(f"hidden_size {self.hidden_size} not divisible by n_heads {self.n_heads}")
             object.__setattr__(self, "head_dim", self.hidden_size // self.n_heads)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.sliding_window < 0 or self.sliding_window_pattern < 1:
+            raise ValueError(f"bad sliding window {self.sliding_window} / pattern {self.sliding_window_pattern}")
+        if self.attention_scale == 0.0:
+            object.__setattr__(self, "attention_scale", self.head_dim ** -0.5)
+        if self.rope_local_theta == 0.0:
+            object.__setattr__(self, "rope_local_theta", self.rope_theta)
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` attends over only the last `sliding_window` positions (and uses the local RoPE base)."""
+        return self.sliding_window > 0 and (layer + 1) % self.sliding_window_pattern != 0
+
+    def kv_positions(self, layer: int, context: int) -> int:
+        """Positions of `layer`'s KV cache a sequence of `context` tokens needs (a sliding layer: its window)."""
+        return min(context, self.sliding_window) if self.is_sliding(layer) else context
+
+    @property
+    def is_moe(self) -> bool:
+        """Every layer's FFN is a mixture of experts."""
+        return self.n_expert > 0
 
     @property
     def group_size(self) -> int:

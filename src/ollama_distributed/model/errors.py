@@ -17,15 +17,22 @@ class ModelFileError(ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # rebuilt from its own arguments: a shard worker's error crosses Ray pickled
+        return ModelFileError, (self.path, self.problem)
+
 
 class UnsupportedArchitectureError(ModelFileError):
     """The file is a valid model, but of an architecture the engine does not implement."""
 
     def __init__(self, path: str | Path, architecture: str, supported: tuple[str, ...]) -> None:
         self.architecture = architecture
+        self.supported = tuple(supported)
         super().__init__(
             path, f"unsupported model architecture {architecture!r} (supported: {', '.join(supported)})"
         )
+
+    def __reduce__(self):
+        return UnsupportedArchitectureError, (self.path, self.architecture, self.supported)
 
 
 class ContextLengthError(ValueError):

@@ -28,8 +28,14 @@ HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
 }
-_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+                "gemma2": "gemma2",
+                "gemma3_text": "gemma3"}
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -65,7 +71,7 @@ def _rope(path: Path, c: dict[str, Any]) -> tuple[float, RopeScaling]:
 
 
 def read_hf_config(directory: str | Path) -> ModelConfig:
-    """ModelConfig from an HF directory's config.json (Llama / Mistral / Qwen2 causal LMs)."""
+    """ModelConfig from an HF directory's config.json (Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 3 text)."""
     d = Path(directory)
     path = d / "config.json"
     c = _load_json(path)
@@ -81,7 +87,11 @@ def read_hf_config(directory: str | Path) -> ModelConfig:
     if c.get("use_sliding_window") or (arch == "llama" and c.get("sliding_window")):
         log.warning("%s: sliding-window attention (window %s) is ignored; outputs match only within the window",
                     path, c.get("sliding_window"))
-    theta, scaling = _rope(path, c)
+    if arch == "gemma3" and "full_attention" in (c.get("rope_parameters") or {}):
+        # per attention type (transformers' Gemma3TextConfig): the global layers' base and scaling here
+        theta, scaling = _rope(path, {"rope_parameters": c["rope_parameters"]["full_attention"]})
+    else:
+        theta, scaling = _rope(path, c)
     try:
         n_heads = int(c["num_attention_heads"])
         return ModelConfig(
@@ -100,6 +110,7 @@ def read_hf_config(directory: str | Path) -> ModelConfig:
             head_dim=int(c.get("head_dim") or 0),
             rope_scaling=scaling,
             name=str(c.get("_name_or_path") or d.name),
+            **_family_fields(path, arch, c),
         )
     except KeyError as exc:
         raise ModelFileError(path, f"required key {exc.args[0]!r} is missing") from None
@@ -107,6 +118,34 @@ def read_hf_config(directory: str | Path) -> ModelConfig:
         if isinstance(exc, ModelFileError):
             raise
         raise ModelFileError(path, f"inconsistent model config: {exc}") from None
+
+
+def _family_fields(path: Path, arch: str, c: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields of the families beyond the Llama block, from their config.json (transformers' names)."""
+    if arch in ("qwen3", "phi3") and (c.get("attention_bias") or c.get("mlp_bias")):
+        raise ModelFileError(path, f"attention_bias/mlp_bias {arch} variants are not supported")
+    if arch == "phi3" and float(c.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ModelFileError(path, "partial rotary embeddings (partial_rotary_factor < 1) are not supported")
+    if arch == "qwen3":
+        return {"qk_norm": True}
+    if arch not in ("gemma2", "gemma3"):
+        return {}
+    hidden, types = int(c["hidden_size"]), c.get("layer_types")
+    pattern = int(c.get("sliding_window_pattern", 2 if arch == "gemma2" else 6))
+    if types:  # "sliding_attention" / "full_attention" per layer: must repeat a (k-1 sliding, 1 full) cycle
+        pattern = types.index("full_attention") + 1 if "full_attention" in types else len(types) + 1
+        if any((t == "sliding_attention") != ((i + 1) % pattern != 0) for i, t in enumerate(types)):
+            raise ModelFileError(path, f"layer_types {types} is not a periodic sliding/full pattern")
+    local = ((c.get("rope_parameters") or {}).get("sliding_attention") or {}) if arch == "gemma3" else {}
+    default_local = 10000.0 if arch == "gemma3" else 0.0  # gemma2: one base for every layer (0 = rope_theta)
+    return dict(
+        qk_norm=arch == "gemma3", post_norms=True,
+        attn_softcap=float(c.get("attn_logit_softcapping") or 0.0),
+        final_softcap=float(c.get("final_logit_softcapping") or 0.0), activation="gelu_tanh", embed_scale=float(torch.tensor(hidden ** 0.5)),
+        attention_scale=float(c.get("query_pre_attn_scalar", 256)) ** -0.5,
+        sliding_window=int(c.get("sliding_window") or 0), sliding_window_pattern=pattern,
+        rope_local_theta=float(local.get("rope_theta", c.get("rope_local_base_freq", default_local))),
+    )
 
 
 class _SafetensorsDir:
@@ -190,8 +229,16 @@ def _load(src: _SafetensorsDir, cfg: ModelConfig, spec: ShardSpec) -> dict[str, 
     out: dict[str, torch.Tensor] = {}
     if spec.has_embedding:
         out["embed"] = src.read(pre + "embed_tokens.weight", (vocab, hidden))
+    # Gemma's RMSNorm scales by (1 + w) (transformers' Gemma3RMSNorm): stored here as 1 + w, as llama.cpp's
+    # converter does, so the engine's x·w applies to every family.
+    shift = 1.0 if cfg.arch in ("gemma2", "gemma3") else 0.0
+
+    def norm(name: str, n: int) -> torch.Tensor:
+        w = src.read(name, (n,))
+        return (w.float() + shift).to(w.dtype) if shift else w
+
     if spec.has_output:
-        out["norm"] = src.read(pre + "norm.weight", (hidden,))
+        out["norm"] = norm(pre + "norm.weight", hidden)
         # Tied checkpoints usually omit lm_head.weight (transformers re-ties on load).
         if cfg.tie_embeddings or not src.has("lm_head.weight"):
             if not cfg.tie_embeddings:
@@ -202,8 +249,28 @@ def _load(src: _SafetensorsDir, cfg: ModelConfig, spec: ShardSpec) -> dict[str, 
     q_rows, kv_rows = (h0 * hd, h1 * hd), (k0 * hd, k1 * hd)
     for i in range(*spec.layers):
         b, n = f"{pre}layers.{i}.", f"layers.{i}."
-        out[n + "attn_norm"] = src.read(b + "input_layernorm.weight", (hidden,))
-        out[n + "ffn_norm"] = src.read(b + "post_attention_layernorm.weight", (hidden,))
+        out[n + "attn_norm"] = norm(b + "input_layernorm.weight", hidden)
+        if cfg.post_norms:  # gemma: the FFN's own pre-norm; post_attention_layernorm normalises attention's output
+            out[n + "ffn_norm"] = norm(b + "pre_feedforward_layernorm.weight", hidden)
+            out[n + "post_attn_norm"] = norm(b + "post_attention_layernorm.weight", hidden)
+            out[n + "post_ffn_norm"] = norm(b + "post_feedforward_layernorm.weight", hidden)
+        else:
+            out[n + "ffn_norm"] = norm(b + "post_attention_layernorm.weight", hidden)
+        if cfg.qk_norm:
+            out[n + "q_norm"] = norm(b + "self_attn.q_norm.weight", hd)
+            out[n + "k_norm"] = norm(b + "self_attn.k_norm.weight", hd)
+        if cfg.arch == "phi3":  # fused qkv_proj (rows q | k | v) and gate_up_proj (rows gate | up)
+            q_dim, kv_dim, F = cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.ffn_size
+            qkv, gu = (q_dim + 2 * kv_dim, hidden), (2 * F, hidden)
+            out[n + "q"] = src.read(b + "self_attn.qkv_proj.weight", qkv, rows=q_rows)
+            out[n + "k"] = src.read(b + "self_attn.qkv_proj.weight", qkv, rows=(q_dim + kv_rows[0], q_dim + kv_rows[1]))
+            out[n + "v"] = src.read(b + "self_attn.qkv_proj.weight", qkv,
+                                    rows=(q_dim + kv_dim + kv_rows[0], q_dim + kv_dim + kv_rows[1]))
+            out[n + "o"] = src.read(b + "self_attn.o_proj.weight", (hidden, q_dim), cols=q_rows)
+            out[n + "gate"] = src.read(b + "mlp.gate_up_proj.weight", gu, rows=(f0, f1))
+            out[n + "up"] = src.read(b + "mlp.gate_up_proj.weight", gu, rows=(F + f0, F + f1))
+            out[n + "down"] = src.read(b + "mlp.down_proj.weight", (hidden, F), cols=(f0, f1))
+            continue
         # Column-parallel (output rows): q by query heads, k/v by KV heads, gate/up by FFN columns.
         out[n + "q"] = src.read(b + "self_attn.q_proj.weight", (cfg.n_heads * hd, hidden), rows=q_rows)
         out[n + "k"] = src.read(b + "self_attn.k_proj.weight", (cfg.n_kv_heads * hd, hidden), rows=kv_rows)

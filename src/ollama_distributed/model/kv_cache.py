@@ -9,6 +9,12 @@ Element types: float32 / bfloat16 / float16 tensors, or Q8_0 (Ollama's OLLAMA_KV
 block_q8_0: int8 values with one float16 scale per 32 along head_dim, d = max|x| / 127; 34 bytes per 32 elements
 instead of f16's 64). A Q8_0 cache is written through `write` and read through `span`, which dequantises only the
 positions attended; the fused CPU kernels take float32/float16 caches only (model/transformer.py).
+
+Sliding-window layers (gemma3: 5 of every 6 layers attend over the last `window` positions only) keep a ring of
+`window` positions instead: position p lives at index p % window, so after writing p the ring holds exactly the
+keys (p - window, p] that a query at p reads, in rotated order (softmax attention does not depend on key order;
+RoPE was applied before the write). Their storage (`rk`, `rv`) is stacked apart from the other layers' (`k`, `v`)
+and never grows past the window, so a 32k context of Gemma 3 holds 32k positions in 1 layer of 6 and 512 in 5.
 """
 
 from __future__ import annotations
@@ -33,9 +39,20 @@ class KVCache:
         dtype: torch.dtype | str = torch.float32,
         initial_slots: int = 4,
         initial_capacity: int = 256,
+        ring_layers: tuple[bool, ...] = (),
+        window: int = 0,
     ) -> None:
+        """ring_layers: per layer, whether it keeps only the last `window` positions (a ring, see module doc);
+        ignored when the window covers max_seq_len anyway."""
         if max_seq_len <= 0:
             raise ValueError(f"max_seq_len must be > 0, got {max_seq_len}")
+        if any(ring_layers) and (window <= 0 or len(ring_layers) != n_layers):
+            raise ValueError(f"ring layers need a window > 0 and one flag per layer, got {window}, {ring_layers}")
+        self.window = window if any(ring_layers) and window < max_seq_len else 0
+        # layer -> (is_ring, index in its stack)
+        rings = [bool(r) and self.window > 0 for r in (ring_layers or (False,) * n_layers)]
+        self._where = [(r, sum(1 for x in rings[:i] if x == r)) for i, r in enumerate(rings)]
+        n_ring = sum(rings)
         self.quantized = dtype == Q8_0
         if self.quantized and head_dim % Q8_BLOCK:
             raise ValueError(f"a q8_0 KV cache needs head_dim in blocks of {Q8_BLOCK}, got {head_dim}")
@@ -46,7 +63,9 @@ class KVCache:
         self._len: dict[int, int] = {}
         self._free: list[int] = []
         cap = min(initial_capacity, max_seq_len)
-        self.k, self.v, self.k_scale, self.v_scale = self._storage((n_layers, initial_slots, n_kv_heads, cap, head_dim))
+        self.k, self.v, self.k_scale, self.v_scale = self._storage((n_layers - n_ring, initial_slots, n_kv_heads, cap, head_dim))
+        self.rk, self.rv, self.rk_scale, self.rv_scale = self._storage(
+            (n_ring, initial_slots, n_kv_heads, min(cap, self.window or cap), head_dim))
         self._free = list(range(initial_slots - 1, -1, -1))
 
     def _storage(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -57,6 +76,34 @@ class KVCache:
         return (torch.zeros(shape, dtype=torch.int8), torch.zeros(shape, dtype=torch.int8),
                 torch.zeros(scales, dtype=torch.float16), torch.zeros(scales, dtype=torch.float16))
 
+    def is_ring(self, layer: int) -> bool:
+        """Whether `layer` keeps only the last `window` positions (index = position % window)."""
+        return self._where[layer][0]
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k and v storage of `layer`: (slots, kv_heads, capacity, head_dim) each (a ring layer's capacity <= window)."""
+        ring, j = self._where[layer]
+        return (self.rk[j], self.rv[j]) if ring else (self.k[j], self.v[j])
+
+    def _scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        ring, j = self._where[layer]
+        ks, vs = (self.rk_scale, self.rv_scale) if ring else (self.k_scale, self.v_scale)
+        return (None, None) if ks is None else (ks[j], vs[j])
+
+    def ring_span(self, layer: int, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [start, end) of a ring layer, in position order (end - start <= window)."""
+        assert self.is_ring(layer) and 0 <= end - start <= self.window
+        idx = torch.arange(start, end) % self.window
+        k, v = self.layer(layer)
+        ks, vs = self._scales(layer)
+        out = []
+        for store, scale in ((k, ks), (v, vs)):
+            x = store[slot].index_select(1, idx)
+            if scale is not None:
+                x = _dequant(x, scale[slot].index_select(1, idx))
+            out.append(x)
+        return out[0], out[1]
+
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype `span` returns (float32 for a q8_0 cache)."""
@@ -64,31 +111,29 @@ class KVCache:
 
     # -- element access (the torch path of model/transformer.py) --------------------------------------------
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store rows k, v (N, kv_heads, head_dim) at (slots[i], positions[i]) of `layer`."""
-        for store, scale, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+        """Store rows k, v (N, kv_heads, head_dim) at (slots[i], positions[i]) of `layer` (a ring layer's positions
+        are indices: position % window)."""
+        (ks, vs), (kscale, vscale) = self.layer(layer), self._scales(layer)
+        for store, scale, x in ((ks, kscale, k), (vs, vscale, v)):
             if scale is None:
-                store[layer][slots, :, positions] = x.to(store.dtype)
+                store[slots, :, positions] = x.to(store.dtype)
                 continue
-            # ggml's quantize_row_q8_0: d = amax / 127 per block, q = round(x / d)
-            blocks = x.float().reshape(*x.shape[:-1], -1, Q8_BLOCK)
-            d = blocks.abs().amax(-1) / 127
-            q = torch.where(d[..., None] > 0, blocks / d[..., None], torch.zeros_like(blocks)).round_()
-            store[layer][slots, :, positions] = q.to(torch.int8).reshape(x.shape)
-            scale[layer][slots, :, positions] = d.to(torch.float16)
+            q, d = _quant(x)
+            store[slots, :, positions] = q
+            scale[slots, :, positions] = d
+
+    def as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows x (..., head_dim) as `span` would hand them back after a write: cast, or q8_0-rounded."""
+        return _dequant(*_quant(x)) if self.quantized else x.to(self.dtype)
 
     def span(self, layer: int, slots: int | slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of `slots` (one slot or a range) at positions [0, length) of `layer`: views of a float
         cache, dequantised copies (float32) of a q8_0 one."""
-        k, v = self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]
-        if not self.quantized:
+        (k, v), (ks, vs) = self.layer(layer), self._scales(layer)
+        k, v = k[slots, :, :length], v[slots, :, :length]
+        if ks is None:
             return k, v
-        ks, vs = self.k_scale[layer, slots, :, :length], self.v_scale[layer, slots, :, :length]
-
-        def dequant(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-            x = q.float().unflatten(-1, (-1, Q8_BLOCK)) * d.float()[..., None]
-            return x.flatten(-2)
-
-        return dequant(k, ks), dequant(v, vs)
+        return _dequant(k, ks[slots, :, :length]), _dequant(v, vs[slots, :, :length])
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
     def length(self, seq_id: int) -> int:
@@ -110,8 +155,8 @@ class KVCache:
         return self.k.shape[3]
 
     def nbytes(self) -> int:
-        scales = 0 if self.k_scale is None else self.k_scale.element_size() * self.k_scale.nelement() * 2
-        return self.k.element_size() * self.k.nelement() * 2 + scales
+        tensors = (self.k, self.v, self.k_scale, self.v_scale, self.rk, self.rv, self.rk_scale, self.rv_scale)
+        return sum(t.element_size() * t.nelement() for t in tensors if t is not None)
 
     # -- used by ModelShard.forward ----------------------------------------------------------------------------
     def prepare(self, seq_ids: list[int], token_counts: list[int]) -> tuple[list[int], list[int]]:
@@ -152,10 +197,33 @@ class KVCache:
         while cap < capacity_needed:
             cap = min(cap * 2, self.max_seq_len)
         used = max(self._len.values(), default=0)
-        new = self._storage((self.n_layers, slots, self.n_kv_heads, cap, self.head_dim))
+        new = self._storage((self.k.shape[0], slots, self.n_kv_heads, cap, self.head_dim))
         old = (self.k, self.v, self.k_scale, self.v_scale)
         for dst, src in zip(new, old):
             if src is not None:
                 dst[:, :old_slots, :, :used] = src[:, :, :, :used]
         self.k, self.v, self.k_scale, self.v_scale = new
+        # ring layers: capacity min(cap, window); a ring wraps only once it is full (capacity = window), so a
+        # smaller one holds positions [0, used) at their own indices and its prefix copies over unchanged
+        ring_cap = min(cap, self.window or cap)
+        ring_used = min(used, self.rk.shape[3])
+        new = self._storage((self.rk.shape[0], slots, self.n_kv_heads, ring_cap, self.head_dim))
+        old = (self.rk, self.rv, self.rk_scale, self.rv_scale)
+        for dst, src in zip(new, old):
+            if src is not None:
+                dst[:, :old_slots, :, :ring_used] = src[:, :, :, :ring_used]
+        self.rk, self.rv, self.rk_scale, self.rv_scale = new
         self._free = list(range(slots - 1, old_slots - 1, -1)) + self._free
+
+
+def _quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's quantize_row_q8_0: d = amax / 127 per block of 32, q = round(x / d); (int8 values, float16 scales)."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, Q8_BLOCK)
+    d = blocks.abs().amax(-1) / 127
+    q = torch.where(d[..., None] > 0, blocks / d[..., None], torch.zeros_like(blocks)).round_()
+    return q.to(torch.int8).reshape(x.shape), d.to(torch.float16)
+
+
+def _dequant(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Q8_0 values times their per-32 float16 scales, as float32."""
+    return (q.float().unflatten(-1, (-1, Q8_BLOCK)) * d.float()[..., None]).flatten(-2)

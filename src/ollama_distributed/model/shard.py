@@ -7,6 +7,10 @@ Ranges are half-open `[start, end)`. Tensor-parallel slices follow Megatron/vLLM
     X = [X_1 … X_p] by columns, Y = Σ X_i A_i.
 Query heads travel with their KV head (GQA group), so `heads` is always `kv_heads` × group size;
 uneven splits (9 heads in 3 groups over 2 shards = 2 groups + 1 group) need no special case.
+Expert parallelism (mixture-of-experts models, model/moe.py): `experts` names the experts of every MoE layer this
+shard holds (vLLM's --enable-expert-parallel runs EP inside the TP group the same way). Every shard routes every
+token, runs its own experts on the tokens routed to them, and its partial output joins the all-reduce the
+row-parallel down projection already does; an expert absent from all shards but one contributes exactly once.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ class ShardSpec:
     has_embedding: holds the token embedding (first pipeline stage; replicated across its TP shards).
     has_output: holds final norm + output head and produces logits (last stage; TP rank 0 of it only,
       other TP shards of the last stage return hidden states that the caller ignores).
+    experts: the experts [start, end) of each MoE layer this shard holds (None: all of them; may be empty, a rank
+      that holds only attention); ignored by dense models.
     """
 
     layers: tuple[int, int]
@@ -36,6 +42,7 @@ class ShardSpec:
     ffn: tuple[int, int]
     has_embedding: bool
     has_output: bool
+    experts: tuple[int, int] | None = None
 
     @classmethod
     def full(cls, cfg: ModelConfig) -> "ShardSpec":
@@ -52,6 +59,14 @@ class ShardSpec:
         _check_range("layers", self.layers, cfg.n_layers, allow_empty=True)
         _check_range("kv_heads", self.kv_heads, cfg.n_kv_heads)
         _check_range("ffn", self.ffn, cfg.ffn_size)
+        if self.experts is not None:
+            if not cfg.n_expert:
+                raise ValueError(f"shard names experts {self.experts} but the model has no experts")
+            _check_range("experts", self.experts, cfg.n_expert, allow_empty=True)
+
+    def expert_range(self, cfg: ModelConfig) -> tuple[int, int]:
+        """The experts this shard holds ((0, 0) for a dense model)."""
+        return self.experts if self.experts is not None else (0, cfg.n_expert)
 
     @property
     def n_layers(self) -> int:
@@ -59,4 +74,5 @@ class ShardSpec:
 
     def is_full_width(self, cfg: ModelConfig) -> bool:
         """True when this shard holds every head and FFN column (no tensor parallelism)."""
-        return self.kv_heads == (0, cfg.n_kv_heads) and self.ffn == (0, cfg.ffn_size)
+        return (self.kv_heads == (0, cfg.n_kv_heads) and self.ffn == (0, cfg.ffn_size)
+                and self.expert_range(cfg) == (0, cfg.n_expert))

@@ -29,6 +29,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .chat_template import family_template
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,10 @@ class Tokenizer:
             backend, byte_level, strip = _byte_level_bpe(tokens, types, meta), True, False
             add_bos_default = False  # GPT2Tokenizer's default, as in transformers' conversion
         elif kind == "llama":
-            backend, byte_level, strip = _sentencepiece_bpe(tokens, types, meta), False, True
+            # Gemma's vocabulary says add_space_prefix = false (no "▁" before the text; llama.cpp's
+            # llama_vocab and transformers' GGUFGemmaConverter both honour it); Llama 2 / Mistral default to true.
+            strip = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+            backend, byte_level = _sentencepiece_bpe(tokens, types, meta, strip), False
             add_bos_default = True  # llama.cpp and transformers add BOS to SentencePiece vocabularies by default
         else:
             raise TokenizerError(f"tokenizer model {kind!r} is not supported (supported: 'gpt2', 'llama')")
@@ -198,7 +202,7 @@ class Tokenizer:
             special_ids=[i for i, t in enumerate(types) if t == _CONTROL],
             byte_level=byte_level,
             strip_leading_space=strip,
-            chat_template=meta.get("tokenizer.chat_template"),
+            chat_template=family_template(meta),
         )
 
     @classmethod
@@ -377,7 +381,8 @@ def _byte_level_bpe(tokens: list[str], types: list[int], meta: Mapping[str, Any]
     return tk
 
 
-def _sentencepiece_bpe(tokens: list[str], types: list[int], meta: Mapping[str, Any]) -> _HFTokenizer:
+def _sentencepiece_bpe(tokens: list[str], types: list[int], meta: Mapping[str, Any],
+                       space_prefix: bool = True) -> _HFTokenizer:
     vocab = {t: i for i, t in enumerate(tokens)}
     if meta.get("tokenizer.ggml.merges"):
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
@@ -391,10 +396,10 @@ def _sentencepiece_bpe(tokens: list[str], types: list[int], meta: Mapping[str, A
                                  unk_token=tokens[int(unk)] if unk is not None else None))
     # Spaces become "▁" and one is prepended to the first section of the text (not after a special token),
     # as LlamaTokenizer (legacy=False) does; the decoder undoes both.
-    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tk.decoder = decoders.Sequence([
-        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1),
-    ])
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if space_prefix else "never",
+                                                split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tk.decoder = decoders.Sequence(steps + [decoders.Strip(content=" ", left=1)] if space_prefix else steps)
     _add_special(tk, tokens, types, lambda t: True)
     return tk
 

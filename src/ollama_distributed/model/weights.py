@@ -13,6 +13,7 @@ Canonical names and layouts are fixed in /work/notes/contracts.md ("model/weight
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
 from .errors import ModelFileError, UnsupportedArchitectureError
 from .file_format import GGUFRows
+from .moe import holds_shared_expert, load_moe_layer, load_shared_expert
 from .native import slice_columns
 from .quant import GROUP, QUANT_FORMATS, QuantMatrix, from_gguf_blocks, quantize_rtn
 from .shard import ShardSpec
@@ -33,7 +35,9 @@ log = logging.getLogger(__name__)
 
 # GGUF `general.architecture` → our arch. llama.cpp writes Mistral (v0.1-v0.3) checkpoints as "llama"; older
 # conversions used "mistral" with the same tensor layout (convert_hf_to_gguf.py: MistralModel(LlamaModel)).
-_ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_ARCH_ALIASES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3",
+                 "phi3": "phi3", "qwen3moe": "qwen3moe",
+                 "qwen2moe": "qwen2moe"}
 _GGUF_ARCHS = tuple(_ARCH_ALIASES)
 # Dequantise at most this many elements at once (float32 temporaries ≈ 4 × this many bytes).
 _CHUNK_ELEMS = 1 << 22
@@ -198,7 +202,16 @@ def read_config(path: str | Path) -> ModelConfig:
             head_dim=int(get(f"{a}.attention.key_length", 0)),
             rope_scaling=_rope_scaling(p, get, a, reader),
             name=str(get("general.name", "")),
+            qk_norm="blk.0.attn_q_norm.weight" in tensors,
+            **_family_fields(p, get, a, fields, tensors),
         )
+        if int(get(f"{a}.expert_count", 0)):  # mixture of experts: the FFN width is one expert's (model/moe.py)
+            cfg = dataclasses.replace(
+                cfg, ffn_size=int(get(f"{a}.expert_feed_forward_length")), n_expert=int(get(f"{a}.expert_count")),
+                n_expert_used=int(get(f"{a}.expert_used_count")),
+                # llama.cpp's qwen2moe graph keeps the top-k softmax weights as they are (no renormalising)
+                norm_topk_prob=a != "qwen2moe",
+                shared_expert_ffn=int(get(f"{a}.expert_shared_feed_forward_length", 0)))
     except ValueError as exc:
         if isinstance(exc, ModelFileError):
             raise
@@ -206,6 +219,52 @@ def read_config(path: str | Path) -> ModelConfig:
     if embd_hidden != cfg.hidden_size:
         raise ModelFileError(p, f"token_embd.weight is {embd_hidden} wide but embedding_length is {cfg.hidden_size}")
     return cfg
+
+
+def _family_fields(p: Path, get: Any, a: str, fields: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields beyond the Llama block that a family's GGUF implies (keys as llama.cpp writes them)."""
+    if a == "phi3":
+        # Phi-3's LongRoPE files (128k) carry per-frequency factor tensors; only the plain 4k RoPE is implemented.
+        if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
+            raise ModelFileError(p, "Phi-3 LongRoPE (rope_factors_long/short) is not supported by the engine yet")
+        rot = int(get(f"{a}.rope.dimension_count", 0))
+        n_embd_head = int(get(f"{a}.embedding_length")) // int(get(f"{a}.attention.head_count"))
+        if rot and rot != int(get(f"{a}.attention.key_length", n_embd_head)):
+            raise ModelFileError(p, f"partial rotary embeddings (rope.dimension_count {rot}) are not supported")
+        # ({a}.attention.sliding_window, when present, is not applied: transformers' GGUF loader ignores it too.)
+        return {}
+    if a not in ("gemma2", "gemma3"):
+        return {}
+    hidden, n_heads = int(get(f"{a}.embedding_length")), int(get(f"{a}.attention.head_count"))
+    head_dim = int(get(f"{a}.attention.key_length", hidden // n_heads))
+    # Query scaling: HF's query_pre_attn_scalar is head_dim for every Gemma 2/3 but the 27Bs (46 / 62 layers), where
+    # it is hidden / heads (144 / 168); llama.cpp decides the same way (llama-model.cpp, f_attention_scale).
+    scalar = hidden // n_heads if int(get(f"{a}.block_count")) == {"gemma2": 46, "gemma3": 62}[a] else head_dim
+    scale = float(get(f"{a}.attention.scale", scalar ** -0.5))
+    pattern_field = fields.get(f"{a}.attention.sliding_window_pattern")
+    # llama.cpp's hparams.set_swa_pattern(2 | 6), transformers' default layer_types for Gemma2 / Gemma3
+    pattern = 2 if a == "gemma2" else 6
+    if pattern_field is not None:
+        value = _field_value(p, pattern_field)
+        if isinstance(value, list):  # per-layer flags (True = sliding): must repeat a "(k-1) sliding, 1 global" cycle
+            pattern = value.index(False) + 1 if False in value else len(value) + 1
+            if any(bool(v) != ((i + 1) % pattern != 0) for i, v in enumerate(value)):
+                raise ModelFileError(p, f"sliding_window_pattern {value} is not a periodic pattern")
+        else:
+            pattern = int(value)
+    return dict(
+        post_norms=True,
+        activation="gelu_tanh",
+        # transformers' Gemma3TextScaledWordEmbedding: embeddings * sqrt(hidden) (a float32 scalar here)
+        embed_scale=float(np.float32(hidden ** 0.5)),
+        attention_scale=scale,
+        sliding_window=int(get(f"{a}.attention.sliding_window", 0)),
+        sliding_window_pattern=pattern,
+        # gemma2 rotates every layer with rope.freq_base; gemma3's local layers with 10000
+        rope_local_theta=float(get(f"{a}.rope.freq_base_swa", 10000.0)) if a == "gemma3" else 0.0,
+        attn_softcap=float(get(f"{a}.attn_logit_softcapping", 0.0)),
+        final_softcap=float(get(f"{a}.final_logit_softcapping", 0.0)),
+    )
 
 
 def _rope_scaling(p: Path, get: Any, a: str, reader: gguf.GGUFReader) -> RopeScaling:
@@ -389,7 +448,9 @@ def load_weights(path: str | Path, cfg: ModelConfig, spec: ShardSpec, dtype: tor
     h0, h1 = spec.heads(cfg)
     k0, k1 = spec.kv_heads
     f0, f1 = spec.ffn
-    permuted = cfg.arch == "llama"  # qwen2 GGUFs are written in HF order (no permute in Qwen2Model)
+    # Only llama.cpp's LlamaModel converter permutes q/k for interleaved RoPE; qwen2/qwen3/gemma3/phi3 GGUFs keep
+    # HF's rotate_half order (their graphs use NEOX-style RoPE).
+    permuted = cfg.arch == "llama"
     out: dict[str, torch.Tensor] = {}
     if spec.has_embedding:
         out["embed"] = table("token_embd.weight", (cfg.vocab_size, hidden))
@@ -402,10 +463,34 @@ def load_weights(path: str | Path, cfg: ModelConfig, spec: ShardSpec, dtype: tor
             out["lm_head"] = table(head, (cfg.vocab_size, hidden))
     if "rope_freqs.weight" in src.tensors:
         out["rope_freqs"] = src.vector("rope_freqs.weight", hd // 2, dtype=torch.float32)
+    q_dim, kv_dim = cfg.n_heads * hd, cfg.n_kv_heads * hd
+
+    def router(name: str) -> torch.Tensor:  # every shard routes every token: the whole matrix, in float32
+        return src.matrix(name, (cfg.n_expert, hidden), dtype=torch.float32)
+
     for i in range(*spec.layers):
         b, n = f"blk.{i}.", f"layers.{i}."
         out[n + "attn_norm"] = src.vector(b + "attn_norm.weight", hidden)
         out[n + "ffn_norm"] = src.vector(b + "ffn_norm.weight", hidden)
+        if cfg.qk_norm:  # one weight per head_dim element, shared by every head (llama.cpp's gemma3/qwen3 graphs)
+            out[n + "q_norm"] = src.vector(b + "attn_q_norm.weight", hd)
+            out[n + "k_norm"] = src.vector(b + "attn_k_norm.weight", hd)
+        if cfg.post_norms:
+            out[n + "post_attn_norm"] = src.vector(b + "post_attention_norm.weight", hidden)
+            out[n + "post_ffn_norm"] = src.vector(b + "post_ffw_norm.weight", hidden)
+        if cfg.arch == "phi3":
+            # Phi-3 stores q, k, v as one `attn_qkv` (rows q | k | v) and gate, up as one `ffn_up` (rows gate | up),
+            # as in HF's qkv_proj / gate_up_proj; a shard reads its row ranges of each part.
+            qkv_shape, gu_shape = (q_dim + 2 * kv_dim, hidden), (2 * cfg.ffn_size, hidden)
+            out[n + "q"] = matrix(b + "attn_qkv.weight", qkv_shape, rows=(h0 * hd, h1 * hd))
+            out[n + "k"] = matrix(b + "attn_qkv.weight", qkv_shape, rows=(q_dim + k0 * hd, q_dim + k1 * hd))
+            out[n + "v"] = matrix(b + "attn_qkv.weight", qkv_shape,
+                                  rows=(q_dim + kv_dim + k0 * hd, q_dim + kv_dim + k1 * hd))
+            out[n + "o"] = matrix(b + "attn_output.weight", (hidden, q_dim), cols=(h0 * hd, h1 * hd))
+            out[n + "gate"] = matrix(b + "ffn_up.weight", gu_shape, rows=(f0, f1))
+            out[n + "up"] = matrix(b + "ffn_up.weight", gu_shape, rows=(cfg.ffn_size + f0, cfg.ffn_size + f1))
+            out[n + "down"] = matrix(b + "ffn_down.weight", (hidden, cfg.ffn_size), cols=(f0, f1))
+            continue
         q = matrix(b + "attn_q.weight", (cfg.n_heads * hd, hidden), rows=(h0 * hd, h1 * hd))
         k = matrix(b + "attn_k.weight", (cfg.n_kv_heads * hd, hidden), rows=(k0 * hd, k1 * hd))
         out[n + "q"] = _unpermute(q, h1 - h0) if permuted else q
@@ -418,6 +503,12 @@ def load_weights(path: str | Path, cfg: ModelConfig, spec: ShardSpec, dtype: tor
             out[n + "k_bias"] = _unpermute_rows(kb, k1 - k0) if permuted else kb
             out[n + "v_bias"] = src.vector(b + "attn_v.bias", cfg.n_kv_heads * hd, k0 * hd, k1 * hd)
         out[n + "o"] = matrix(b + "attn_output.weight", (hidden, cfg.n_heads * hd), cols=(h0 * hd, h1 * hd))
+        if cfg.is_moe:  # router + this shard's experts, each in the shard's weight form (model/moe.py)
+            out.update(load_moe_layer(src.tensors, matrix, router, b, n, hidden, cfg.ffn_size, spec.expert_range(cfg),
+                                      (f0, f1)))
+            if holds_shared_expert(cfg, spec):
+                out.update(load_shared_expert(matrix, src.vector, b, n, hidden, cfg.shared_expert_ffn))
+            continue
         out[n + "gate"] = matrix(b + "ffn_gate.weight", (cfg.ffn_size, hidden), rows=(f0, f1))
         out[n + "up"] = matrix(b + "ffn_up.weight", (cfg.ffn_size, hidden), rows=(f0, f1))
         out[n + "down"] = matrix(b + "ffn_down.weight", (hidden, cfg.ffn_size), cols=(f0, f1))

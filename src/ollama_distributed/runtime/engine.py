@@ -203,7 +203,7 @@ class InferenceEngine:
             num_ctx=num_ctx,
             tokens=prompt,
             n_prompt=len(prompt),
-            sampler=Sampler(opts, num_ctx),
+            sampler=Sampler(opts, num_ctx, constraint=request.constraint, top_logprobs=request.top_logprobs),
             decoder=_make_decoder(self.tokenizer),
             stop=StopMatcher(opts.stop),
             t_submit=time.perf_counter(),
@@ -389,8 +389,11 @@ class InferenceEngine:
             feeds.append(pending)
         if not batch:
             return
+        sampled: list[int | None] | None = None
         try:
-            logits = self.executor.step([s.seq_id for s in batch], feeds)
+            sampled = self._step_sampled(batch, feeds)
+            if sampled is None:
+                logits = self.executor.step([s.seq_id for s in batch], feeds)
         except Exception as exc:  # noqa: BLE001 - an executor failure ends the requests it was running
             log.error("executor step failed for sequences %s: %s", [s.seq_id for s in batch], exc)
             if self._try_recover(exc):
@@ -410,11 +413,26 @@ class InferenceEngine:
                     seq.t_prompt_done = now
         if not ready:
             return
-        rows = logits[ready] if len(ready) != len(batch) else logits
-        toks = sample_batch(rows, [batch[i].sampler for i in ready], [batch[i].tokens for i in ready])
+        if sampled is not None:
+            toks = [sampled[i] for i in ready]
+        else:
+            rows = logits[ready] if len(ready) != len(batch) else logits
+            toks = sample_batch(rows, [batch[i].sampler for i in ready], [batch[i].tokens for i in ready])
         now = time.perf_counter()
         for i, tok in zip(ready, toks):
             self._accept(batch[i], tok, now, len(batch))
+
+    def _step_sampled(self, batch: list[_Seq], feeds: list[list[int]]) -> list[int | None] | None:
+        """Run the step on an executor that samples where the logits are (RayExecutor.step_sampled: its last
+        stage samples, grammar constraints and logprobs included, and returns token ids); None when it does not.
+        An executor opts in by defining `step_sampled` on its class: a wrapper that forwards attributes does not
+        count, since what it does in `step` (delay it, change the logits) would be bypassed."""
+        if getattr(type(self.executor), "step_sampled", None) is None:
+            return None
+        due = [s.n_fed + len(fed) == len(s.tokens) for s, fed in zip(batch, feeds)]
+        return self.executor.step_sampled([s.seq_id for s in batch], feeds,
+                                          [s.sampler if d else None for s, d in zip(batch, due)],
+                                          [s.tokens if d else None for s, d in zip(batch, due)])
 
     def _accept(self, seq: _Seq, tok: int, now: float, batch: int) -> None:
         """Handle one sampled token: emit text, and end the sequence when a stop condition holds."""
@@ -431,7 +449,9 @@ class InferenceEngine:
         seq.n_generated += 1
         text, stopped = seq.stop.push(seq.decoder.feed(tok))
         if text or not stopped:
-            seq.handle._push(GenerationChunk(text=text, token_ids=[tok], time=now, batch=batch))
+            lp = seq.sampler.last_logprobs
+            seq.handle._push(GenerationChunk(text=text, token_ids=[tok], time=now, batch=batch,
+                                             logprobs=(lp,) if lp is not None else ()))
         if stopped:
             self._finish(seq, "stop")
         elif 0 <= limit <= seq.n_generated:

@@ -278,10 +278,15 @@ def measure_cluster(
 # holds: 0 when probed under load, 1.3 ms when probed on an idle machine. It is left at 0 here (the link probe
 # is part of every measured cluster) and learnt by calibration (scheduler/calibration.py) from the server's own
 # reports when they come from plans with different stage counts.
+# Issue 15 (resident step loops fed through shared memory, sampling on the last stage) cut these; the same bench
+# in one session, same load: 1 stage batch 1 5.26 -> 2.05 ms/token, 2 stages 6.7-7.6 -> 2.8, 1 stage batch 4
+# 8.3 -> 3.3; fit before o_step 1.35 / o_stage 1.96 / o_seq 1.22 ms, after 0 / 1.0 / 0.59 ms (scale 0.5). The
+# per-stage part stays with the link probe as above, so the defaults move to ~1.0 ms per step (the after-fit's
+# o_stage of a one-stage plan) and 0.6 ms per sequence.
 def _ray_step_overhead() -> Any:
     from ..scheduler.cluster import StepOverhead
 
-    return StepOverhead(step_s=2.0e-3, stage_s=0.0, seq_s=1.0e-3)
+    return StepOverhead(step_s=1.0e-3, stage_s=0.0, seq_s=0.6e-3)
 
 
 RAY_STEP_OVERHEAD = _ray_step_overhead()

@@ -81,19 +81,24 @@ def shard_specs(plan: Mapping[str, Any], cfg: ModelConfig) -> list[list[tuple[st
                 node = str(sh["node"])
                 kv = (int(sh["kv_heads"][0]), int(sh["kv_heads"][1]))
                 ffn = (int(sh["ffn"][0]), int(sh["ffn"][1]))
+                # a mixture-of-experts stage is split by experts (scheduler/plan.py): they, not ffn, must continue
+                experts = (int(sh["experts"][0]), int(sh["experts"][1])) if sh.get("experts") is not None else None
                 mem = int(sh.get("memory_bytes", 0))
             except (KeyError, TypeError, IndexError) as exc:
                 raise PlacementError(f"stage {i} shard {j} needs node, kv_heads, ffn: {exc}") from None
             if node in seen_nodes:
                 raise PlacementError(f"node {node!r} holds more than one shard of the plan")
             seen_nodes.add(node)
-            if kv[0] != kv_at or ffn[0] != ffn_at:
+            units = experts if experts is not None else ffn
+            by_expert = experts is not None if j == 0 else by_expert
+            if kv[0] != kv_at or units[0] != ffn_at or (experts is not None) != by_expert:
                 raise PlacementError(
-                    f"stage {i} shard {j} ({node}): kv_heads {list(kv)} / ffn {list(ffn)} do not continue at "
-                    f"kv {kv_at} / ffn {ffn_at}"
+                    f"stage {i} shard {j} ({node}): kv_heads {list(kv)} / {'experts' if by_expert else 'ffn'} "
+                    f"{list(units)} do not continue at kv {kv_at} / {ffn_at}"
                 )
-            kv_at, ffn_at = kv[1], ffn[1]
-            spec = ShardSpec(layers, kv, ffn, has_embedding=(i == 0), has_output=(i == last and j == 0))
+            kv_at, ffn_at = kv[1], units[1]
+            spec = ShardSpec(layers, kv, ffn, has_embedding=(i == 0), has_output=(i == last and j == 0),
+                             experts=experts)
             try:
                 spec.validate(cfg)
             except ValueError as exc:
@@ -104,9 +109,11 @@ def shard_specs(plan: Mapping[str, Any], cfg: ModelConfig) -> list[list[tuple[st
                     f"group size {cfg.group_size} = {list(spec.heads(cfg))}"
                 )
             row.append((node, spec, mem))
-        if kv_at != cfg.n_kv_heads or ffn_at != cfg.ffn_size:
+        ffn_total = cfg.n_expert if by_expert else cfg.ffn_size
+        if kv_at != cfg.n_kv_heads or ffn_at != ffn_total:
             raise PlacementError(
-                f"stage {i} covers kv heads [0, {kv_at}) of {cfg.n_kv_heads} and ffn [0, {ffn_at}) of {cfg.ffn_size}"
+                f"stage {i} covers kv heads [0, {kv_at}) of {cfg.n_kv_heads} and {'experts' if by_expert else 'ffn'} "
+                f"[0, {ffn_at}) of {ffn_total}"
             )
         out.append(row)
     if next_layer != cfg.n_layers:
@@ -148,6 +155,9 @@ def shard_weight_bytes(cfg: ModelConfig, spec: ShardSpec, dtype_bytes: int = 4) 
     kv = spec.kv_heads[1] - spec.kv_heads[0]
     ffn = spec.ffn[1] - spec.ffn[0]
     per_layer = 2 * h + (heads + 2 * kv) * hd * h + h * heads * hd + 3 * ffn * h
+    if cfg.n_expert:  # every expert held has its own FFN columns; the router is on every shard
+        e0, e1 = spec.expert_range(cfg)
+        per_layer += 3 * ffn * h * (e1 - e0 - 1) + cfg.n_expert * h
     if cfg.attention_bias:
         per_layer += (heads + 2 * kv) * hd
     n = spec.n_layers * per_layer

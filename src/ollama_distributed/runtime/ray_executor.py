@@ -3,9 +3,14 @@ plan names — and satisfies the engine's Executor protocol (runtime/executor.py
 
 Lifecycle: check the plan (placement.py) → start the actors with NodeAffinitySchedulingStrategy(soft=False) and
 the plan's memory reserved from the node's `od_memory_mib` budget → each loads its slice from the model file on
-its node → all join one torch.distributed world (gloo; NCCL when every shard has a GPU), built once per plan.
-`step` then costs one Ray call per worker and one result: activations move stage to stage over torch.distributed
-(see worker.py). `transport="ray"` instead chains the stages through Ray object refs (kept for the benchmark).
+its node (a node without the file first fetches its slice's bytes from this one, runtime/weight_fetch.py) → all
+join one torch.distributed world (gloo; NCCL when every shard has a GPU), built once per plan.
+Each shard then runs a resident step loop (worker.py `serve`) fed through a step channel (step_loop.py,
+channel.py: shared memory on this machine, TCP to others): a step costs one message to and one reply from each
+shard, no Ray call; activations move stage to stage over torch.distributed; `step_sampled` samples on the last
+stage and brings back token ids instead of the vocabulary's logits. Ray keeps placement, membership and the
+liveness probes. `transport="calls"` drives the same stages with one Ray call per worker per step (the path before
+issue 15), `transport="ray"` chains them through Ray object refs (both kept for the benchmarks).
 
 Failure: a dead actor or node surfaces as ExecutorError naming the shard and node; the executor is then broken
 (its other shards may sit in a recv) and must be closed and rebuilt — the engine replays sequences onto a new one.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 import os
+import pickle
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,8 @@ from ..model.weights import read_config
 from .cluster import ClusterHandle
 from .executor import CacheFullError, ExecutorError, ShardLostError
 from .placement import PlacementError, ShardPlacement, place, plan_dict
+from .channel import ChannelClosed
+from .step_loop import LOOP_GROUP, LoopEnded, StepLoops, StepTimeoutError
 from .step_timeout import StepTimeout, StepTimer
 
 log = logging.getLogger(__name__)
@@ -77,11 +85,14 @@ class LiveShard:
 class RayExecutor:
     """Executor over the shards of `plan` on `cluster` (see module docstring).
 
-    plan: a PartitionPlan or its JSON dict. model_path: GGUF file (or HF dir) present at this path on every node.
+    plan: a PartitionPlan or its JSON dict. model_path: GGUF file (nodes without it fetch their
+    slices from this process's node) or HF dir (present at this path on every node).
     dtype: compute dtype of weights and KV cache. quant: "int4" for 4-bit layers on CPU workers, "native" for the
     file's own types (model/quant.py; dtype is then float32). kv_cache_type: "f32" | "f16" (None: the format's
     default, model/formats.py kv_cache_type). max_seq_len: KV-cache bound per sequence (default
-    min(context, 8192)). transport: "dist" (torch.distributed between stages) or "ray" (object refs per hop).
+    min(context, 8192)). transport: "dist" (resident step loops fed through step channels, stages joined by
+      torch.distributed; step_loop.py), "calls" (the same stages driven by one Ray call per worker per step, the
+      path before issue 15, kept for bench/hot_path_bench.py) or "ray" (object refs per hop).
     micro_batches: pieces a multi-sequence batch is split into so pipeline stages overlap. None: one per stage when
       every stage is on its own machine (address), else 1 — stages sharing a machine share its cores, and there
       splitting only shrinks each GEMM (measured: 0.64× the throughput of 8 sequences on one 2-core machine).
@@ -110,8 +121,8 @@ class RayExecutor:
 
         from .worker import ShardWorker
 
-        if transport not in ("dist", "ray"):
-            raise ValueError(f"transport must be 'dist' or 'ray', got {transport!r}")
+        if transport not in ("dist", "calls", "ray"):
+            raise ValueError(f"transport must be 'dist', 'calls' or 'ray', got {transport!r}")
         if dtype not in _DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}")
         if quant is not None and quant not in QUANT_FORMATS:
@@ -142,6 +153,8 @@ class RayExecutor:
         self._infos: list[dict[str, Any]] = []
         self._last_refs: list[Any] = []
         self._hung: set[int] = set()
+        self._loops: StepLoops | None = None  # the "dist" transport's step channels (step_loop.py)
+        self._installed: dict[int, int] = {}  # seq id -> id() of the Sampler its last stage holds (step_sampled)
         nodes = cluster.nodes()
         cpus = {n.name: n.cpus for n in nodes}
         self._address = {n.name: n.address for n in nodes}
@@ -159,7 +172,7 @@ class RayExecutor:
             _kill_actor(r.actor, r.pid, local=r.local)
         # A threaded actor with one extra thread for liveness probes; its default group still runs one call at
         # a time, in order.
-        remote_cls = ray.remote(concurrency_groups={_HEALTH: 1})(ShardWorker)
+        remote_cls = ray.remote(concurrency_groups={_HEALTH: 1, LOOP_GROUP: 1})(ShardWorker)
         self._workers = [
             self._reused[i].actor if i in self._reused else
             remote_cls.options(
@@ -192,19 +205,21 @@ class RayExecutor:
         import ray
 
         t0 = time.perf_counter()
+        holder = self._weight_holder()
         loads = [
             w.info.remote() if i in self._reused else
             w.load.remote(
                 str(self.model_path),
-                {"layers": p.spec.layers, "kv_heads": p.spec.kv_heads, "ffn": p.spec.ffn,
+                {"layers": p.spec.layers, "kv_heads": p.spec.kv_heads, "ffn": p.spec.ffn, "experts": p.spec.experts,
                  "has_embedding": p.spec.has_embedding, "has_output": p.spec.has_output},
                 dtype_name,
                 self.max_seq_len,
                 self._kv_cache_type,
+                holder,
             )
             for i, (w, p) in enumerate(zip(self._workers, self._flat))
         ]
-        ready, pending = ray.wait(loads, num_returns=len(loads), timeout=self.timeout_s)
+        pending = self._wait_loads(loads, holder)
         if pending:
             names = [self._flat[loads.index(r)].node for r in pending]
             raise PlacementError(
@@ -225,6 +240,55 @@ class RayExecutor:
         self.start_s = time.perf_counter() - t0
         log.info("RayExecutor: shards loaded and connected (%s) in %.1f s, %d of %d reused", backend, self.start_s,
                  len(self._reused), len(self._flat))
+        if self.transport == "dist":
+            self._loops = StepLoops(self._workers, self._infos, self.timeout_s)
+
+    def _wait_loads(self, loads: list[Any], holder: Any) -> list[Any]:
+        """Wait for the shards' loads; returns those still pending after the time-out. While nodes fetch weight
+        slices (holder given) their progress goes to the log, and the time-out restarts whenever bytes arrive: a
+        30 GB slice over a slow link may take longer than any fixed bound, and is not a hung load."""
+        import ray
+
+        deadline = time.monotonic() + self.timeout_s
+        pending, seen = list(loads), -1
+        while pending and time.monotonic() < deadline:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=5.0 if holder is not None else
+                                  max(0.0, deadline - time.monotonic()))
+            if holder is None or not pending:
+                continue
+            rows = [r for r in ray.get(holder.progress.remote()) if r["model"] == self.model_path.name]
+            done = sum(r["bytes_done"] for r in rows)
+            if done > seen:
+                deadline, seen = time.monotonic() + self.timeout_s, done
+            for r in rows:
+                if r["state"] == "fetching":
+                    log.info("weights: node %s fetching %s: %.0f of %.0f MB at %.0f MB/s, ETA %.0f s", r["node"],
+                             r["model"], r["bytes_done"] / 1e6, r["bytes_total"] / 1e6, r["bytes_per_s"] / 1e6,
+                             r["eta_s"])
+        return pending
+
+    def _weight_holder(self) -> Any:
+        """The cluster's WeightHolder (runtime/weight_fetch.py) when a new shard's node lacks the model file, else
+        None (asked of the workers themselves: a path may exist on one machine and not on another)."""
+        import ray
+
+        fresh = [i for i in range(len(self._workers)) if i not in self._reused]
+        if not fresh or self.model_path.is_dir():  # HF directories are not fetched: they must be on every node
+            return None
+        have = ray.get([self._workers[i].has_file.remote(str(self.model_path)) for i in fresh], timeout=self.timeout_s)
+        if all(have):
+            return None
+        from .weight_fetch import CHUNK_BYTES, holder_actor, slice_bytes
+
+        chunk = int(os.environ.get("OLLAMA_DISTRIBUTED_WEIGHT_CHUNK_BYTES", CHUNK_BYTES))
+        for i, ok in zip(fresh, have):
+            if not ok:
+                spec = self._flat[i].spec
+                need = slice_bytes(self.model_path, spec.layers, spec.has_embedding, spec.has_output, spec.experts, chunk)
+                log.info("RayExecutor: node %s lacks %s: its shard (layers [%d, %d)) fetches %.2f GB from this node "
+                         "first (less what its slice cache holds)", self._flat[i].node, self.model_path.name,
+                         *spec.layers, need / 1e9)
+        return holder_actor()
 
     # ---- Executor protocol ------------------------------------------------------------------------------------
     def step(self, seq_ids: list[int], tokens: list[list[int]]) -> torch.Tensor:
@@ -256,13 +320,14 @@ class RayExecutor:
             hidden = self._run([_EMBED_SEQ], [len(tokens)], self._token_tensor(tokens), "hidden")
         finally:
             if self._broken is None:
-                self._call_all("free", [_EMBED_SEQ])
+                self._free_all([_EMBED_SEQ])
         return hidden.mean(dim=0)
 
     def free(self, seq_id: int) -> None:
         self._check_usable()
         self._lengths.pop(seq_id, None)
-        self._call_all("free", [seq_id])
+        self._installed.pop(seq_id, None)
+        self._free_all([seq_id])
 
     def close(self) -> None:
         """Destroy the process groups, then kill every actor (which ends its process)."""
@@ -272,6 +337,12 @@ class RayExecutor:
         import ray
 
         workers = [w for w in getattr(self, "_workers", []) if w is not None]
+        loops = getattr(self, "_loops", None)
+        if loops is not None and self._broken is None:
+            loops.stop([i for i, w in enumerate(self._workers) if w is not None], grace_s=5.0)
+        if loops is not None:
+            loops.close()
+            self._loops = None
         self._workers = []
         if workers and self._broken is None:
             ray.wait([w.close.remote() for w in workers], num_returns=len(workers), timeout=10)
@@ -291,7 +362,13 @@ class RayExecutor:
         if self._broken is None:
             self._broken = "its shards were detached for reuse"
         candidates = [i for i in range(len(self._workers)) if i not in self._hung and self._workers[i] is not None]
-        last = self._last_refs if len(self._last_refs) == len(self._workers) else []
+        if self._loops is not None:
+            # idle = its loop read the stop (a loop still in a step, waiting for a lost peer, does not)
+            idle = self._loops.stop(candidates, grace_s)
+            candidates = [i for i in candidates if i in idle]
+            self._loops.close()
+            self._loops = None
+        last = self._last_refs if len(self._last_refs) == len(self._workers) and self._loops is None else []
         if last and candidates:
             ray.wait([last[i] for i in candidates], num_returns=len(candidates), timeout=grace_s)
             done = set()
@@ -339,6 +416,8 @@ class RayExecutor:
             sh = out["stages"][p.stage]["shards"][p.index]
             sh["node_id"] = info["node_id"]
             sh["pid"] = info["pid"]
+            if info.get("weights_from") and info["weights_from"]["slice_bytes"]:  # the node fetched its slice
+                sh["weights_fetched"] = info["weights_from"]
         return out
 
     def shard_info(self) -> list[dict[str, Any]]:
@@ -353,11 +432,12 @@ class RayExecutor:
     # ---- internals --------------------------------------------------------------------------------------------
     def _run(self, seq_ids: list[int], counts: list[int], x: torch.Tensor, output: str) -> torch.Tensor:
         if self.transport == "dist":
+            out = self._loop_step(seq_ids, counts, x, output, None)
+            return out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
+        if self.transport == "calls":  # the data path before issue 15: one Ray call per worker per step
             m = self.micro_batches if len(self.stages) > 1 else 1
-            refs = [
-                w.step.remote(seq_ids, counts, x if p.stage == 0 else None, output, m)
-                for w, p in zip(self._workers, self._flat)
-            ]
+            refs = [w.step.remote(seq_ids, counts, x if p.stage == 0 else None, output, m)
+                    for w, p in zip(self._workers, self._flat)]
             results = self._get(refs, sum(counts))
             if max(counts) == 1:
                 self._note_decode_stages([ms for _, ms in results])
@@ -368,6 +448,107 @@ class RayExecutor:
             refs += stage_refs
             feed = stage_refs[0]  # every shard of a stage ends with the same residual stream
         return self._get(refs, sum(counts))[self._out]
+
+    def _loop_step(self, seq_ids: list[int], counts: list[int], x: torch.Tensor, output: str,
+                   sample: list[Any] | None) -> Any:
+        """One step through the step loops: one message to every shard, one reply from every shard; returns the
+        output shard's payload (logits / hidden states as an ndarray, or sampled tokens, worker.py `_sample`)."""
+        m = self.micro_batches if len(self.stages) > 1 else 1
+        msg = pickle.dumps(("step", seq_ids, counts, x.tolist(), output, m, sample), protocol=pickle.HIGHEST_PROTOCOL)
+        replies = self._exchange(msg, sum(counts))
+        if max(counts) == 1:
+            self._note_decode_stages([r[2] for r in replies])
+        return replies[self._out][1]
+
+    def _free_all(self, seq_ids: list[int]) -> None:
+        if self._loops is None:
+            self._call_all("free", seq_ids)
+            return
+        self._exchange(pickle.dumps(("free", seq_ids)), None)
+
+    def _exchange(self, msg: bytes, tokens: int | None) -> list[Any]:
+        """Send `msg` to every shard's loop and wait for each one's reply (failures as in `_get`)."""
+        try:
+            self._loops.send(msg)
+            interval = self.timer.deadline(tokens) if tokens else self.step_timeout.floor_s
+            replies = self._loops.collect(lambda busy, waited: self._check_busy(busy, waited, tokens), interval,
+                                          self._ceiling_s)
+        except ShardLostError as exc:
+            self._broken = str(exc)
+            raise
+        except StepTimeoutError as exc:
+            self._broken = f"a step did not finish within {self._ceiling_s:.0f} s"
+            raise ExecutorError(self._broken) from exc
+        except (LoopEnded, ChannelClosed) as exc:
+            self._broken = self._describe_failure([], getattr(exc, "cause", None) or exc)
+            raise ExecutorError(self._broken) from exc
+        errors = [(i, r[1]) for i, r in enumerate(replies) if r[0] != "ok"]
+        if errors:
+            # a shard failing mid-step leaves its peers in a recv/all-reduce: the plan is unusable
+            i, why = errors[0]
+            self._broken = f"a shard failed (stage {self._flat[i].stage} shard {self._flat[i].index}): {why}"
+            raise ExecutorError(self._broken)
+        return replies
+
+    def step_sampled(self, seq_ids: list[int], tokens: list[list[int]], samplers: Sequence[Any],
+                     histories: Sequence[Sequence[int] | None]) -> list[int | None]:
+        """`step`, sampling on the last stage: feeds each sequence its tokens and returns, for every i with
+        samplers[i] not None, the token samplers[i] draws from row i's logits (None elsewhere), as
+        `samplers[i].sample(logits[i], histories[i])` would here — the vocabulary's logits stay on the shard.
+
+        The shard keeps a copy of each sequence's Sampler (sent once, model/sampling.py Samplers pickle with
+        their generator), and returns the generator state after each non-greedy draw, copied into samplers[i],
+        so the engine's sampler stays in step and a replay onto a new executor continues its random stream.
+        A grammar constraint (model/sampling.py TokenConstraint; it pickles with the tokens it consumed) masks and
+        advances on the shard; the driver's copy advances by the returned token, so the copy a replay re-sends is
+        current. Logprobs, when asked, come back with the token. With transport "ray" this samples in the driver."""
+        self._check_usable()
+        if len(samplers) != len(seq_ids) or len(histories) != len(seq_ids):
+            raise ValueError(f"step_sampled: {len(seq_ids)} seq_ids, {len(samplers)} samplers, {len(histories)} histories")
+        if self._loops is None:
+            logits = self.step(seq_ids, tokens)
+            return [None if s is None else s.sample(logits[i], histories[i] or ()) for i, s in enumerate(samplers)]
+        entries: list[Any] = []
+        for sid, s, hist in zip(seq_ids, samplers, histories):
+            if s is None:
+                entries.append(None)
+                continue
+            fresh = self._installed.get(sid) != id(s)
+            window = s.window if s.window > 0 else len(hist or ())
+            recent = list(hist[-window:]) if hist and getattr(s, "_penalise", True) and window else []
+            entries.append((s if fresh else None, recent))
+            self._installed[sid] = id(s)
+        counts = self._check_step(seq_ids, tokens)
+        x = self._token_tensor([t for ts in tokens for t in ts])
+        t0 = time.perf_counter()
+        try:
+            out = self._loop_step(seq_ids, counts, x, "logits", entries)
+        except BaseException:
+            self._installed.clear()
+            raise
+        self.timer.record(sum(counts), time.perf_counter() - t0)
+        for sid, n in zip(seq_ids, counts):
+            self._lengths[sid] = self._lengths.get(sid, 0) + n
+        for row, state in out["states"].items():
+            samplers[row].generator.set_state(torch.from_numpy(state))
+        for row, lp in out.get("logprobs", {}).items():
+            samplers[row].last_logprobs = lp
+        for s, tok in zip(samplers, out["tokens"]):
+            if s is not None and tok is not None and getattr(s, "constraint", None) is not None:
+                s.constraint.advance(tok)  # the driver's copy follows the shard's (what a replay re-sends)
+        return out["tokens"]
+
+    def _check_step(self, seq_ids: list[int], tokens: list[list[int]]) -> list[int]:
+        if len(seq_ids) != len(tokens):
+            raise ValueError(f"step: {len(seq_ids)} seq_ids but {len(tokens)} token lists")
+        counts = [len(t) for t in tokens]
+        if not counts or min(counts) < 1:
+            raise ValueError(f"step: every sequence needs at least one token, got counts {counts}")
+        for sid, n in zip(seq_ids, counts):
+            have = self._lengths.get(sid, 0)
+            if have + n > self.max_seq_len:
+                raise CacheFullError(f"sequence {sid}: {have} cached + {n} new tokens exceeds max_seq_len {self.max_seq_len}")
+        return counts
 
     def _note_decode_stages(self, forward_ms: list[float]) -> None:
         """EMA (weight 0.2, as the step timer's) of each stage's time in a decode step: the slowest shard's

@@ -18,7 +18,7 @@ import collections
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from ..model.errors import ContextLengthError  # an input does not fit num_ctx (the API answers 400)
 from ..model.options import GenerationOptions
@@ -55,6 +55,8 @@ class GenerationRequest:
     False makes it a ContextLengthError instead (Ollama's `truncate: false`).
     shift: when generation fills num_ctx before num_predict is reached, drop half of the tokens after the first
     num_keep and go on (Ollama's context shift, `shift: true`); False (default here) ends with "length".
+    constraint: a `model.sampling.TokenConstraint` (e.g. a JSON-schema grammar) the sampled tokens must follow.
+    top_logprobs: None (no logprobs) or N >= 0: every token chunk carries its logprob and N alternatives.
     """
 
     prompt_ids: list[int]
@@ -62,6 +64,8 @@ class GenerationRequest:
     request_id: str | None = None
     truncate: bool = True
     shift: bool = False
+    constraint: Any = None
+    top_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class GenerationChunk:
     time: `time.perf_counter()` when the engine produced the chunk (for a token, right after sampling it), so
     TTFT and inter-token latency can be measured by a consumer that reads chunks late; 0.0 if unknown.
     batch: sequences in the engine step that sampled this chunk's token (0 for chunks without one).
+    logprobs: `model.sampling.TokenLogprob` of each token in token_ids, when the request asked for logprobs.
     """
 
     text: str
@@ -89,6 +94,7 @@ class GenerationChunk:
     error: str | None = None
     time: float = 0.0
     batch: int = 0
+    logprobs: tuple = ()
 
 
 class RequestHandle:
@@ -267,5 +273,6 @@ def _combine(parts: list[GenerationChunk]) -> GenerationChunk:
         load_duration_ns=final.load_duration_ns,
         error=None,
         time=final.time,
+        logprobs=tuple(lp for p in parts for lp in p.logprobs),
     )
 

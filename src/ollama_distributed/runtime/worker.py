@@ -1,20 +1,29 @@
 """`ShardWorker`: the Ray actor that holds one shard of a plan on its node.
 
-Each worker reads only its slice of the weights from the model file *on its own node*
-(`load_weights(path, cfg, spec)` memory-maps the GGUF and copies out the shard's rows/columns), so every node
-needs the model file at the same path. On one machine that holds trivially; on several machines copy the file
-(or mount shared storage) at the same path first. Shipping weights through Ray's object store is not built.
+Each worker reads only its slice of the weights from the model file on its own node (`load_weights(path, cfg,
+spec)` memory-maps the GGUF and copies out the shard's rows/columns). A node that lacks the file first fetches
+the byte ranges of its shard's tensors from the server's node into its slice cache (runtime/weight_fetch.py), and
+reads them from there.
 
-Data path of one step (the driver calls `step` on every worker of the plan once per engine step):
-  stage 0 gets the token ids in the call; every later stage receives hidden states from the previous stage with
-  torch.distributed recv; tensor-parallel shards sum row-parallel outputs with all_reduce inside the forward;
-  the last stage's lead shard returns the logits to the driver (Ray's return value). So one token costs one Ray
-  round trip per step (the control message + result), not one per stage hop.
+Data path of one step (`step` runs on every worker of the plan once per engine step, called by the resident
+loop below, or by the driver directly with transport "calls"):
+  stage 0 gets the token ids in the message; every later stage receives hidden states from the previous stage
+  with torch.distributed recv; tensor-parallel shards sum row-parallel outputs with all_reduce inside the forward;
+  the last stage's lead shard returns the logits (or the sampled token ids) to the driver. So one token costs
+  one driver round trip per step (the step message + reply), not one per stage hop.
 A batch of several sequences is split into micro-batches: a stage sends micro-batch k (isend, non-blocking) and
 starts on k+1 while the next stage works on k, so stages overlap (GPipe-style, Huang et al. 2019).
 
 The alternative data path (`transport="ray"` in RayExecutor) passes each stage's output to the next as a Ray
 object: `step_ray(..., x=<ObjectRef>)`. It is kept to measure against (bench/runtime_bench.py).
+
+Resident step loop (the "dist" transport since issue 15): after loading and joining the process groups, the
+driver opens a step channel to each worker (runtime/channel.py: shared memory when both run on one machine, TCP
+otherwise) and starts `serve`, a call that runs until told to stop, in its own concurrency group. Each engine step
+is then one message to each worker and one reply from each — no Ray call per token. The last stage can sample
+there too (`sample` in the step message: the engine's per-sequence Samplers, model/sampling.py), replying with
+token ids instead of the vocabulary's logits. Ray stays for placement, membership and the liveness probes (`ping`
+in the "health" group still answers while `serve` runs).
 
 Threads: each worker sets torch's intra-op threads to the CPUs its node declares to Ray (`threads` argument), so
 N local nodes on one machine do not oversubscribe its cores (local nodes default to 1 CPU each).
@@ -23,10 +32,13 @@ N local nodes on one machine do not oversubscribe its cores (local nodes default
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
+import pickle
+import socket
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -79,6 +91,25 @@ def micro_batch_bounds(n_seqs: int, micro_batches: int) -> list[tuple[int, int]]
     return out
 
 
+def _portable_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Errors leave the actor as their text when they cannot be rebuilt on the driver: Ray pickles a worker's
+    exception and unpickles it in the caller, and an exception whose constructor does not take its own args back
+    arrived as "Failed to deserialize exception", losing what went wrong (issue 17)."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:
+            try:
+                pickle.loads(pickle.dumps(e))
+            except Exception:
+                raise RuntimeError(f"{type(e).__name__}: {e}") from None
+            raise
+
+    return call
+
+
 class ShardWorker:
     """One shard. Created by RayExecutor as `ray.remote(ShardWorker)` pinned to its node; see module docstring."""
 
@@ -93,19 +124,33 @@ class ShardWorker:
         self.anon_baseline = _rss_anon()
 
     # ---- setup ---------------------------------------------------------------------------------------------
+    def has_file(self, model_path: str) -> bool:
+        """Whether this node sees the model file at the driver's path (else `load` fetches its slice)."""
+        return os.path.exists(model_path)
+
+    @_portable_errors
     def load(self, model_path: str, spec: dict[str, Any], dtype: str, max_seq_len: int,
-             kv_cache_type: str | None = None) -> dict[str, Any]:
+             kv_cache_type: str | None = None, holder: Any = None) -> dict[str, Any]:
         """Read this shard's weights from `model_path` (on this node) and allocate its KV cache. `dtype` names a
         weight format (model/quant.py WEIGHT_FORMATS: auto, float32, bfloat16, float16, int4), `kv_cache_type`
-        the cache's (f32|f16|q8_0; None: the format's default, model/formats.py kv_cache_type)."""
+        the cache's (f32|f16|q8_0; None: the format's default, model/formats.py kv_cache_type). Where this node
+        lacks the file, the byte ranges of this shard's tensors come from `holder` (runtime/weight_fetch.py) into
+        the node's slice cache first."""
         from ..model.quant import kv_cache_dtype, weight_format
         from ..model.transformer import ModelShard
         from ..model.weights import drop_file_pages, load_weights, read_config
+        from .weight_fetch import ensure_local
 
         t0 = time.perf_counter()
         self.spec = ShardSpec(
-            tuple(spec["layers"]), tuple(spec["kv_heads"]), tuple(spec["ffn"]), spec["has_embedding"], spec["has_output"]
+            tuple(spec["layers"]), tuple(spec["kv_heads"]), tuple(spec["ffn"]), spec["has_embedding"], spec["has_output"],
+            tuple(spec["experts"]) if spec.get("experts") is not None else None,
         )
+        where = self.info()
+        self.weights_from = ensure_local(model_path, self.spec.layers, self.spec.has_embedding, self.spec.has_output,
+                                         holder, f"{where['ip']} ({str(where['node_id'])[:8]})",
+                                         experts=self.spec.experts)
+        model_path = self.weights_from.path
         cfg = read_config(model_path)
         _trim_heap()
         self.rss_baseline = _rss()  # torch + model code imported, nothing of the model loaded yet
@@ -155,6 +200,9 @@ class ShardWorker:
             "threads": torch.get_num_threads(),
             "last_step": getattr(self, "last_step", None),
             "device": str(self.device),
+            "host": socket.gethostname(),
+            # where its weights came from: a fetched slice names its bytes (runtime/weight_fetch.py LocalCopy)
+            "weights_from": self.weights_from.to_dict() if getattr(self, "weights_from", None) else None,
         }
 
     def free_port(self) -> tuple[str, int]:
@@ -174,6 +222,106 @@ class ShardWorker:
         self.layout = layout
         self.comm = PlanComm(layout, master_addr, master_port, backend, timeout_s, self.info()["ip"])
         return True
+
+    # ---- resident step loop (see module docstring) ---------------------------------------------------------
+    def open_channel(self, spec: dict[str, Any]) -> tuple[str, int] | None:
+        """Attach to the driver's shared-memory rings (spec kind "shm": `req`, `rep` ring specs), or listen for
+        the driver's TCP connection (kind "tcp": `authkey`; returns the address to connect to, accepted by
+        `serve`)."""
+        from .channel import ShmRing, SocketChannel
+
+        self._close_channel()
+        self._samplers: dict[int, Any] = {}
+        if spec["kind"] == "shm":
+            r, w = spec["req"], spec["rep"]
+            self._req = ShmRing.attach(r["path"], r["slots"], r["slot_bytes"])
+            self._rep = ShmRing.attach(w["path"], w["slots"], w["slot_bytes"])
+            return None
+        self._listener = SocketChannel.listen(self.info()["ip"], spec["authkey"])
+        return self._listener.address
+
+    def serve(self) -> int:
+        """Run steps from the channel until a "stop" message; returns the number of steps run. A step that fails
+        is answered with ("err", message) and the loop goes on (the driver then gives the plan up)."""
+        from .channel import ChannelClosed, SocketChannel
+
+        if self.device.type == "cuda":
+            torch.set_default_device(self.device)  # the loop runs on its own thread
+        listener = getattr(self, "_listener", None)
+        if listener is not None:
+            chan = SocketChannel(listener.accept())
+            listener.close()
+            self._listener = None
+            self._req = self._rep = chan
+        steps = 0
+        try:
+            while True:
+                msg = pickle.loads(self._req.recv())
+                kind = msg[0]
+                if kind == "stop":
+                    return steps
+                try:
+                    if kind == "step":
+                        reply = self._serve_step(*msg[1:])
+                        steps += 1
+                    elif kind == "free":
+                        self.free(msg[1])
+                        reply = ("ok", None, 0.0)
+                    else:
+                        raise ValueError(f"unknown step message {kind!r}")
+                except Exception as exc:  # noqa: BLE001 - reported to the driver, which gives the plan up
+                    log.exception("shard step failed")
+                    reply = ("err", f"{type(exc).__name__}: {exc}")
+                self._rep.send(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+        except ChannelClosed:
+            return steps
+        finally:
+            self._close_channel()
+
+    def _serve_step(self, seq_ids: list[int], counts: list[int], tokens: list[int] | None, output: str,
+                    micro_batches: int, sample: list[Any] | None) -> tuple[str, Any, float]:
+        first = self.comm.layout.is_first_stage
+        x = torch.tensor(tokens, dtype=torch.int64) if first else None
+        out, fwd_ms = self.step(seq_ids, counts, x, output, micro_batches)
+        if out is None:
+            return ("ok", None, fwd_ms)
+        if sample is None:  # numpy arrays pickle without copies (protocol 5); bfloat16 has no numpy type
+            return ("ok", out.numpy() if out.dtype in (torch.float32, torch.float16) else out, fwd_ms)
+        return ("ok", self._sample(seq_ids, out, sample), fwd_ms)
+
+    def _sample(self, seq_ids: list[int], logits: torch.Tensor, sample: list[Any]) -> dict[str, Any]:
+        """Sample each row whose entry in `sample` is not None: (sampler or None, recent tokens). A sampler comes
+        with the first step it samples for (again whenever the driver's changes); it is then kept per sequence,
+        so its generator (and grammar constraint) advances here. Non-greedy rows return their generator state,
+        which the driver copies into its own sampler, so a replay after a failure continues the same random
+        stream; rows that asked for logprobs return them."""
+        toks: list[int | None] = []
+        states: dict[int, Any] = {}
+        logprobs: dict[int, Any] = {}  # rows whose request asked for logprobs (model/sampling.py TokenLogprob)
+        for row, (sid, entry) in enumerate(zip(seq_ids, sample)):
+            if entry is None:
+                toks.append(None)
+                continue
+            sampler, recent = entry
+            if sampler is not None:
+                self._samplers[sid] = sampler
+            s = self._samplers[sid]
+            toks.append(s.sample(logits[row], recent))  # a grammar constraint masks, then advances, here
+            if not s.options.is_greedy:
+                states[row] = s.generator.get_state().numpy()
+            if getattr(s, "top_logprobs", None) is not None:
+                logprobs[row] = s.last_logprobs
+        return {"tokens": toks, "states": states, "logprobs": logprobs}
+
+    def _close_channel(self) -> None:
+        for name in ("_req", "_rep", "_listener"):
+            ch = getattr(self, name, None)
+            if ch is not None:
+                try:
+                    ch.close()
+                except Exception:  # noqa: BLE001 - already closed by the other side
+                    pass
+                setattr(self, name, None)
 
     # ---- per step ------------------------------------------------------------------------------------------
     def step(
@@ -239,6 +387,7 @@ class ShardWorker:
     def free(self, seq_ids: list[int]) -> None:
         for sid in seq_ids:
             self.cache.free(sid)
+            getattr(self, "_samplers", {}).pop(sid, None)
 
     # ---- liveness and reuse ------------------------------------------------------------------------------
     def ping(self) -> int:
@@ -257,9 +406,12 @@ class ShardWorker:
         if self.cache is not None:
             for sid in list(self.cache.seq_ids()):
                 self.cache.free(sid)
+        self._samplers = {}
+        self._close_channel()
         return True
 
     def close(self) -> None:
+        self._close_channel()
         if self.comm is not None:
             self.comm.destroy()
             self.comm = None

@@ -9,7 +9,9 @@ v, o projections + attention over the cache) and MLP (gate, up, down) — so
   τa_n = max((Wa + b·Ka) / β_n, b·Fa / π_n)   per KV group:  Wa its weight bytes, Ka the bytes of its cache
                                              row read per sequence (2·d·c elements), Fa its FLOPs per token
   τf_n = max(Wf / β_n, b·Ff / π_n)            per FFN column
-where shard i holds a_i KV groups and f_i FFN columns, b is the batch (concurrent sequences) and c the mean
+where shard i holds a_i KV groups and f_i FFN columns (f_i whole experts of a mixture-of-experts layer: Wf is then
+an expert's bytes times the share of experts a step of b tokens reads, Ff its FLOPs times k/n; profile.py), b is
+the batch (concurrent sequences) and c the mean
 decode context. Weights are read once per step for the whole batch; cache reads and FLOPs scale with b.
 Both phases are linear in the units held, so a node's layer time is linear in its layer count — the property
 the pipeline search relies on. The last stage adds the output head on its first shard:
@@ -88,19 +90,22 @@ class CostModel:
         P = workload.prompt_tokens
         self.batch = b
         # memory per unit per layer, including its share of the KV cache for context × concurrency
-        self.kv_unit_mem = p.kv_unit_bytes_per_token * workload.context_tokens * b
+        # (a sliding-window layer caches only its window: profile.kv_context)
+        self.kv_unit_mem = p.kv_unit_bytes_per_token * p.kv_context(workload.context_tokens) * b
         self.attn_unit_mem = p.attn_unit_bytes + self.kv_unit_mem
         self.ffn_unit_mem = p.ffn_unit_bytes
         self.norm_mem = p.layer_norm_bytes
-        self.layer_mem = p.n_kv_heads * self.attn_unit_mem + p.ffn_size * self.ffn_unit_mem + self.norm_mem
+        self.layer_mem = p.n_kv_heads * self.attn_unit_mem + p.ffn_units * self.ffn_unit_mem + self.norm_mem
         self.capacity = {n.name: int(n.memory_bytes * (1.0 - memory_headroom)) for n in cluster.nodes}
-        attn_w = p.attn_unit_bytes + b * p.kv_unit_bytes_per_token * c
-        attn_f = b * p.attn_unit_flops(c)
-        ffn_f = b * p.ffn_unit_flops
+        attn_w = p.attn_unit_bytes + b * p.kv_unit_bytes_per_token * p.kv_context(c)
+        attn_f = b * p.attn_unit_flops(p.kv_context(c))
+        # an MoE FFN: memory holds every expert, a step reads only the routed ones and computes k of n per token
+        ffn_f = b * p.ffn_compute_fraction * p.ffn_unit_flops
+        ffn_w, pre_ffn_w = p.ffn_unit_bytes * p.ffn_read_fraction(b), p.ffn_unit_bytes * p.ffn_read_fraction(b * P)
         # prefill: KV rows written once (b·P tokens), causal attention over the prompt
         pre_attn_w = p.attn_unit_bytes + b * P * p.kv_unit_bytes_per_token
         pre_attn_f = b * (P * 2.0 * p.attn_unit_params + 4.0 * p.group_size * p.head_dim * P * (P + 1) / 2.0)
-        pre_ffn_f = b * P * p.ffn_unit_flops
+        pre_ffn_f = b * P * p.ffn_compute_fraction * p.ffn_unit_flops
         head_f = b * p.head_flops
         self.rates: dict[str, NodeRates] = {}
         by_hw: dict[tuple[float, float], NodeRates] = {}  # identical machines share their rates
@@ -111,9 +116,9 @@ class CostModel:
                 self.rates[n.name] = known
                 continue
             self.rates[n.name] = by_hw[(bw, fl)] = NodeRates(
-                tau_attn=max(attn_w / bw, attn_f / fl), tau_ffn=max(p.ffn_unit_bytes / bw, ffn_f / fl),
+                tau_attn=max(attn_w / bw, attn_f / fl), tau_ffn=max(ffn_w / bw, ffn_f / fl),
                 t_head=max(p.head_bytes / bw, head_f / fl),
-                pre_attn=max(pre_attn_w / bw, pre_attn_f / fl), pre_ffn=max(p.ffn_unit_bytes / bw, pre_ffn_f / fl),
+                pre_attn=max(pre_attn_w / bw, pre_attn_f / fl), pre_ffn=max(pre_ffn_w / bw, pre_ffn_f / fl),
                 pre_head=max(p.head_bytes / bw, head_f / fl))
         self._extras = {(e, o): (p.embedding_bytes if e else 0.0) + (p.head_extra_bytes(e) if o else 0.0)
                         for e in (False, True) for o in (False, True)}
@@ -126,7 +131,7 @@ class CostModel:
     def t_layer(self, node: str) -> float:
         """Decode time of one full-width layer on `node`."""
         r = self.rates[node]
-        return self.profile.n_kv_heads * r.tau_attn + self.profile.ffn_size * r.tau_ffn
+        return self.profile.n_kv_heads * r.tau_attn + self.profile.ffn_units * r.tau_ffn
 
     def t_head(self, node: str) -> float:
         return self.rates[node].t_head
@@ -175,9 +180,9 @@ class CostModel:
         nodes = [sh.node for sh in stage.shards]
         n_layers = stage.layers[1] - stage.layers[0]
         dec_a = max((sh.kv_heads[1] - sh.kv_heads[0]) * self.rates[sh.node].tau_attn for sh in stage.shards)
-        dec_f = max((sh.ffn[1] - sh.ffn[0]) * self.rates[sh.node].tau_ffn for sh in stage.shards)
+        dec_f = max(sh.ffn_units * self.rates[sh.node].tau_ffn for sh in stage.shards)
         pre_a = max((sh.kv_heads[1] - sh.kv_heads[0]) * self.rates[sh.node].pre_attn for sh in stage.shards)
-        pre_f = max((sh.ffn[1] - sh.ffn[0]) * self.rates[sh.node].pre_ffn for sh in stage.shards)
+        pre_f = max(sh.ffn_units * self.rates[sh.node].pre_ffn for sh in stage.shards)
         dec = n_layers * (dec_a + dec_f + 2 * self.allreduce(nodes, self.hidden_bytes))
         pre = n_layers * (pre_a + pre_f + 2 * self.allreduce(nodes, self.prefill_hidden_bytes))
         if last:

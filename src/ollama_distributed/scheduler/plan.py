@@ -3,11 +3,13 @@
 JSON shape (ranges half-open [start, end)):
   {"model": str, "strategy": "single|pipeline|tensor|hybrid", "objective": "latency|throughput",
    "stages": [{"layers": [s, e], "shards": [{"node": str, "heads": [s, e], "kv_heads": [s, e], "ffn": [s, e],
-                                             "memory_bytes": int}]}],
+                                             "memory_bytes": int, "experts": [s, e] (MoE models only)}]}],
    "predicted": {"decode_ms_per_token": float, "prefill_ms": float, "tokens_per_s": float},
    "reason": str, "plan_id": str}
 A plan describes one replica. The runtime turns shard j of stage i into a model ShardSpec with
-has_embedding = (i == 0) and has_output = (i == last and j == 0); `heads` is always kv_heads × group size.
+has_embedding = (i == 0) and has_output = (i == last and j == 0); `heads` is always kv_heads × group size. `experts` (mixture-of-experts models): the experts of every MoE layer of the
+stage this shard holds (expert parallelism; may be empty), each with all its FFN columns (`ffn` is then the whole
+expert width).
 """
 
 from __future__ import annotations
@@ -34,17 +36,28 @@ def _range(v: Any, what: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class ShardAssignment:
-    """One node's part of a stage: KV groups [kv_heads), their query heads [heads), FFN columns [ffn)."""
+    """One node's part of a stage: KV groups [kv_heads), their query heads [heads), FFN columns [ffn), and of a
+    mixture-of-experts model the experts [experts) of each layer (None: a dense model)."""
 
     node: str
     heads: tuple[int, int]
     kv_heads: tuple[int, int]
     ffn: tuple[int, int]
     memory_bytes: int
+    experts: tuple[int, int] | None = None
+
+    @property
+    def ffn_units(self) -> int:
+        """Units of the FFN axis held: experts of an MoE model, else FFN columns (the cost model's f_i)."""
+        a, b = self.experts if self.experts is not None else self.ffn
+        return b - a
 
     def to_dict(self) -> dict[str, Any]:
-        return {"node": self.node, "heads": list(self.heads), "kv_heads": list(self.kv_heads),
-                "ffn": list(self.ffn), "memory_bytes": self.memory_bytes}
+        d = {"node": self.node, "heads": list(self.heads), "kv_heads": list(self.kv_heads),
+             "ffn": list(self.ffn), "memory_bytes": self.memory_bytes}
+        if self.experts is not None:
+            d["experts"] = list(self.experts)
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> "ShardAssignment":
@@ -54,8 +67,9 @@ class ShardAssignment:
             mem = d["memory_bytes"]
             if not isinstance(mem, int) or isinstance(mem, bool):
                 raise PlanFormatError(f"memory_bytes must be an integer, got {mem!r}")
+            experts = _range(d["experts"], "experts") if d.get("experts") is not None else None
             return cls(str(d["node"]), _range(d["heads"], "heads"), _range(d["kv_heads"], "kv_heads"),
-                       _range(d["ffn"], "ffn"), mem)
+                       _range(d["ffn"], "ffn"), mem, experts)
         except KeyError as exc:
             raise PlanFormatError(f"shard lacks field {exc.args[0]!r}") from None
 
@@ -184,11 +198,20 @@ class PartitionPlan:
             if s != pos or e <= s:
                 raise PlanFormatError(f"stage layers {list(st.layers)} do not continue from layer {pos}")
             pos = e
-            for axis, total in (("kv_heads", profile.n_kv_heads), ("ffn", profile.ffn_size)):
+            # an MoE stage is split by experts (a shard may hold none), each shard keeping whole experts
+            by_expert = profile.n_expert > 0 and any(sh.experts is not None for sh in st.shards)
+            axes = [("kv_heads", profile.n_kv_heads, False)]
+            axes.append(("experts", profile.n_expert, True) if by_expert else ("ffn", profile.ffn_size, False))
+            for sh in st.shards if by_expert else ():
+                if sh.experts is None or sh.ffn != (0, profile.ffn_size):
+                    raise PlanFormatError(f"stage {list(st.layers)}: {sh.node} must name its experts and hold whole "
+                                          f"experts (ffn [0, {profile.ffn_size})), got experts {sh.experts}, ffn "
+                                          f"{list(sh.ffn)}")
+            for axis, total, may_be_empty in axes:
                 cur = 0
                 for sh in st.shards:
                     a, b = getattr(sh, axis)
-                    if a != cur or b <= a:
+                    if a != cur or b < a or (b == a and not may_be_empty):
                         raise PlanFormatError(f"stage {list(st.layers)}: {axis} of {sh.node} is [{a}, {b}), "
                                               f"expected to start at {cur} and be non-empty")
                     cur = b
@@ -205,5 +228,6 @@ class PartitionPlan:
     def shard_specs(self, cfg: ModelConfig) -> list[list[ShardSpec]]:
         """ShardSpecs for the runtime, stage by stage, in shard order."""
         last = len(self.stages) - 1
-        return [[ShardSpec(st.layers, sh.kv_heads, sh.ffn, has_embedding=(i == 0), has_output=(i == last and j == 0))
+        return [[ShardSpec(st.layers, sh.kv_heads, sh.ffn, has_embedding=(i == 0), has_output=(i == last and j == 0),
+                           experts=sh.experts)
                  for j, sh in enumerate(st.shards)] for i, st in enumerate(self.stages)]

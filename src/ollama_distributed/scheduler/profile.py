@@ -15,6 +15,14 @@ Language Models", Table 1), plus attention over a context of c tokens: QKᵀ and
 query head, so 4·c·d FLOPs per query head (Kaplan counts QKᵀ only; A·V costs the same and is included here).
 KV cache per token per layer: K and V rows of each KV head, 2·d elements per KV head.
 
+Mixture-of-experts layers (qwen3moe; n_expert > 0): the FFN is n_expert experts of `ffn_size` columns each, of
+which each token uses n_expert_used, chosen by a router (n_expert × H, replicated on every shard like the norms).
+The FFN unit is then one whole expert (3·F·H weights): tensor-parallel plans split a layer's experts over the
+nodes (expert parallelism) instead of its columns. Memory counts every expert (total parameters); the weights
+read and FLOPs done per token count the used ones (active parameters): a batch of b tokens touches on average a
+fraction 1 − (1 − k/n)^b of the experts (each token picks k of n; uniform routing, the load-balanced case the
+router is trained toward, Fedus et al. 2022 "Switch Transformers" §2.2), and does k/n of the FFN's FLOPs.
+
 Bytes follow the weight format (model/formats.py): float32 / bfloat16 / float16 / int4 count every element at the
 format's size; `auto` counts each tensor at its real bytes in the file (`TensorBytes`, from the GGUF header), and
 memory-bandwidth costs (bytes read per token) follow the same bytes. The KV cache is counted in its cache type
@@ -28,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Mapping
 
 from ..model import formats
-from ..model.config import ModelConfig
+from ..model.config import ModelConfig, RopeScaling
 from ..model.formats import GGUFTensor
 
 # Profile dtype keys besides the weight formats (model/formats.py WEIGHT_FORMATS): the short names of the float
@@ -89,12 +97,17 @@ class TensorBytes:
         ffn_blocks, attn_blocks = [], []
         attn_names = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight")
         ffn_names = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+        if cfg.arch == "phi3":  # fused q|k|v and gate|up tensors (model/weights.py)
+            attn_names, ffn_names = ("attn_qkv.weight", "attn_output.weight"), ("ffn_up.weight", "ffn_down.weight")
+        if cfg.n_expert:  # the experts' stacked tensors; the unit is one expert (the router counts as a norm)
+            ffn_names = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+            F = cfg.n_expert
         biases = ("attn_q.bias", "attn_k.bias", "attn_v.bias")
         for i in range(L):
             attn += sum(get(f"blk.{i}.{n}").nbytes for n in attn_names)
             attn += sum(tensors[f"blk.{i}.{n}"].nbytes for n in biases if f"blk.{i}.{n}" in tensors)
             ffn += sum(get(f"blk.{i}.{n}").nbytes for n in ffn_names)
-            ffn_blocks.append(get(f"blk.{i}.ffn_down.weight").block)
+            ffn_blocks.append(get(f"blk.{i}.{ffn_names[-1]}").block)
             attn_blocks.append(get(f"blk.{i}.attn_output.weight").block)
         counted = {f"blk.{i}.{n}" for i in range(L) for n in attn_names + biases + ffn_names}
         norms = sum(t.nbytes for name, t in tensors.items() if name.startswith("blk.") and name not in counted)
@@ -110,7 +123,10 @@ class TensorBytes:
         g, d, h = cfg.group_size, cfg.head_dim, cfg.hidden_size
         attn = (2 * g + 2) * d * h + ((g + 2) * d if cfg.attention_bias else 0)
         b = bytes_per_weight
-        return cls(attn * b, 3 * h * b, 2 * h * b, cfg.vocab_size * h * b, cfg.vocab_size * h * b, h * b,
+        # an MoE unit is one expert (ffn_size columns); its router (n_expert rows) is replicated like the norms
+        ffn_unit = 3 * h * (cfg.ffn_size if cfg.n_expert else 1)
+        norms = 2 * h + cfg.n_expert * h + ((3 * cfg.shared_expert_ffn + 1) * h if cfg.shared_expert_ffn else 0)
+        return cls(attn * b, ffn_unit * b, norms * b, cfg.vocab_size * h * b, cfg.vocab_size * h * b, h * b,
                    ffn_block, attn_block)
 
     @classmethod
@@ -137,6 +153,12 @@ class ModelProfile:
     they differ from weight_bytes (0 = the same).
     tensor_bytes: the weights' real bytes per unit (TensorBytes: the file's own types); None = every element at
       weight_bytes / embed_bytes.
+    n_expert / n_expert_used: experts per MoE layer and experts each token uses (0 = dense FFN); with experts,
+      ffn_size is one expert's width and the FFN unit of a split is a whole expert (module docstring).
+    shared_expert_ffn: width of a shared expert every token runs (qwen2moe); one shard of a stage holds it, but it
+      is counted with the replicated per-layer weights (on every shard: conservative, and simple).
+    sliding_window / sliding_layers: how many of the layers attend over (and cache) only the last sliding_window
+      positions (gemma3: 5 of 6; model/kv_cache.py keeps those as rings); see kv_context.
     ffn_block / attn_block: inputs per quantisation block of ffn_down / attn_output (1 = any column); with
       tensor_bytes, the table's. Tensor-parallel splits keep FFN columns in multiples of `ffn_step` and KV groups
       in multiples of `kv_step`, so each shard's row-parallel slice is whole blocks.
@@ -160,6 +182,11 @@ class ModelProfile:
     tensor_bytes: TensorBytes | None = None
     ffn_block: int = 1
     attn_block: int = 1
+    n_expert: int = 0
+    n_expert_used: int = 0
+    shared_expert_ffn: int = 0
+    sliding_window: int = 0
+    sliding_layers: int = 0
 
     def __post_init__(self) -> None:
         for f in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "ffn_size", "vocab_size",
@@ -171,6 +198,8 @@ class ModelProfile:
         for f in ("weight_bytes", "kv_bytes", "act_bytes"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"ModelProfile.{f} must be > 0, got {getattr(self, f)}")
+        if self.n_expert < 0 or (self.n_expert and not 0 < self.n_expert_used <= self.n_expert):
+            raise ValueError(f"need 0 < n_expert_used ({self.n_expert_used}) <= n_expert ({self.n_expert})")
         if self.ffn_block < 1 or self.ffn_size % self.ffn_block:
             raise ValueError(f"ffn_size ({self.ffn_size}) must be a multiple of ffn_block ({self.ffn_block})")
         # attn_output has n_heads·d inputs, a whole number of its blocks; so n_kv_heads is a multiple of kv_step
@@ -221,6 +250,8 @@ class ModelProfile:
             act_bytes=act, embed_bytes=embed, tensor_bytes=tensor_bytes,
             ffn_block=tensor_bytes.ffn_block if tensor_bytes else block,  # a table carries its file's blocks
             attn_block=tensor_bytes.attn_block if tensor_bytes else block,
+            n_expert=cfg.n_expert, n_expert_used=cfg.n_expert_used, shared_expert_ffn=cfg.shared_expert_ffn,
+            sliding_window=cfg.sliding_window, sliding_layers=sum(cfg.is_sliding(i) for i in range(cfg.n_layers)),
         )
 
     # --- granularity --------------------------------------------------------------------------------
@@ -231,8 +262,35 @@ class ModelProfile:
 
     @property
     def ffn_step(self) -> int:
-        """FFN columns per tensor-parallel unit: ffn_down is cut by input columns, on its type's block grid."""
-        return self.ffn_block
+        """FFN units per tensor-parallel unit: ffn_down is cut by input columns, on its type's block grid (an MoE
+        layer is split by whole experts, which cuts no expert's columns)."""
+        return 1 if self.n_expert else self.ffn_block
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0
+
+    @property
+    def ffn_units(self) -> int:
+        """Units of the FFN axis a tensor-parallel split divides: FFN columns, or whole experts of an MoE layer."""
+        return self.n_expert or self.ffn_size
+
+    @property
+    def active_ffn_units(self) -> int:
+        """FFN units one token computes with: every column, or its n_expert_used experts."""
+        return self.n_expert_used or self.ffn_size
+
+    def ffn_read_fraction(self, tokens: float) -> float:
+        """Fraction of the FFN units whose weights a step of `tokens` tokens reads: 1 for a dense FFN; for experts,
+        the expected share some token routes to, 1 − (1 − k/n)^tokens (module docstring)."""
+        if not self.n_expert:
+            return 1.0
+        return 1.0 - (1.0 - self.n_expert_used / self.n_expert) ** max(tokens, 1.0)
+
+    @property
+    def ffn_compute_fraction(self) -> float:
+        """Fraction of the FFN units' FLOPs a token does: k/n for experts, 1 for a dense FFN."""
+        return self.n_expert_used / self.n_expert if self.n_expert else 1.0
 
     @property
     def kv_step(self) -> int:
@@ -250,17 +308,26 @@ class ModelProfile:
 
     @property
     def ffn_unit_params(self) -> int:
-        """Weights of one FFN column in one layer: gate row + up row + down column."""
-        return 3 * self.hidden_size
+        """Weights of one FFN unit in one layer: a column (gate row + up row + down column), or a whole expert."""
+        return 3 * self.hidden_size * (self.ffn_size if self.n_expert else 1)
 
     @property
     def layer_norm_params(self) -> int:
-        """attn_norm + ffn_norm, replicated on every tensor-parallel shard."""
-        return 2 * self.hidden_size
+        """attn_norm + ffn_norm (+ an MoE layer's router and shared expert), replicated on every tensor-parallel shard."""
+        return (2 * self.hidden_size + self.n_expert * self.hidden_size
+                + (3 * self.shared_expert_ffn + 1) * self.hidden_size * (self.shared_expert_ffn > 0))
 
     @property
     def layer_params(self) -> int:
-        return self.n_kv_heads * self.attn_unit_params + self.ffn_size * self.ffn_unit_params + self.layer_norm_params
+        return self.n_kv_heads * self.attn_unit_params + self.ffn_units * self.ffn_unit_params + self.layer_norm_params
+
+    @property
+    def active_params(self) -> int:
+        """Weights one token computes with (an MoE model's "active parameters"; total_params for a dense one)."""
+        dense_layer = self.n_kv_heads * self.attn_unit_params + self.layer_norm_params
+        head = self.hidden_size if self.tie_embeddings else self.head_params
+        return (self.n_layers * (dense_layer + self.active_ffn_units * self.ffn_unit_params)
+                + self.embedding_params + head)
 
     @property
     def embedding_params(self) -> int:
@@ -297,7 +364,7 @@ class ModelProfile:
         """All weights of one layer."""
         if self.tensor_bytes is None:
             return self.layer_params * self.weight_bytes
-        return self.n_kv_heads * self.attn_unit_bytes + self.ffn_size * self.ffn_unit_bytes + self.layer_norm_bytes
+        return self.n_kv_heads * self.attn_unit_bytes + self.ffn_units * self.ffn_unit_bytes + self.layer_norm_bytes
 
     @property
     def _matrix_bytes(self) -> float:
@@ -333,6 +400,16 @@ class ModelProfile:
         """KV cache of one KV head in one layer for one token: K and V rows, 2·d elements."""
         return 2 * self.head_dim * self.kv_bytes
 
+    def kv_context(self, context: float) -> float:
+        """Cached positions per layer for sequences of `context` tokens, averaged over the layers: a sliding layer
+        holds (and reads) min(context, window). Layers are the planner's interchangeable unit, so a stage is
+        charged the average; with gemma3's 5-sliding-1-global pattern a stage of a multiple of 6 layers is exact
+        and any other is off by under one global layer's cache."""
+        if not self.sliding_window or not self.sliding_layers:
+            return context
+        local = min(context, self.sliding_window)
+        return (self.sliding_layers * local + (self.n_layers - self.sliding_layers) * context) / self.n_layers
+
     @property
     def kv_bytes_per_token_per_layer(self) -> float:
         return self.n_kv_heads * self.kv_unit_bytes_per_token
@@ -356,7 +433,9 @@ class ModelProfile:
         return 2.0 * self.ffn_unit_params
 
     def layer_flops(self, context: float) -> float:
-        return self.n_kv_heads * self.attn_unit_flops(context) + self.ffn_size * self.ffn_unit_flops
+        """One token through one layer (an MoE layer: its used experts only)."""
+        return (self.n_kv_heads * self.attn_unit_flops(context)
+                + self.ffn_units * self.ffn_compute_fraction * self.ffn_unit_flops)
 
     @property
     def head_flops(self) -> float:
@@ -377,6 +456,28 @@ def _cfg(arch: str, layers: int, hidden: int, heads: int, kv: int, ffn: int, voc
                        attention_bias=bias, name=name)
 
 
+def _moe_cfg(layers: int, hidden: int, heads: int, kv: int, head_dim: int, experts: int, used: int, expert_ffn: int,
+             vocab: int, ctx: int, name: str) -> ModelConfig:
+    """A Qwen3-MoE config (qk norms, untied head, every layer's FFN a mixture of experts of width `expert_ffn`)."""
+    return ModelConfig(arch="qwen3moe", n_layers=layers, hidden_size=hidden, n_heads=heads, n_kv_heads=kv,
+                       head_dim=head_dim, ffn_size=expert_ffn, vocab_size=vocab, context_length=ctx,
+                       rope_theta=1e6, rms_norm_eps=1e-6, qk_norm=True, n_expert=experts, n_expert_used=used,
+                       name=name)
+
+
+def _gemma3_cfg(layers: int, hidden: int, heads: int, kv: int, head_dim: int, ffn: int, ctx: int, window: int,
+                query_scalar: int, rope_factor: float, name: str) -> ModelConfig:
+    """A Gemma 3 text config: tied head, q/k and post norms, GeGLU, 5 sliding layers of every 6 (local RoPE base 1e4;
+    the global base 1e6 with linear scaling rope_factor), softmax scale query_scalar ** -0.5."""
+    return ModelConfig(arch="gemma3", n_layers=layers, hidden_size=hidden, n_heads=heads, n_kv_heads=kv,
+                       head_dim=head_dim, ffn_size=ffn, vocab_size=262208, context_length=ctx, rope_theta=1e6,
+                       rms_norm_eps=1e-6, tie_embeddings=True, qk_norm=True, post_norms=True, activation="gelu_tanh",
+                       embed_scale=hidden ** 0.5, attention_scale=query_scalar ** -0.5, sliding_window=window,
+                       sliding_window_pattern=6, rope_local_theta=1e4,
+                       rope_scaling=RopeScaling("linear", rope_factor) if rope_factor != 1.0 else RopeScaling(),
+                       name=name)
+
+
 # Published hyper-parameters (the models' config.json files on the Hugging Face hub).
 PRESETS: dict[str, ModelConfig] = {
     "smollm2-135m": _cfg("llama", 30, 576, 9, 3, 1536, 49152, 8192, tied=True, name="smollm2-135m"),
@@ -391,6 +492,12 @@ PRESETS: dict[str, ModelConfig] = {
     "llama3.1-405b": _cfg("llama", 126, 16384, 128, 8, 53248, 128256, 131072, name="llama3.1-405b"),
     "qwen2-7b": _cfg("qwen2", 28, 3584, 28, 4, 18944, 152064, 32768, bias=True, name="qwen2-7b"),
     "qwen2-72b": _cfg("qwen2", 80, 8192, 64, 8, 29568, 152064, 32768, bias=True, name="qwen2-72b"),
+    "gemma3-27b": _gemma3_cfg(62, 5376, 32, 16, 128, 21504, 131072, 1024, 168, 8.0, name="gemma3-27b"),
+    "qwen3-32b": ModelConfig(arch="qwen3", n_layers=64, hidden_size=5120, n_heads=64, n_kv_heads=8, head_dim=128,
+                             ffn_size=25600, vocab_size=151936, context_length=40960, rope_theta=1e6,
+                             rms_norm_eps=1e-6, qk_norm=True, name="qwen3-32b"),
+    "qwen3-30b-a3b": _moe_cfg(48, 2048, 32, 4, 128, 128, 8, 768, 151936, 40960, name="qwen3-30b-a3b"),
+    "qwen3-235b-a22b": _moe_cfg(94, 4096, 64, 4, 128, 128, 8, 1536, 151936, 40960, name="qwen3-235b-a22b"),
 }
 
 

@@ -51,12 +51,20 @@ def _error_text(response: httpx.Response) -> str:
     return response.text.strip() or f"HTTP {response.status_code}"
 
 
+def resolve_api_key(api_key: str | None = None) -> str | None:
+    """The key sent as `Authorization: Bearer`: `api_key` › OLLAMA_DISTRIBUTED_API_KEY (the server's own
+    variable) › OLLAMA_API_KEY (what the `ollama` clients read); None sends no header."""
+    return api_key or os.environ.get("OLLAMA_DISTRIBUTED_API_KEY") or os.environ.get("OLLAMA_API_KEY") or None
+
+
 class Client:
     """Synchronous API client. Every method raises ServerError with the server's message."""
 
-    def __init__(self, host: str | None = None, timeout: float | None = None) -> None:
+    def __init__(self, host: str | None = None, timeout: float | None = None, api_key: str | None = None) -> None:
         self.base = resolve_host(host)
-        self.http = httpx.Client(base_url=self.base, timeout=httpx.Timeout(timeout, connect=5.0))
+        key = resolve_api_key(api_key)
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        self.http = httpx.Client(base_url=self.base, timeout=httpx.Timeout(timeout, connect=5.0), headers=headers)
 
     def close(self) -> None:
         self.http.close()

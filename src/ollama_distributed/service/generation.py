@@ -10,6 +10,7 @@ Ollama's classic Go-template form is honoured when it stays within the supported
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from typing import Any, Sequence
 from ..model.options import GenerationOptions
 from ..runtime.requests import GenerationRequest, RequestHandle
 from .gotemplate import UnsupportedTemplateError, render_go_template
+from .grammar import GrammarConstraint, ToolCallConstraint, compile_format
 from .models import ModelView
 
 log = logging.getLogger(__name__)
@@ -136,29 +138,46 @@ def encode_prompt(view: ModelView, text: str, context: Sequence[int] | None = No
 
 
 def submit(view: ModelView, ids: list[int], options: GenerationOptions, fmt: Any, truncate: bool = True,
-           request_id: str | None = None) -> RequestHandle:
-    """Queue a generation; with a `format`, register the JSON constraint for its sequence before its first step.
-    Raises QueueFullError (503), ContextLengthError (400), ValueError (empty prompt)."""
+           request_id: str | None = None, *, top_logprobs: int | None = None,
+           grammar: str | None = None, tool_grammar: str | None = None) -> RequestHandle:
+    """Queue a generation. `fmt` ("json" or a JSON schema, already checked by `grammar.normalize_format`) or an
+    explicit llguidance `grammar` (tool calls) constrains it: the constraint travels with the request's sampler,
+    with the request's token budget (num_predict / context left) so the JSON is closed before it runs out.
+    `tool_grammar` (no format): the answer may be prose, but one that opens an object must be a valid tool call.
+    top_logprobs: None, or N >= 0 to get each token's logprob and N alternatives in the chunks.
+    Raises QueueFullError (503), ContextLengthError (400), ValueError (empty prompt), SchemaError (400)."""
     runner = view.runner
     engine = runner.engine
-    req = GenerationRequest(prompt_ids=ids, options=options, request_id=request_id, truncate=truncate)
-    if fmt is None:
-        handle = engine.submit(req)
-    else:
-        executor = runner.executor
+    constraint = None
+    if grammar is None and fmt is not None:
+        grammar = _compiled(fmt)
+    if grammar is not None or tool_grammar is not None:
         num_ctx = min(options.num_ctx, engine.context_limit)
-        n_prompt = min(len(ids), num_ctx)
-        budget = num_ctx - n_prompt
+        budget = max(1, num_ctx - min(len(ids), num_ctx))
         if options.num_predict >= 0:
             budget = min(budget, options.num_predict)
-        with executor.lock:  # the engine's step waits on this lock, so the constraint is in place before step one
-            handle = engine.submit(req)
-            executor.register(handle.seq_id, n_prompt, budget)
+        if grammar is not None:
+            constraint = GrammarConstraint(grammar, runner.tokenizer, budget)
+        else:
+            constraint = ToolCallConstraint(tool_grammar, runner.tokenizer, budget)
+    req = GenerationRequest(prompt_ids=ids, options=options, request_id=request_id, truncate=truncate,
+                            constraint=constraint, top_logprobs=top_logprobs)
+    handle = engine.submit(req)
     if runner.learning is not None:
         # Time-to-first-token / inter-token metrics as it streams, and a measurement report when it ends.
         handle = runner.learning.track(runner.name, handle, batch_fn=lambda: engine.stats()["running"],
                                        stages_fn=lambda: _decode_stage_ms(runner.executor))
     return handle
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_text(fmt_json: str) -> str:
+    return compile_format(json.loads(fmt_json))
+
+
+def _compiled(fmt: Any) -> str:
+    """The grammar of a format, compiled once per distinct schema (a client repeats its schema every call)."""
+    return _compiled_text(json.dumps(fmt, sort_keys=True))
 
 
 def _decode_stage_ms(executor: Any) -> tuple[float, ...] | None:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from ..model.options import GenerationOptions
 from . import model_status
-from .json_format import ConstrainedExecutor
+from .live_executor import LiveExecutor
 from .model_status import local_node_id, local_plan  # noqa: F401 (re-exported for api/)
 from .replicas import Replica, RoutedExecutors, build_router, slowed
 from .router import ReplicaRouter
@@ -63,6 +63,7 @@ class Runner:
     last_used: float = field(default_factory=time.monotonic)
     learning: Any | None = None  # service.learning.LearningLoop that requests on this runner report to
     capacity_changed: bool = False  # nodes joined since the last placement check (service/placement_loop.py)
+    superseded: bool = False  # its name now points at other weights: hidden from /api/ps, unloaded once idle
 
     @property
     def engine(self) -> ReplicaRouter:
@@ -282,8 +283,10 @@ class ModelManager:
             runner.active += 1
             runner.name = entry.name.display
             runner.entry = entry
+            runner.superseded = False
             runner.expires_at = math.inf
             runner.last_used = time.monotonic()
+        await self.supersede(entry)
         waited = int((time.perf_counter() - t0) * 1e9)
         return self.view(entry, runner, waited if waited > 1_000_000 else 0)
 
@@ -296,6 +299,26 @@ class ModelManager:
         r.last_used = time.monotonic()
         if r.active == 0:
             r.expires_at = math.inf if ka == FOREVER else time.time() + ka
+
+    async def supersede(self, entry: ModelEntry) -> None:
+        """One loaded copy per name: `entry` is what its name points at now (after a pull or create, or at a
+        request), so a runner still loaded under that name from other weights is unloaded now when idle, or
+        hidden from /api/ps and unloaded by the reaper once its requests end. A runner of the same weights just
+        takes the new entry (digest, Modelfile settings)."""
+        key = str(entry.model_path.resolve())
+        name = entry.name.display
+        for r in list(self._runners.values()):
+            if r.name != name:
+                continue
+            if r.key == key:
+                r.entry = entry
+                continue
+            log.info("model %s now points at %s: replacing the copy loaded from %s", name, entry.model_path, r.key)
+            if r.active == 0:
+                await self._unload(r.key)
+            else:
+                r.superseded = True
+                r.expires_at = 0.0
 
     async def unload(self, entry: ModelEntry) -> bool:
         """Unload the runner of `entry` now (if loaded and idle). True if something was unloaded."""
@@ -359,11 +382,11 @@ class ModelManager:
         return runner
 
     def make_replica(self, runner: Runner, inner: Any) -> Replica:
-        """Wrap a started executor into a replica of `runner`: JSON constraint, engine, and per-replica recovery
+        """Wrap a started executor into a replica of `runner`: live-sequence wrapper, engine, and per-replica recovery
         for executors this manager builds on its cluster."""
         from ..runtime.engine import InferenceEngine
 
-        executor = ConstrainedExecutor(inner, runner.tokenizer)
+        executor = LiveExecutor(inner, runner.tokenizer)
         replica = Replica(executor, None)
         own = self.settings.distributed and self.executor_factory == self._default_executor
         if own and hasattr(inner, "placement"):
@@ -409,6 +432,14 @@ class ModelManager:
         """Fault-tolerance state for the API (service/model_status.py)."""
         return model_status.recovery_status(self)
 
+    def weight_transfers(self) -> list[dict[str, Any]]:
+        """Each node's fetch of model slices it lacked (runtime/weight_fetch.py): bytes, rate, ETA, state."""
+        if not self.settings.distributed:
+            return []
+        from ..runtime.weight_fetch import holder_progress
+
+        return holder_progress()
+
     def runners(self) -> list[Runner]:
         return list(self._runners.values())
 
@@ -426,10 +457,10 @@ class ModelManager:
 
 
 def _recover_into(recovery: Any) -> Callable[[Exception, Any], Any]:
-    """Adapt a runtime Recovery to the engine, whose executor is our ConstrainedExecutor wrapper: the wrapper is
-    kept (requests' JSON constraints are registered on it) and gets the new inner executor."""
+    """Adapt a runtime Recovery to the engine, whose executor is our LiveExecutor wrapper: the wrapper is kept
+    (the engine and router hold it) and gets the new inner executor."""
 
-    def recover(exc: Exception, failed: ConstrainedExecutor) -> Any:
+    def recover(exc: Exception, failed: LiveExecutor) -> Any:
         new = recovery(exc, failed.inner)
         if new is None:
             return None

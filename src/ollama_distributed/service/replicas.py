@@ -3,8 +3,8 @@
 A model the cluster can hold more than once is placed as up to `max_replicas` copies on disjoint nodes
 (scheduler/planner.py `plan_replicas`); `service/router.py ReplicaRouter` sends each request to the replica that
 would finish it soonest. This module holds what the model manager keeps per replica and the facade the request
-path sees as "the executor" (`RoutedExecutors`): the JSON-format constraint (service/json_format.py) is
-registered on the ConstrainedExecutor of whichever replica the router chose, under that replica's lock.
+path sees as "the executor" (`RoutedExecutors`). Grammar constraints travel inside each request (its sampler),
+so they apply on whichever replica the router chose.
 
 Recovery is per replica (runtime/recovery.py): a replica re-plans on the nodes no other replica uses
 (`ReplicaHealth` adds them to the nodes it must not plan on); when they cannot hold it and another replica is
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .json_format import ConstrainedExecutor
+from .live_executor import LiveExecutor
 from .router import ReplicaRouter, SlowedExecutor
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class Replica:
     """One copy of a model: its (constrained) executor, engine and, on a Ray cluster, its recovery."""
 
-    executor: ConstrainedExecutor
+    executor: LiveExecutor
     engine: Any
     recovery: Any | None = None
     dropped: bool = False  # removed from routing (could not be re-placed); closed by the manager once idle
@@ -63,8 +63,7 @@ class Replica:
 
 class RoutedExecutors:
     """What the request path (service/generation.py) uses as `runner.executor` for a replicated model: the model
-    config, and `with executor.lock: engine.submit(...); executor.register(...)` — the lock is the router's
-    locked submission, so `register` reaches the executor of the replica that took the request."""
+    config, sizes and live sequences over every replica; `lock` is the router's locked submission."""
 
     def __init__(self, router: ReplicaRouter) -> None:
         self.router = router
@@ -84,9 +83,6 @@ class RoutedExecutors:
     @property
     def lock(self) -> Any:
         return self.router.locked_submission()
-
-    def register(self, seq_id: int, n_prompt: int, budget: int) -> None:
-        self.router.held_replica().executor.register(seq_id, n_prompt, budget)
 
     @property
     def inner(self) -> Any:

@@ -20,8 +20,8 @@ delivering a chunk), so counts move as tokens are generated, not as the client r
 The replica set can change while requests run (`add` a replica placed on a node that joined, `remove` one whose
 shards could not be re-placed): a removed replica gets no new requests and finishes (or fails) the ones it has.
 
-JSON-format requests register a constraint on the executor of the replica that serves them, between `submit` and
-the replica's first step. The caller does that under `with router.locked_submission():` — the router then takes
+A caller that must set per-sequence state on the serving replica's executor between `submit` and that replica's
+first step does it under `with router.locked_submission():` — the router then takes
 the chosen replica's executor lock (`lock_of`) before submitting and keeps it until the block ends, and
 `held_replica()` names the replica (service/replicas.py RoutedExecutors builds on this).
 
@@ -73,7 +73,7 @@ class ReplicaState:
 
     index: int
     engine: Any
-    executor: Any = None  # the replica's executor (ConstrainedExecutor in the server); None when unknown
+    executor: Any = None  # the replica's executor (LiveExecutor in the server); None when unknown
     live: dict[int, _Live] = field(default_factory=dict)
     ema_tps: float | None = None
     served: int = 0  # requests routed here

@@ -14,6 +14,7 @@ and our own:
   OLLAMA_DISTRIBUTED_AUTOTUNE      try the top candidate plans for a few decode steps on load (default 1 = on)
   OLLAMA_DISTRIBUTED_REPLAN        apply drift re-plan proposals and better plans after a node joins, when the
                                    model is idle (default 1 = on)
+  OLLAMA_DISTRIBUTED_API_KEY       when set, every endpoint but / and /api/version needs `Authorization: Bearer KEY`
   OLLAMA_DISTRIBUTED_TEST_SLOW_NODES  TEST HOOK, never for production: "node1:0.05,node2:0.1" makes every step
                                    of an executor with a shard on node1 sleep 0.05 s more (service/router.py
                                    SlowedExecutor), to test routing and re-planning against a slow node
@@ -126,6 +127,7 @@ class ServerSettings:
       cluster's membership and pending proposals are checked.
     test_slow_nodes: TEST HOOK (OLLAMA_DISTRIBUTED_TEST_SLOW_NODES): (node, seconds) — an executor with a shard
       on the node sleeps that long before every step.
+    api_key: None (open, the default) or the key every endpoint but / and /api/version requires as a Bearer token.
     """
 
     host: str = "127.0.0.1"
@@ -152,6 +154,7 @@ class ServerSettings:
     replan: bool = True
     placement_poll_s: float = 2.0
     test_slow_nodes: tuple[tuple[str, float], ...] = ()
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -181,6 +184,8 @@ class ServerSettings:
                              f"({self.autotune_steps}) in 1..32: autotune must keep the load time bounded")
         if not self.placement_poll_s > 0:
             raise ValueError(f"placement_poll_s must be > 0, got {self.placement_poll_s}")
+        if self.api_key is not None and (not self.api_key.strip() or any(c.isspace() for c in self.api_key)):
+            raise ValueError("the API key must be non-empty and contain no whitespace")
         bad = [(n, d) for n, d in self.test_slow_nodes if not n or d < 0]
         if bad:
             raise ValueError(f"test_slow_nodes entries need a node name and a delay >= 0, got {bad}")
@@ -213,6 +218,7 @@ class ServerSettings:
             "replan": _env_bool(env, "OLLAMA_DISTRIBUTED_REPLAN", True),
             "kv_cache_type": formats.kv_cache_type_from_env(env),
             "test_slow_nodes": parse_slow_nodes(env.get("OLLAMA_DISTRIBUTED_TEST_SLOW_NODES", "")),
+            "api_key": env.get("OLLAMA_DISTRIBUTED_API_KEY") or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

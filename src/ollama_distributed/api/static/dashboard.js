@@ -148,7 +148,8 @@ function placementGrid(plan, nodes) {
         if (!c) return h("td", { class: "cell", style: cellStyle, title: `layer ${l}: not on ${k}` });
         const color = STAGE_COLORS[c.si % STAGE_COLORS.length];
         return h("td", { class: "cell", "data-layer": l, "data-stage": c.si, style: cellStyle,
-          title: `layer ${l} on ${k} · stage ${c.si} · heads ${range(c.sh.heads)} · kv heads ${range(c.sh.kv_heads)} · ffn ${range(c.sh.ffn)}` },
+          title: `layer ${l} on ${k} · stage ${c.si} · heads ${range(c.sh.heads)} · kv heads ${range(c.sh.kv_heads)} · ffn ${range(c.sh.ffn)}` +
+            (c.sh.experts ? ` · experts ${range(c.sh.experts)}` : "") },
           h("span", { style: `height:${(100 * c.frac).toFixed(0)}%;background:${color}` }));
       }),
       h("td", { class: "tags" }, ...tags));
@@ -156,18 +157,35 @@ function placementGrid(plan, nodes) {
   return h("div", { class: "grid-wrap" }, h("table", { class: "grid" }, h("thead", {}, header), h("tbody", {}, ...body)));
 }
 
+// Which experts of every MoE layer of its stage a shard holds (expert parallelism): a bar over all the experts,
+// the held range filled in the stage's colour.
+function expertBar(sh, total, color) {
+  const [a, b] = sh.experts;
+  return h("td", { class: "experts", "data-experts": `${a}-${b}`, title: `experts ${range(sh.experts)} of ${total}` },
+    h("span", { style: "display:inline-block;position:relative;width:120px;height:10px;background:#eee;vertical-align:middle;margin-right:6px" },
+      h("span", { style: `position:absolute;left:${(100 * a / total).toFixed(1)}%;width:${(100 * (b - a) / total).toFixed(1)}%;height:100%;background:${color}` })),
+    `${b - a} experts ${range(sh.experts)}`);
+}
+
 function shardTable(plan, nodes) {
   const rows = [];
-  (plan.stages || []).forEach((s, si) => s.shards.forEach((sh) => {
+  const stages = plan.stages || [];
+  const moe = stages.some((s) => s.shards.some((sh) => sh.experts));
+  const nExpert = Math.max(1, ...stages.flatMap((s) => s.shards.map((sh) => (sh.experts ? sh.experts[1] : 0))));
+  stages.forEach((s, si) => s.shards.forEach((sh) => {
     const k = shardNodeKey(sh, nodes);
+    const color = STAGE_COLORS[si % STAGE_COLORS.length];
     rows.push(h("tr", { class: "shard-row", "data-node": k, "data-layers": `${s.layers[0]}-${s.layers[1]}` },
-      h("td", {}, h("span", { class: "swatch", style: `background:${STAGE_COLORS[si % STAGE_COLORS.length]}` }), `stage ${si}`),
+      h("td", {}, h("span", { class: "swatch", style: `background:${color}` }), `stage ${si}`),
       h("td", {}, k), h("td", {}, `layers ${range(s.layers)}`), h("td", {}, `heads ${range(sh.heads)}`),
       h("td", {}, `kv ${range(sh.kv_heads)}`), h("td", {}, `ffn ${range(sh.ffn)}`),
+      ...(moe ? [sh.experts ? expertBar(sh, nExpert, color) : h("td", {}, "all")] : []),
       h("td", { class: "num" }, fmtBytes(sh.memory_bytes)), h("td", { class: "num" }, sh.pid ? `pid ${sh.pid}` : "")));
   }));
+  const cols = ["stage", "node", "layers", "query heads", "KV heads", "FFN columns", ...(moe ? ["experts"] : []),
+    "memory", "process"];
   return h("table", { class: "data shards" },
-    h("thead", {}, h("tr", {}, ...["stage", "node", "layers", "query heads", "KV heads", "FFN columns", "memory", "process"].map((t) => h("th", {}, t)))),
+    h("thead", {}, h("tr", {}, ...cols.map((t) => h("th", {}, t)))),
     h("tbody", {}, ...rows));
 }
 
@@ -279,6 +297,19 @@ function renderHistory() {
       h("td", { class: "num" }, x.p && x.m ? `${(100 * (x.p - x.m) / x.m).toFixed(0)}%` : "–"))))));
 }
 
+// --- weight transfers (nodes fetching slices of a model file they lack) ----------------------------------------------
+function renderTransfers() {
+  const rows = (state.status && state.status.weight_transfers) || [];
+  if (!rows.length) { replace("transfers", h("p", { class: "empty" }, "no node has needed to fetch weights")); return; }
+  replace("transfers", h("table", { class: "data" },
+    h("thead", {}, h("tr", {}, ...["node", "model file", "fetched", "of", "rate", "ETA", "state"].map((t) => h("th", {}, t)))),
+    h("tbody", {}, ...rows.map((r) => h("tr", { "data-state": r.state },
+      h("td", {}, r.node), h("td", {}, r.model), h("td", { class: "num" }, fmtBytes(r.bytes_done)),
+      h("td", { class: "num" }, fmtBytes(r.bytes_total)),
+      h("td", { class: "num" }, r.bytes_per_s ? `${(r.bytes_per_s / 1e6).toFixed(0)} MB/s` : "–"),
+      h("td", { class: "num" }, r.state === "fetching" ? `${fmtNum(r.eta_s, 0)} s` : "–"), h("td", {}, r.state))))));
+}
+
 // --- polling -----------------------------------------------------------------------------------------------------
 const SOURCES = [
   ["status", "/api/distributed/status", "nodes-error"],
@@ -297,7 +328,7 @@ async function poll() {
     if (r.status === "fulfilled") { state[key] = r.value; if (errId) showError(errId, null); }
     else { failed++; if (errId) showError(errId, r.reason); }
   });
-  const render = [renderNodes, renderModels, renderStrategies, renderEvents, renderHistory];
+  const render = [renderNodes, renderModels, renderTransfers, renderStrategies, renderEvents, renderHistory];
   for (const fn of render) {
     try { fn(); } catch (e) { console.error(fn.name, e); }
   }

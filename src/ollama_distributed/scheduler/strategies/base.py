@@ -31,7 +31,8 @@ class Worker:
     nodes[0] is the representative: it sends/receives stage hops and holds the output head.
     t_layer: decode seconds per layer. t_head: output head seconds on nodes[0].
     caps: layers that fit as (plain, first stage, last stage, only stage); -1 = the role does not fit.
-    shares: per node, (kv_heads range, ffn range) of every layer it holds."""
+    shares: per node, (kv_heads range, FFN-unit range) of every layer it holds (FFN units: columns, or the
+      experts of an MoE model)."""
 
     key: str
     nodes: tuple[str, ...]
@@ -45,7 +46,7 @@ def node_worker(cm: CostModel, name: str) -> Worker:
     p = cm.profile
     caps = (cm.layers_fit(name, False, False), cm.layers_fit(name, True, False), cm.layers_fit(name, False, True),
             cm.layers_fit(name, True, True))
-    return Worker(name, (name,), cm.t_layer(name), cm.t_head(name), caps, (((0, p.n_kv_heads), (0, p.ffn_size)),))
+    return Worker(name, (name,), cm.t_layer(name), cm.t_head(name), caps, (((0, p.n_kv_heads), (0, p.ffn_units)),))
 
 
 def build_stages(cm: CostModel, assignment: Sequence[tuple[Worker, int]]) -> tuple[StageSpec, ...]:
@@ -59,7 +60,11 @@ def build_stages(cm: CostModel, assignment: Sequence[tuple[Worker, int]]) -> tup
         for j, (node, (kv, ffn)) in enumerate(zip(w.nodes, w.shares)):
             mem = cm.shard_memory(n, kv[1] - kv[0], ffn[1] - ffn[0], has_embedding=(i == 0),
                                   has_output=(i == k - 1 and j == 0))
-            shards.append(ShardAssignment(node, (kv[0] * g, kv[1] * g), kv, ffn, mem))
+            if cm.profile.is_moe:  # the FFN units are whole experts: every column of the ones held
+                columns, experts = (0, cm.profile.ffn_size), ffn
+            else:
+                columns, experts = ffn, None
+            shards.append(ShardAssignment(node, (kv[0] * g, kv[1] * g), kv, columns, mem, experts))
         stages.append(StageSpec((pos, pos + n), tuple(shards)))
         pos += n
     assert pos == cm.profile.n_layers, (pos, cm.profile.n_layers)

@@ -133,7 +133,7 @@ def split_group(cm: CostModel, nodes: Sequence[str], n_layers: int, has_embeddin
     shares in whole units of `grid` (the search below runs in grid units; the result is in KV groups / columns)."""
     p = cm.profile
     Ls = n_layers
-    A, F = p.n_kv_heads // grid.kv, p.ffn_size // grid.ffn  # units of the grid (the profile checks they divide)
+    A, F = p.n_kv_heads // grid.kv, p.ffn_units // grid.ffn  # units of the grid (the profile checks they divide)
     k = len(nodes)
     if k > A or k > F:
         return None
@@ -334,14 +334,14 @@ class TensorStrategy:
         stages = build_stages(cm, [(w, L)])
         how = "every node group searched" if exhaustive else "fastest / largest groups of each size searched"
         reason = (f"{len(split.nodes)}-way tensor parallel on {', '.join(split.nodes)}: KV groups {list(split.kv)}, "
-                  f"FFN columns {list(split.ffn)}; {how}{grid_note(grid, cm)}; objective {cm.objective}")
+                  f"{'experts' if cm.profile.is_moe else 'FFN columns'} {list(split.ffn)}; {how}{grid_note(grid, cm)}; objective {cm.objective}")
         return finish(cm, stages, reason)
 
     @staticmethod
     def _best_split(cm: CostModel, groups: Sequence[tuple[str, ...]], grid: Grid) -> GroupSplit | None:
         """The fastest split over `groups` (each with every choice of output-head node) on `grid`."""
         L = cm.profile.n_layers
-        A, F = cm.profile.n_kv_heads // grid.kv, cm.profile.ffn_size // grid.ffn
+        A, F = cm.profile.n_kv_heads // grid.kv, cm.profile.ffn_units // grid.ffn
         # lower bound per (group, head node): the split without memory limits. Visiting candidates in bound
         # order and stopping once the bound reaches the best found keeps the search exact but short.
         cands = []

@@ -1,0 +1,237 @@
+"""The distributed hot path (issue 15): what a sharded token costs over the same shards in one process.
+
+Two parts, each side by side in one run:
+
+  runtime  SmolLM2-135M in its file's own types (the default weight format, "auto") on a local Ray cluster of
+           1-CPU nodes, decode ms/token of one greedy sequence, rounds interleaved:
+             in-process LocalExecutor with 1 thread (the reference),
+             single / pp2 / tp2 with transport "calls" (before issue 15: one Ray call per worker per step, logits
+             shipped to the driver and sampled there) and "dist" (after: resident step loops fed through shared
+             memory, the last stage samples and returns the token id);
+           and the per-hop cost: slope of decode ms/token over 0..3 stage hops of a 4-layer tiny model
+           (~1 ms of compute), per transport.
+  api      decode tok/s through /api/generate (eval_count / eval_duration, greedy, 64 tokens) of real
+           `ollama-distributed serve` processes: --local-nodes 1 --strategy single; --local-nodes 2 with
+           --node-memory below the model (a forced 2-stage pipeline); --local-nodes 2 --strategy tensor; and the
+           in-process server (no Ray) limited to 1 thread (OMP_NUM_THREADS=1), each as a ratio to the last.
+
+The machine this ran on is shared with other sessions: read ratios within one run, not absolute numbers.
+
+    python bench/hot_path_bench.py [runtime|api|all] [--tokens 32] [--rounds 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+PROMPT = [1, 504, 3145, 282, 1345, 314, 253, 1345, 30, 2, 504, 3145, 282, 1345, 314, 253]
+SHAPES = {"single": [["node0"]], "pp2": [["node0"], ["node1"]], "tp2": [["node0", "node1"]]}
+
+
+def decode_ms(ex, n: int, sampled: bool) -> float:
+    """Median ms of a greedy decode step for one sequence; `sampled`: through step_sampled (token ids back)."""
+    from ollama_distributed.model.options import GenerationOptions
+    from ollama_distributed.model.sampling import Sampler
+
+    sampler = Sampler(GenerationOptions.from_dict({"temperature": 0}), 512)
+    hist = list(PROMPT)
+    sid = 1000
+
+    def step(feed: list[int]) -> int:
+        if sampled:
+            return ex.step_sampled([sid], [feed], [sampler], [hist])[0]
+        return sampler.sample(ex.step([sid], [feed])[0], hist)
+
+    tok = step(list(PROMPT))
+    times = []
+    for _ in range(n):
+        hist.append(tok)
+        t0 = time.perf_counter()
+        tok = step([tok])
+        times.append(time.perf_counter() - t0)
+    ex.free(sid)
+    return statistics.median(times[2:]) * 1e3
+
+
+def runtime_part(tokens: int, rounds: int) -> dict:
+    import torch
+
+    from ollama_distributed.model.bundled import bundled_model_path
+    from ollama_distributed.model.weights import read_config
+    from ollama_distributed.runtime.cluster import ClusterHandle
+    from ollama_distributed.runtime.distributed_run import resolve_dtype
+    from ollama_distributed.runtime.local_executor import LocalExecutor
+    from ollama_distributed.runtime.placement import uniform_plan
+    from ollama_distributed.runtime.ray_executor import RayExecutor
+
+    path = bundled_model_path("smollm2:135m")
+    dtype, quant = resolve_dtype("auto")
+    cfg = read_config(path)
+    torch.set_num_threads(1)
+    local = LocalExecutor(path, dtype=dtype, quant=quant, max_seq_len=512)
+    # node budgets are Ray resources, not memory use: room for three shards' reservations per node
+    cluster = ClusterHandle.start_local(4, "6GiB")
+    res: dict = {}
+    try:
+        # "calls" on node0/node1, "dist" on node2/node3: the same shapes, nodes of their own
+        on = {"calls": {"node0": "node0", "node1": "node1"}, "dist": {"node0": "node2", "node1": "node3"}}
+        exs = {(shape, tr): RayExecutor(uniform_plan(cfg, [[on[tr][n] for n in row] for row in SHAPES[shape]],
+                                                     "smollm2"), path, cluster, dtype=dtype, quant=quant,
+                                        max_seq_len=512, transport=tr)
+               for shape in SHAPES for tr in ("calls", "dist")}
+        samples: dict[str, list[float]] = {}
+        for r in range(rounds):
+            row = {"local_1_thread": decode_ms(local, tokens, False)}
+            for (shape, tr), ex in exs.items():
+                row[f"{shape}_{tr}"] = decode_ms(ex, tokens, sampled=(tr == "dist"))
+            for k, v in row.items():
+                samples.setdefault(k, []).append(v)
+            print(f"round {r}: " + " ".join(f"{k} {v:.1f}" for k, v in row.items()), file=sys.stderr, flush=True)
+        for ex in exs.values():
+            ex.close()
+        res = {k: statistics.median(v) for k, v in samples.items()}
+        res.update(hop_slope(cluster, tokens))
+    finally:
+        local.close()
+        cluster.shutdown()
+    base = res["local_1_thread"]
+    print(f"\nruntime: SmolLM2 (auto format), decode ms/token, median of {rounds} rounds; "
+          f"load avg {os.getloadavg()[0]:.1f}")
+    print(f"{'':10}{'calls (before)':>22}{'dist (after)':>22}")
+    print(f"{'in-proc':10}{base:10.2f} ms  1.00x")
+    for shape in SHAPES:
+        a, b = res[f"{shape}_calls"], res[f"{shape}_dist"]
+        print(f"{shape:10}{a:10.2f} ms {base / a:5.2f}x{b:14.2f} ms {base / b:5.2f}x")
+    print(f"per hop (tiny model, slope over 0..3 hops): calls {res['per_hop_ms_calls']:.3f} ms, "
+          f"dist {res['per_hop_ms_dist']:.3f} ms")
+    return res
+
+
+def hop_slope(cluster, tokens: int) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.helpers.tiny_gguf import write_tiny_llama_gguf
+
+    from ollama_distributed.model.weights import read_config
+    from ollama_distributed.runtime.placement import uniform_plan
+    from ollama_distributed.runtime.ray_executor import RayExecutor
+
+    tiny = write_tiny_llama_gguf(Path(tempfile.mkdtemp()) / "tiny.gguf")
+    cfg = read_config(tiny)
+    out = {}
+    for tr in ("calls", "dist"):
+        xs, ys = [], []
+        for k in range(1, 5):
+            ex = RayExecutor(uniform_plan(cfg, [[f"node{i}"] for i in range(k)], "tiny"), tiny, cluster,
+                             max_seq_len=512, transport=tr)
+            ms = min(decode_ms(ex, tokens, sampled=(tr == "dist")) for _ in range(3))
+            ex.close()
+            xs.append(k - 1)
+            ys.append(ms)
+            out[f"tiny_pp{k}_{tr}_ms"] = ms
+        mx, my = statistics.mean(xs), statistics.mean(ys)
+        out[f"per_hop_ms_{tr}"] = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return out
+
+
+# ---- through the API ------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float = 600) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def api_tok_s(args: list[str], env: dict, tokens: int, rounds: int) -> float:
+    port = _free_port()
+    home = tempfile.mkdtemp(prefix="od-bench-")
+    cmd = [sys.executable, "-m", "ollama_distributed.cli", "serve", "--port", str(port), "--log-level", "warning",
+           *args]
+    proc = subprocess.Popen(cmd, env={**os.environ, "HOME": home, **env}, stdout=subprocess.DEVNULL,
+                            stderr=open(Path(home) / "serve.log", "w"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(url + "/api/version", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{' '.join(args)}: server did not start (see {home}/serve.log)")
+                time.sleep(0.5)
+        body = {"model": "smollm2:135m", "prompt": "Once upon a time", "raw": True, "stream": False,
+                "options": {"temperature": 0, "num_predict": tokens}}
+        _post(url + "/api/generate", body)  # load + warm up
+        rates = []
+        for _ in range(rounds):
+            r = _post(url + "/api/generate", body)
+            rates.append((r["eval_count"] - 1) / (r["eval_duration"] / 1e9) if r["eval_count"] > 1 else 0.0)
+        return statistics.median(rates)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def api_part(tokens: int, rounds: int) -> dict:
+    from ollama_distributed.model.bundled import bundled_model_path
+
+    size_mib = bundled_model_path("smollm2:135m").stat().st_size / 2**20
+    # each node below the model with its KV cache (~1.5x the file), two together above it: a 2-stage pipeline
+    below = f"{int(size_mib * 1.15)}MiB"
+    setups = {
+        "in-process, 1 thread": ([], {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
+        "ray single (1 node)": (["--local-nodes", "1", "--strategy", "single"], {}),
+        f"pipeline 2 stages (--node-memory {below})": (["--local-nodes", "2", "--node-memory", below,
+                                                         "--strategy", "pipeline"], {}),
+        "tensor 2-way": (["--local-nodes", "2", "--strategy", "tensor"], {}),
+    }
+    res = {}
+    for name, (args, env) in setups.items():
+        res[name] = api_tok_s(args, env, tokens, rounds)
+        print(f"{name}: {res[name]:.1f} tok/s", file=sys.stderr, flush=True)
+    base = res["in-process, 1 thread"]
+    print(f"\napi: /api/generate decode tok/s (median of {rounds}, {tokens} tokens); load avg {os.getloadavg()[0]:.1f}")
+    for name, v in res.items():
+        print(f"  {name:48}{v:8.1f} tok/s {v / base:6.2f}x")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("part", nargs="?", default="all", choices=("runtime", "api", "all"))
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    out = {}
+    if args.part in ("runtime", "all"):
+        out["runtime"] = runtime_part(args.tokens, args.rounds)
+    if args.part in ("api", "all"):
+        out["api"] = api_part(max(args.tokens, 64), args.rounds)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

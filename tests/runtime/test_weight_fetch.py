@@ -1,0 +1,347 @@
+"""Weights reach a node that lacks the model file (runtime/weight_fetch.py), on a real Ray node that cannot see it.
+
+The node is a real raylet (`ray start --address ...`) joined to the session's cluster from its own mount namespace
+(`unshare --mount`), where an empty tmpfs covers the model's directory: its processes see no model file, as a
+machine without the model store. Its shard fetches only its tensors' chunks from the holder on the head node; the
+output must equal the in-process engine's; a transfer killed mid-way resumes from what was verified; a byte
+flipped in the holder's file is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ollama_distributed.model.weights import read_config
+from ollama_distributed.runtime.local_executor import LocalExecutor
+from ollama_distributed.runtime.placement import uniform_plan
+from ollama_distributed.runtime.ray_executor import RayExecutor
+from ollama_distributed.runtime.weight_fetch import (ChunkTable, SliceCache, WeightFetchError, WeightHolder, chunk_table,
+                                                     chunks_for, shard_tensor_names, slice_bytes)
+
+pytestmark = pytest.mark.slow
+
+CHUNK = 256 << 10  # small chunks, so a tiny model has many and a shard's part is visibly less than the file
+NODE = "nofile"
+_RAY_START_LOOPBACK = (  # as tests/api/test_fault_tolerance.py: `ray start` that stays on 127.0.0.1
+    "import sys, ray._private.services as s; s.resolve_ip_for_localhost = lambda a: a; "
+    "from ray.scripts.scripts import main; sys.argv = ['ray', *sys.argv[1:]]; main()"
+)
+
+
+# ---- pure parts ------------------------------------------------------------------------------------------------
+def test_shard_tensor_names_per_stage() -> None:
+    names = ["token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight",
+             "blk.0.attn_q.weight", "blk.1.attn_q.weight", "blk.2.ffn_down.weight", "blk.10.ffn_up.weight"]
+    assert shard_tensor_names(names, (0, 2), True, False) == [
+        "token_embd.weight", "output_norm.weight", "rope_freqs.weight", "blk.0.attn_q.weight", "blk.1.attn_q.weight"]
+    assert shard_tensor_names(names, (2, 11), False, True) == [
+        "output_norm.weight", "output.weight", "rope_freqs.weight", "blk.2.ffn_down.weight", "blk.10.ffn_up.weight"]
+    tied = [n for n in names if n != "output.weight"]  # the head is the embedding: the last stage needs it
+    assert "token_embd.weight" in shard_tensor_names(tied, (2, 11), False, True)
+
+
+def test_chunks_cover_ranges_and_header() -> None:
+    table = ChunkTable("d", size=1000, data_offset=250, chunk_bytes=100, hashes=("h",) * 10)
+    assert chunks_for([], table) == [0, 1, 2]  # the header: [0, 250)
+    assert chunks_for([(500, 501), (699, 701), (950, 1000)], table) == [0, 1, 2, 5, 6, 7, 9]
+
+
+def test_chunk_table_refuses_a_blob_that_does_not_match_its_name(tmp_path, tiny_gguf) -> None:
+    data = tiny_gguf.read_bytes()
+    good = tmp_path / f"sha256-{hashlib.sha256(data).hexdigest()}"
+    good.write_bytes(data)
+    table = chunk_table(good, CHUNK, sidecar_dir=tmp_path / "tables")
+    assert table.digest == hashlib.sha256(data).hexdigest() and table.size == len(data)
+    assert len(table.hashes) == -(-len(data) // CHUNK)
+    bad = tmp_path / f"sha256-{'0' * 64}"
+    bad.write_bytes(data)
+    with pytest.raises(Exception, match="corrupt"):
+        chunk_table(bad, CHUNK, sidecar_dir=tmp_path / "tables")
+
+
+def test_a_full_disk_is_refused_before_the_first_byte(tmp_path) -> None:
+    table = ChunkTable("ab" * 32, size=1 << 50, data_offset=100, chunk_bytes=CHUNK, hashes=())
+    cache = SliceCache(table, tmp_path)
+    with pytest.raises(WeightFetchError, match=r"node n1: the model slice needs .* GB more in .* GB free"):
+        cache.prepare(1 << 50, "n1")
+    assert not cache.path.exists()
+
+
+class _Unpicklable(Exception):
+    def __init__(self, path: str, reason: str) -> None:  # the args Exception keeps are not the constructor's
+        super().__init__(f"{path}: {reason}")
+
+
+def test_an_error_ray_cannot_rebuild_arrives_as_its_text() -> None:
+    """A worker error whose class cannot be unpickled from its args reached the driver as Ray's "Failed to
+    deserialize exception"; it now leaves the actor as a RuntimeError carrying its type and message, and errors
+    that do round-trip (ModelFileError included) keep their type."""
+    from ollama_distributed.model.errors import ModelFileError
+    from ollama_distributed.runtime.worker import _portable_errors
+
+    class W:
+        @_portable_errors
+        def load(self, exc):
+            raise exc
+
+    with pytest.raises(RuntimeError, match=r"^_Unpicklable: /models/x.gguf: no such file$") as info:
+        W().load(_Unpicklable("/models/x.gguf", "no such file"))
+    assert type(info.value) is RuntimeError
+    with pytest.raises(ModelFileError, match="/m.gguf: missing"):
+        W().load(ModelFileError("/m.gguf", "missing"))
+
+
+# ---- a real node that cannot see the file ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_store(tmp_path_factory, tiny_gguf) -> Path:
+    """The tiny model as a content-addressed blob, in a directory the node without the file cannot see."""
+    store = tmp_path_factory.mktemp("store")
+    data = tiny_gguf.read_bytes()
+    blob = store / f"sha256-{hashlib.sha256(data).hexdigest()}"
+    blob.write_bytes(data)
+    return blob
+
+
+@pytest.fixture(scope="module")
+def node_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("nofile-cache")
+
+
+@pytest.fixture(scope="module")
+def nofile_node(ray_cluster, model_store, node_cache, tmp_path_factory):
+    """A raylet joined to the session cluster from its own mount namespace, the model's directory hidden under an
+    empty tmpfs. Removed (its process group killed) at the end, so later tests see the usual 4 nodes."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs util-linux unshare and the right to make a mount namespace (root or CAP_SYS_ADMIN)")
+    log_path = tmp_path_factory.mktemp("nofile-log") / "ray-start.log"
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_TMPDIR=ray_cluster.temp_dir,
+               RAY_USAGE_STATS_ENABLED="0", OLLAMA_DISTRIBUTED_SLICE_CACHE=str(node_cache))
+    start = [sys.executable, "-c", _RAY_START_LOOPBACK, "start", f"--address={ray_cluster.address}",
+             "--node-ip-address=127.0.0.1", "--num-cpus=1", '--resources={"od_memory_mib": 2048}',
+             f"--labels=ollama-distributed.io/node={NODE}", "--block", "--disable-usage-stats"]
+    script = f"mount -t tmpfs tmpfs {shlex.quote(str(model_store.parent))} && exec {shlex.join(start)}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not any(n.name == NODE for n in ray_cluster.nodes()):
+            assert proc.poll() is None, log_path.read_text()[-2000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.5)
+        yield NODE
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while any(n.name == NODE for n in ray_cluster.nodes()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_chunks():
+    """The holder the executor starts reads its chunk size from the driver's environment."""
+    old = os.environ.get("OLLAMA_DISTRIBUTED_WEIGHT_CHUNK_BYTES")
+    os.environ["OLLAMA_DISTRIBUTED_WEIGHT_CHUNK_BYTES"] = str(CHUNK)
+    yield
+    if old is None:
+        os.environ.pop("OLLAMA_DISTRIBUTED_WEIGHT_CHUNK_BYTES")
+    else:
+        os.environ["OLLAMA_DISTRIBUTED_WEIGHT_CHUNK_BYTES"] = old
+
+
+def _greedy(ex, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    logits = ex.step([0], [prompt])
+    first = logits[0].clone()
+    out = []
+    for _ in range(n):
+        out.append(int(logits[0].argmax()))
+        logits = ex.step([0], [[out[-1]]])
+    ex.free(0)
+    return out, first
+
+
+def _cached_chunks(node_cache: Path, digest: str) -> set[int]:
+    try:
+        return set(json.loads((node_cache / digest / "chunks.json").read_text())["chunks"])
+    except FileNotFoundError:
+        return set()
+
+
+def test_node_without_the_file_fetches_its_slice(ray_cluster, nofile_node, model_store, node_cache) -> None:
+    import ray
+
+    probe = _worker(ray_cluster, NODE)
+    assert not ray.get(probe.has_file.remote(str(model_store)))  # the node really lacks it
+    ray.kill(probe)
+    ref_ex = LocalExecutor(model_store, max_seq_len=64)
+    ref_tokens, ref_logits = _greedy(ref_ex, [1, 17, 42, 99, 7], 8)
+    ref_ex.close()
+
+    cfg = read_config(model_store)
+    ex = RayExecutor(uniform_plan(cfg, [["node0"], [NODE]], "tiny"), model_store, ray_cluster, max_seq_len=64)
+    try:
+        tokens, logits = _greedy(ex, [1, 17, 42, 99, 7], 8)
+        fetched = [sh.get("weights_fetched") for st in ex.placement()["stages"] for sh in st["shards"]]
+    finally:
+        ex.close()
+    assert tokens == ref_tokens
+    assert fetched[0] is None and 0 < fetched[1]["fetched_bytes"] == fetched[1]["slice_bytes"], fetched
+    # what the driver predicts from the header before loading (and logs) is what the node fetched
+    assert fetched[1]["slice_bytes"] == slice_bytes(model_store, (cfg.n_layers // 2, cfg.n_layers), False, True,
+                                                    chunk_bytes=CHUNK)
+    err = (logits - ref_logits).abs().max().item() / max(1.0, ref_logits.abs().max().item())
+    assert err <= 1e-4, err
+
+    digest = hashlib.sha256(model_store.read_bytes()).hexdigest()
+    have = _cached_chunks(node_cache, digest)
+    n_chunks = -(-model_store.stat().st_size // CHUNK)
+    assert 0 < len(have) < n_chunks, (len(have), n_chunks)  # its slice and the header, not the whole file
+    # A second executor on that node reuses the cache: nothing more is served.
+    from ollama_distributed.runtime.weight_fetch import HOLDER_NAME
+
+    holder = ray.get_actor(HOLDER_NAME)
+    served = ray.get(holder.served_bytes.remote())
+    ex = RayExecutor(uniform_plan(cfg, [["node0"], [NODE]], "tiny"), model_store, ray_cluster, max_seq_len=64)
+    try:
+        assert _greedy(ex, [1, 17, 42, 99, 7], 8)[0] == ref_tokens
+    finally:
+        ex.close()
+    assert ray.get(holder.served_bytes.remote()) == served
+    progress = ray.get(holder.progress.remote())
+    assert any(p["model"] == model_store.name and p["bytes_done"] == p["bytes_total"] > 0 for p in progress), progress
+
+
+def _on(cluster, name: str) -> dict:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return dict(scheduling_strategy=NodeAffinitySchedulingStrategy(cluster.node_id(name), soft=False))
+
+
+def _worker(cluster, name: str):
+    """A bare shard worker (the runtime's own actor) on `name`, to load a shard by hand."""
+    import ray
+
+    from ollama_distributed.runtime.worker import ShardWorker
+
+    return ray.remote(ShardWorker).options(num_cpus=0, max_restarts=0, **_on(cluster, name)).remote(1)
+
+
+def _load(worker, path: Path, cfg, holder):
+    """Load the last half of the layers and the head (the stage a second node would run)."""
+    spec = {"layers": (cfg.n_layers // 2, cfg.n_layers), "kv_heads": (0, cfg.n_kv_heads), "ffn": (0, cfg.ffn_size),
+            "has_embedding": False, "has_output": True}
+    return worker.load.remote(str(path), spec, "auto", 64, None, holder)
+
+
+def test_expert_parallel_shard_fetches_only_its_experts(ray_cluster, nofile_node, model_store) -> None:
+    """A qwen3moe plan with experts split 3 + 5 over node0 and the node without the file: the node fetches only its
+    experts' runs of each stacked expert tensor, and the plan's greedy tokens equal the in-process engine's."""
+    from tests.helpers.tiny_gguf import write_tiny_qwen3moe_gguf
+
+    path = write_tiny_qwen3moe_gguf(model_store.parent / "moe" / "m.gguf", hidden=64, expert_ffn=512, n_expert=8)
+    cfg = read_config(path)
+    plan = uniform_plan(cfg, [["node0", NODE]], "moe")
+    for shard, experts in zip(plan["stages"][0]["shards"], ([0, 3], [3, 8])):
+        shard.update(ffn=[0, cfg.ffn_size], experts=experts)  # experts split, each expert whole
+    ref = LocalExecutor(path, max_seq_len=64)
+    ref_tokens, _ = _greedy(ref, [1, 17, 42, 99, 7], 8)
+    ref.close()
+    ex = RayExecutor(plan, path, ray_cluster, max_seq_len=64)
+    try:
+        tokens, _ = _greedy(ex, [1, 17, 42, 99, 7], 8)
+        fetched = [sh.get("weights_fetched") for st in ex.placement()["stages"] for sh in st["shards"]]
+    finally:
+        ex.close()
+    assert tokens == ref_tokens
+    # TP rank 1 of the only stage holds the embedding, not the head (rank 0 of the last stage computes the logits)
+    mine, all_experts = (slice_bytes(path, (0, cfg.n_layers), True, False, e, CHUNK) for e in ((3, 8), None))
+    assert fetched[0] is None and fetched[1]["slice_bytes"] == mine < all_experts, (fetched, all_experts)
+
+
+def test_interrupted_transfer_resumes(ray_cluster, nofile_node, model_store, node_cache) -> None:
+    """A fetch killed mid-way (its process SIGKILLed) leaves only verified chunks recorded; the next fetch asks
+    for the rest only, and the slice it completes loads to the same logits."""
+    import ray
+
+    digest = hashlib.sha256(model_store.read_bytes()).hexdigest()
+    shutil.rmtree(node_cache / digest, ignore_errors=True)
+    # A holder of its own, serving at 2 MB/s, so the transfer lasts long enough to be killed part-way.
+    here = _on(ray_cluster, "node0")
+    holder = ray.remote(WeightHolder).options(max_concurrency=8, **here).remote(CHUNK, 2e6)
+    cfg = read_config(model_store)
+    worker = _worker(ray_cluster, NODE)
+    pid = ray.get(worker.info.remote())["pid"]
+    run = _load(worker, model_store, cfg, holder)
+    deadline = time.monotonic() + 60
+    while len(_cached_chunks(node_cache, digest)) < 8:
+        assert time.monotonic() < deadline, "the fetch did not start"
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayError):
+        ray.get(run, timeout=60)
+    kept = _cached_chunks(node_cache, digest)
+    served_before = ray.get(holder.served_bytes.remote())
+
+    worker = _worker(ray_cluster, NODE)
+    info = ray.get(_load(worker, model_store, cfg, holder), timeout=120)
+    assert info["weight_bytes"] > 0 and 0 < info["weights_from"]["fetched_bytes"] < info["weights_from"]["slice_bytes"]
+    ray.kill(worker)
+    served_again = ray.get(holder.served_bytes.remote()) - served_before
+    done = _cached_chunks(node_cache, digest)
+    assert kept < done and served_again <= len(done - kept) * CHUNK, (len(kept), len(done), served_again)
+    # every chunk on the node's disk is the holder's
+    data = model_store.read_bytes()
+    with open(node_cache / digest / "model.gguf", "rb") as f:
+        local = f.read()
+    for i in done:
+        assert local[i * CHUNK:(i + 1) * CHUNK] == data[i * CHUNK:(i + 1) * CHUNK], i
+
+
+def test_a_flipped_byte_at_the_holder_is_refused(ray_cluster, nofile_node, model_store, node_cache) -> None:
+    """A byte flipped in the holder's file after its chunk table was made (mtime kept, so the table stands) is
+    caught by the fetching node's check and the load fails naming the chunk; flipped with a new mtime, the holder
+    re-hashes and refuses the blob as not matching its name."""
+    import ray
+
+    blob = model_store.parent / "flipped" / model_store.name  # hidden from the node too; its own holder and table
+    blob.parent.mkdir(exist_ok=True)
+    blob.write_bytes(model_store.read_bytes())
+    here = _on(ray_cluster, "node0")
+    holder = ray.remote(WeightHolder).options(max_concurrency=8, **here).remote(CHUNK, 0)
+    table = ray.get(holder.table.remote(str(blob)))
+    shutil.rmtree(node_cache / table.digest, ignore_errors=True)
+    cfg = read_config(blob)
+    offset = table.size - 1000  # in the output head, which the last stage reads
+    st = blob.stat()
+    with open(blob, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    worker = _worker(ray_cluster, NODE)
+    with pytest.raises(ray.exceptions.RayError, match="does not match its sha256"):
+        ray.get(_load(worker, blob, cfg, holder), timeout=120)
+    assert offset // CHUNK not in _cached_chunks(node_cache, table.digest)
+
+    os.utime(blob)  # a changed file: the holder hashes it again and finds it is not the blob its name says
+    shutil.rmtree(node_cache / table.digest, ignore_errors=True)
+    with pytest.raises(ray.exceptions.RayError, match="corrupt"):
+        ray.get(_load(worker, blob, cfg, holder), timeout=120)
+    ray.kill(worker)
