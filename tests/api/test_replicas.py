@@ -26,9 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 PROMPTS = ["The quick brown fox", "Once upon a time", "In a distant galaxy", "Hello! How are"]
 N = 24
 SLOW_NODE = "node1"
-# +10 ms per step: the fast replica decodes ~700 tokens/s on the resident step loop (issue 15), so +40 ms made the
-# slow one ~35x slower and the router (rightly) sent it nothing of a short burst
-SLOW_S = 0.01
+SLOW_S = 0.04  # +40 ms per step: ~20 tokens/s against the fast replica's ~300-700 on the resident step loop
 
 
 @pytest.fixture(scope="module")
@@ -109,14 +107,14 @@ def test_json_format_applies_on_whichever_replica_serves(replica_server) -> None
     srv = replica_server
     before = [r["served"] for r in _model(srv)["engine"]["replicas"]]
     outs: list[str] = []
-    # The router sends the slow replica a small share, so a burst of 8 short JSON requests may all land on the
-    # fast one: long free-text requests sent first load the fast replica, and bursts repeat (at most 5) until both
-    # replicas have served some of these JSON requests.
-    long = {"temperature": 0, "num_predict": 160}
+    # The slow replica is ~15-35x slower, so the router sends it a short request only while the fast one has more
+    # than that many requests' work queued: 8 long free-text requests (1600 tokens, all routed to the fast replica)
+    # go first, then the burst of JSON requests; bursts repeat (at most 5) until both replicas served some.
+    long = {"temperature": 0, "num_predict": 200}
     for burst in range(5):
         prompts = [f"Describe item {burst * 8 + i} as JSON:" for i in range(8)]
-        with ThreadPoolExecutor(12) as pool:
-            fillers = [pool.submit(_generate, srv.url, p, options=long) for p in PROMPTS]
+        with ThreadPoolExecutor(16) as pool:
+            fillers = [pool.submit(_generate, srv.url, p, options=long) for p in PROMPTS * 2]
             time.sleep(0.5)  # routed and decoding before the burst arrives
             outs += pool.map(lambda p: _generate(srv.url, p, format="json")["response"], prompts)
             [f.result() for f in fillers]

@@ -293,15 +293,7 @@ class RayExecutor:
     # ---- Executor protocol ------------------------------------------------------------------------------------
     def step(self, seq_ids: list[int], tokens: list[list[int]]) -> torch.Tensor:
         self._check_usable()
-        if len(seq_ids) != len(tokens):
-            raise ValueError(f"step: {len(seq_ids)} seq_ids but {len(tokens)} token lists")
-        counts = [len(t) for t in tokens]
-        if not counts or min(counts) < 1:
-            raise ValueError(f"step: every sequence needs at least one token, got counts {counts}")
-        for sid, n in zip(seq_ids, counts):
-            have = self._lengths.get(sid, 0)
-            if have + n > self.max_seq_len:
-                raise CacheFullError(f"sequence {sid}: {have} cached + {n} new tokens exceeds max_seq_len {self.max_seq_len}")
+        counts = self._check_step(seq_ids, tokens)
         x = self._token_tensor([t for ts in tokens for t in ts])
         t0 = time.perf_counter()
         logits = self._run(seq_ids, counts, x, "logits")
