@@ -32,7 +32,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-DTYPES = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int4": (torch.bfloat16, "int4")}
+DTYPES = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int4": (torch.bfloat16, "int4"),
+          "auto": (torch.float32, "native")}  # auto: the file's own types (--dtype auto)
 
 
 def _best(fn, n: int) -> float:

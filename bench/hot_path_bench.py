@@ -5,15 +5,18 @@ Two parts, each side by side in one run:
   runtime  SmolLM2-135M in its file's own types (the default weight format, "auto") on a local Ray cluster of
            1-CPU nodes, decode ms/token of one greedy sequence, rounds interleaved:
              in-process LocalExecutor with 1 thread (the reference),
-             single / pp2 / tp2 with transport "calls" (before issue 15: one Ray call per worker per step, logits
-             shipped to the driver and sampled there) and "dist" (after: resident step loops fed through shared
-             memory, the last stage samples and returns the token id);
+             single / pp2 / tp2 over three data paths: "calls" (before issue 15: one Ray call per worker per
+             step, logits shipped to the driver and sampled there), "gloo" (resident step loops fed through
+             shared memory, the last stage samples; activations and tensor-parallel sums still over gloo on
+             loopback: OLLAMA_DISTRIBUTED_SHM_COMM=0) and "shm" (the same with activations and sums between
+             co-located shards in shared memory, runtime/shm_comm.py: the default);
            and the per-hop cost: slope of decode ms/token over 0..3 stage hops of a 4-layer tiny model
-           (~1 ms of compute), per transport.
+           (~1 ms of compute), per data path.
   api      decode tok/s through /api/generate (eval_count / eval_duration, greedy, 64 tokens) of real
            `ollama-distributed serve` processes: --local-nodes 1 --strategy single; --local-nodes 2 with
-           --node-memory below the model (a forced 2-stage pipeline); --local-nodes 2 --strategy tensor; and the
-           in-process server (no Ray) limited to 1 thread (OMP_NUM_THREADS=1), each as a ratio to the last.
+           --node-memory below the model (a forced 2-stage pipeline); --local-nodes 2 --strategy tensor (each
+           also with OLLAMA_DISTRIBUTED_SHM_COMM=0: gloo on loopback); and the in-process server (no Ray) limited
+           to 1 thread (OMP_NUM_THREADS=1), each as a ratio to the last (and to the in-process server with 2).
 
 The machine this ran on is shared with other sessions: read ratios within one run, not absolute numbers.
 
@@ -73,7 +76,6 @@ def runtime_part(tokens: int, rounds: int) -> dict:
     from ollama_distributed.runtime.distributed_run import resolve_dtype
     from ollama_distributed.runtime.local_executor import LocalExecutor
     from ollama_distributed.runtime.placement import uniform_plan
-    from ollama_distributed.runtime.ray_executor import RayExecutor
 
     path = bundled_model_path("smollm2:135m")
     dtype, quant = resolve_dtype("auto")
@@ -81,20 +83,22 @@ def runtime_part(tokens: int, rounds: int) -> dict:
     torch.set_num_threads(1)
     local = LocalExecutor(path, dtype=dtype, quant=quant, max_seq_len=512)
     # node budgets are Ray resources, not memory use: room for three shards' reservations per node
-    cluster = ClusterHandle.start_local(4, "6GiB")
+    cluster = ClusterHandle.start_local(6, "6GiB")
     res: dict = {}
     try:
-        # "calls" on node0/node1, "dist" on node2/node3: the same shapes, nodes of their own
-        on = {"calls": {"node0": "node0", "node1": "node1"}, "dist": {"node0": "node2", "node1": "node3"}}
-        exs = {(shape, tr): RayExecutor(uniform_plan(cfg, [[on[tr][n] for n in row] for row in SHAPES[shape]],
-                                                     "smollm2"), path, cluster, dtype=dtype, quant=quant,
-                                        max_seq_len=512, transport=tr)
-               for shape in SHAPES for tr in ("calls", "dist")}
+        # each data path on two nodes of its own: the same shapes
+        exs = {}
+        for i, path_name in enumerate(PATHS):
+            on = {"node0": f"node{2 * i}", "node1": f"node{2 * i + 1}"}
+            for shape in SHAPES:
+                exs[(shape, path_name)] = _executor(path_name, uniform_plan(
+                    cfg, [[on[n] for n in row] for row in SHAPES[shape]], "smollm2"), path, cluster, dtype=dtype,
+                    quant=quant, max_seq_len=512)
         samples: dict[str, list[float]] = {}
         for r in range(rounds):
             row = {"local_1_thread": decode_ms(local, tokens, False)}
             for (shape, tr), ex in exs.items():
-                row[f"{shape}_{tr}"] = decode_ms(ex, tokens, sampled=(tr == "dist"))
+                row[f"{shape}_{tr}"] = decode_ms(ex, tokens, sampled=(tr != "calls"))
             for k, v in row.items():
                 samples.setdefault(k, []).append(v)
             print(f"round {r}: " + " ".join(f"{k} {v:.1f}" for k, v in row.items()), file=sys.stderr, flush=True)
@@ -108,14 +112,32 @@ def runtime_part(tokens: int, rounds: int) -> dict:
     base = res["local_1_thread"]
     print(f"\nruntime: SmolLM2 (auto format), decode ms/token, median of {rounds} rounds; "
           f"load avg {os.getloadavg()[0]:.1f}")
-    print(f"{'':10}{'calls (before)':>22}{'dist (after)':>22}")
+    print(f"{'':10}" + "".join(f"{p:>22}" for p in PATHS))
     print(f"{'in-proc':10}{base:10.2f} ms  1.00x")
     for shape in SHAPES:
-        a, b = res[f"{shape}_calls"], res[f"{shape}_dist"]
-        print(f"{shape:10}{a:10.2f} ms {base / a:5.2f}x{b:14.2f} ms {base / b:5.2f}x")
-    print(f"per hop (tiny model, slope over 0..3 hops): calls {res['per_hop_ms_calls']:.3f} ms, "
-          f"dist {res['per_hop_ms_dist']:.3f} ms")
+        print(f"{shape:10}" + "".join(f"{res[f'{shape}_{p}']:14.2f} ms {base / res[f'{shape}_{p}']:5.2f}x"
+                                      for p in PATHS))
+    print("per hop (tiny model, slope over 0..3 hops): "
+          + ", ".join(f"{p} {res[f'per_hop_ms_{p}']:.3f} ms" for p in PATHS))
     return res
+
+
+PATHS = ("calls", "gloo", "shm")
+
+
+def _executor(path_name: str, plan, model, cluster, **kw):
+    """A RayExecutor on one of the data paths (PATHS; the driver reads OLLAMA_DISTRIBUTED_SHM_COMM at start)."""
+    from ollama_distributed.runtime.ray_executor import RayExecutor
+
+    before = os.environ.get("OLLAMA_DISTRIBUTED_SHM_COMM")
+    os.environ["OLLAMA_DISTRIBUTED_SHM_COMM"] = "0" if path_name == "gloo" else "1"
+    try:
+        return RayExecutor(plan, model, cluster, transport="calls" if path_name == "calls" else "dist", **kw)
+    finally:
+        if before is None:
+            del os.environ["OLLAMA_DISTRIBUTED_SHM_COMM"]
+        else:
+            os.environ["OLLAMA_DISTRIBUTED_SHM_COMM"] = before
 
 
 def hop_slope(cluster, tokens: int) -> dict:
@@ -124,17 +146,16 @@ def hop_slope(cluster, tokens: int) -> dict:
 
     from ollama_distributed.model.weights import read_config
     from ollama_distributed.runtime.placement import uniform_plan
-    from ollama_distributed.runtime.ray_executor import RayExecutor
 
     tiny = write_tiny_llama_gguf(Path(tempfile.mkdtemp()) / "tiny.gguf")
     cfg = read_config(tiny)
     out = {}
-    for tr in ("calls", "dist"):
+    for tr in PATHS:
         xs, ys = [], []
         for k in range(1, 5):
-            ex = RayExecutor(uniform_plan(cfg, [[f"node{i}"] for i in range(k)], "tiny"), tiny, cluster,
-                             max_seq_len=512, transport=tr)
-            ms = min(decode_ms(ex, tokens, sampled=(tr == "dist")) for _ in range(3))
+            ex = _executor(tr, uniform_plan(cfg, [[f"node{i}"] for i in range(k)], "tiny"), tiny, cluster,
+                           max_seq_len=512)
+            ms = min(decode_ms(ex, tokens, sampled=(tr != "calls")) for _ in range(3))
             ex.close()
             xs.append(k - 1)
             ys.append(ms)
@@ -198,12 +219,17 @@ def api_part(tokens: int, rounds: int) -> dict:
     size_mib = bundled_model_path("smollm2:135m").stat().st_size / 2**20
     # each node below the model with its KV cache (~1.5x the file), two together above it: a 2-stage pipeline
     below = f"{int(size_mib * 1.15)}MiB"
+    pp2 = ["--local-nodes", "2", "--node-memory", below, "--strategy", "pipeline"]
+    tp2 = ["--local-nodes", "2", "--strategy", "tensor"]
+    gloo = {"OLLAMA_DISTRIBUTED_SHM_COMM": "0"}
     setups = {
-        "in-process, 1 thread": ([], {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
+        "in-process, 2 threads": ([], {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}),
         "ray single (1 node)": (["--local-nodes", "1", "--strategy", "single"], {}),
-        f"pipeline 2 stages (--node-memory {below})": (["--local-nodes", "2", "--node-memory", below,
-                                                         "--strategy", "pipeline"], {}),
-        "tensor 2-way": (["--local-nodes", "2", "--strategy", "tensor"], {}),
+        f"pipeline 2 stages (--node-memory {below}), gloo": (pp2, gloo),
+        f"pipeline 2 stages (--node-memory {below})": (pp2, {}),
+        "tensor 2-way, gloo": (tp2, gloo),
+        "tensor 2-way": (tp2, {}),
+        "in-process, 1 thread": ([], {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
     }
     res = {}
     for name, (args, env) in setups.items():

@@ -7,7 +7,8 @@ token auth on), and runs this driver inside namespace a. It:
   1. joins the cluster with ClusterHandle.connect(address) and measures nodes and the link;
   2. runs SmolLM2 as PP=2 (one stage per namespace) and single-node, decode ms/token each;
   3. prints the scheduler cost model's predicted decode ms/token for the same plans on the measured ClusterSpec;
-  4. with FETCH=1, host B lacks the model file: its shard's fetch (bytes, seconds, MB/s) over the shaped link.
+  4. with FETCH=1, host B lacks the model file: its shard's fetch (bytes, seconds, MB/s) over the shaped link, and
+     what the plan said it would fetch and how long that takes over the measured link (scheduler/load_cost.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from ollama_distributed.runtime.cluster import ClusterHandle
 from ollama_distributed.runtime.measure import to_cluster_spec
 from ollama_distributed.runtime.placement import uniform_plan
 from ollama_distributed.runtime.ray_executor import RayExecutor
+from ollama_distributed.runtime.weight_fetch import weight_sources
 from ollama_distributed.scheduler.cost import CostModel
+from ollama_distributed.scheduler.load_cost import load_costs
 from ollama_distributed.scheduler.plan import PartitionPlan
 from ollama_distributed.scheduler.profile import ModelProfile
 from ollama_distributed.scheduler.workload import Workload
@@ -58,9 +61,14 @@ def main() -> None:
         profile = ModelProfile.from_config(cfg, dtype="f32", name="smollm2")
         workload = Workload(prompt_tokens=len(PROMPT), output_tokens=tokens, context_tokens=len(PROMPT) + tokens + 1)
         cm = CostModel(profile, spec, workload, "latency")
+        # which node holds the file (FETCH=1: host A only), asked of the nodes, as the server plans with
+        sources = weight_sources(path, cluster, spec)
         for name, shape in {"single_a": [["hostA"]], "pp2_a_b": [["hostA"], ["hostB"]]}.items():
             plan = uniform_plan(cfg, shape, "smollm2")
-            pred, _ = cm.evaluate(PartitionPlan.from_dict(plan).stages)
+            stages = PartitionPlan.from_dict(plan).stages
+            pred, _ = cm.evaluate(stages)
+            # what the plan says each node fetches before it runs, and how long over the measured link
+            planned = [l.to_dict() for l in load_costs(stages, sources, spec, profile) if l.fetch_bytes]
             t0 = time.perf_counter()
             ex = RayExecutor(plan, path, cluster, max_seq_len=256)
             load_s = time.perf_counter() - t0
@@ -73,6 +81,8 @@ def main() -> None:
                 if fetched:
                     f = fetched[0]
                     out[name]["fetch"] = dict(f, MBps=round(f["fetched_bytes"] / f["seconds"] / 1e6, 1))
+                if planned:
+                    out[name]["planned_fetch"] = planned
             finally:
                 ex.close()
         print(json.dumps(out, indent=2))

@@ -56,7 +56,7 @@ def _own_cpu_s(pids: list[int]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dtype", default="int4", choices=("int4", "float32", "bfloat16"))
+    ap.add_argument("--dtype", default="int4", choices=("auto", "int4", "float32", "bfloat16"))
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--max-foreign", type=float, default=0.1, help="cores other processes may use in a kept round")

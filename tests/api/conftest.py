@@ -155,6 +155,33 @@ def greedy_texts(model_path: Path, prompts: list[str], num_predict: int, quant: 
         return {p: h.result().text for p, h in handles.items()}
 
 
+def greedy_gaps(model_path: Path, prompts: list[str], num_predict: int, quant: str | None = "native"
+                ) -> dict[str, tuple[float, int]]:
+    """Per prompt, the smallest gap between the top two logits along its greedy path, relative to the top logit,
+    and the generated token where it occurs: how far that path is from a near-tie that float rounding (other batch
+    shapes, a replay after recovery) could flip."""
+    import torch
+
+    from ollama_distributed.model.tokenizer import Tokenizer
+    from ollama_distributed.runtime.local_executor import LocalExecutor
+
+    tok = Tokenizer.from_gguf(model_path)
+    ex = LocalExecutor(model_path, quant=quant)
+    out = {}
+    try:
+        for sid, prompt in enumerate(prompts):
+            logits, worst = ex.step([sid], [tok.encode(prompt)])[-1], (float("inf"), -1)
+            for i in range(num_predict):
+                top = torch.topk(logits.float(), 2).values
+                worst = min(worst, (float(top[0] - top[1]) / abs(float(top[0])), i))
+                logits = ex.step([sid], [[int(logits.argmax())]])[-1]
+            ex.free(sid)
+            out[prompt] = worst
+    finally:
+        ex.close()
+    return out
+
+
 def end_process_group(proc: subprocess.Popen) -> None:
     """End what a test started in its own process group (e.g. a joining `ray start`), never other Ray processes
     on the machine."""

@@ -8,37 +8,20 @@ used). Without them the tests skip with the reason.
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
 import statistics
 from pathlib import Path
 
 import httpx
 import pytest
 
+from .dashboard_browser import dashboard_page, plan_status_server, require_browser, screenshot
 from .live_app import run_with_server, server_app
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # 19 MiB per node holds the embedding (or the untied output head) of the tiny model plus one layer with its
 # 2048-token KV cache, so the planner must use all three nodes: [0, 1) · [1, 3) · [3, 4).
 NODE_MEMORY = "19MiB"
 
 pytestmark = pytest.mark.slow
-
-
-def require_browser() -> None:
-    if importlib.util.find_spec("playwright") is None:
-        pytest.skip("playwright is not installed (pip install playwright; the browser is Debian's chromium)")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium chromium-driver)")
-
-
-def open_browser(p):
-    """Debian's Chromium through Playwright (`p` is sync_playwright()'s object). No `playwright install`."""
-    return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
 def _generate(url: str, n_tokens: int = 16) -> dict:
@@ -58,8 +41,6 @@ def test_dashboard_shows_three_node_pipeline(tmp_path_factory, tiny_gguf: Path) 
 
 
 def _check_dashboard(url: str, app, tiny_gguf: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
     r = httpx.post(url + "/api/create", json={"model": "tiny", "from": str(tiny_gguf), "stream": False},
                    timeout=120)
     assert r.status_code == 200, r.text
@@ -83,11 +64,7 @@ def _check_dashboard(url: str, app, tiny_gguf: Path) -> None:
     # a healthy cluster is not a drifting one: no re-plan proposed
     assert app.state.observability.pending_replan("tiny:latest") is None
 
-    with sync_playwright() as p:
-        browser = open_browser(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url + "/dashboard")
-        page.wait_for_selector(".shard-row", timeout=60_000)
+    with dashboard_page(url, height=1000) as page:
         page.wait_for_function("Number(document.body.dataset.polls || 0) >= 2", timeout=60_000)
         # every node has a card, named as the cluster names it
         names = sorted(n.get("name") or n["id"] for n in nodes)
@@ -113,11 +90,7 @@ def _check_dashboard(url: str, app, tiny_gguf: Path) -> None:
         assert page.inner_text('#strategies tr[data-strategy="pipeline"]').split()[0] == "pipeline"
         assert "×" in page.inner_text("#calibration")
         assert "plan" in page.inner_text("#events")
-        ARTIFACTS.mkdir(exist_ok=True)
-        shot = ARTIFACTS / "dashboard-pipeline-3-nodes.png"
-        page.screenshot(path=str(shot), full_page=True)
-        assert shot.stat().st_size > 10_000
-        browser.close()
+        assert screenshot(page, "dashboard-pipeline-3-nodes.png").stat().st_size > 10_000
 
 
 def test_dashboard_through_the_cli_server(tmp_path_factory, tiny_gguf: Path) -> None:
@@ -134,20 +107,12 @@ def test_dashboard_through_the_cli_server(tmp_path_factory, tiny_gguf: Path) -> 
         _generate(srv.url, 4)
         status = httpx.get(srv.url + "/api/distributed/status", timeout=120).json()
         plan = next(m for m in status["models"] if m["name"] == "tiny:latest")["plans"][0]
-        from playwright.sync_api import sync_playwright
-
-        with sync_playwright() as p:
-            browser = open_browser(p)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(srv.url + "/dashboard")
-            page.wait_for_selector(".shard-row", timeout=60_000)
+        with dashboard_page(srv.url, height=1000) as page:
             cards = page.eval_on_selector_all("#nodes .node", "els => els.map(e => e.dataset.node)")
             assert len(cards) == len(status["nodes"]) == 3
             rows = page.eval_on_selector_all(".shard-row", "els => els.map(e => e.dataset.node)")
             assert rows == [sh["node"] for st in plan["stages"] for sh in st["shards"]]
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "dashboard-cli-serve.png"), full_page=True)
-            browser.close()
+            screenshot(page, "dashboard-cli-serve.png")
     finally:
         stop_server(srv)
 
@@ -157,50 +122,25 @@ def test_dashboard_draws_tensor_parallel_slices(tmp_path_factory) -> None:
     machine, so this renders the scheduler's real plan for it: the page is served by observability.install on a
     minimal app whose /api/distributed/status returns that plan in the server's status shape."""
     require_browser()
-    from fastapi import FastAPI
-    from playwright.sync_api import sync_playwright
-
-    from ollama_distributed.api import observability
     from ollama_distributed.scheduler import (ClusterSpec, LinkSpec, NodeSpec, PlanConfig, Workload, plan,
                                               preset_profile)
-
-    from .live_app import serve_app
 
     gb = 10**9
     spec = ClusterSpec(tuple(NodeSpec(f"gpu{i}", 10 * gb, 900e9, 100e12) for i in range(4)), LinkSpec(5e-6, 50e9))
     hybrid = plan(preset_profile("llama-13b"), spec, Workload(prompt_tokens=256, output_tokens=128),
                   PlanConfig(strategy="hybrid"))
     assert hybrid.strategy == "hybrid" and any(len(st.shards) > 1 for st in hybrid.stages)
-    app = FastAPI()
-    observability.install(app)
-    status = {"nodes": [{"id": f"id-{n.name}", "name": n.name, "address": "10.0.0.%d" % i, "state": "alive",
-                         "resources": {"memory_budget": n.memory_bytes},
-                         "measured": {"memory_bandwidth": n.memory_bandwidth, "flops": n.flops}}
-                        for i, n in enumerate(spec.nodes)],
-              "models": [{"name": "llama-13b", "plans": [hybrid.to_dict()], "engine": {"running": 0, "waiting": 0}}]}
-    app.get("/api/distributed/status")(lambda: status)
-    app.get("/api/ps")(lambda: {"models": []})
-    srv = serve_app(app)
-    try:
-        with sync_playwright() as p:
-            browser = open_browser(p)
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(srv.url + "/dashboard")
-            page.wait_for_selector(".shard-row", timeout=60_000)
-            for st in hybrid.stages:
-                total = max(sh.heads[1] for sh in st.shards)
-                for sh in st.shards:
-                    cells = page.eval_on_selector_all(
-                        f'table.grid tr[data-node="{sh.node}"] td.cell[data-layer]',
-                        "els => els.map(e => [Number(e.dataset.layer), e.firstChild.style.height])")
-                    share = f"{round(100 * (sh.heads[1] - sh.heads[0]) / total)}%"
-                    assert cells == [[layer, share] for layer in range(*st.layers)], (sh.node, cells[:3])
-            rows = page.eval_on_selector_all(".shard-row", "els => els.map(e => e.innerText)")
-            assert len(rows) == sum(len(st.shards) for st in hybrid.stages)
-            assert any("heads [0, 20)" in r for r in rows) and any("heads [20, 40)" in r for r in rows)
-            assert "hybrid · 2 stage(s)" in page.inner_text("#models")
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "dashboard-hybrid-plan.png"), full_page=True)
-            browser.close()
-    finally:
-        srv.stop()
+    with plan_status_server(spec, "llama-13b", hybrid) as url, dashboard_page(url) as page:
+        for st in hybrid.stages:
+            total = max(sh.heads[1] for sh in st.shards)
+            for sh in st.shards:
+                cells = page.eval_on_selector_all(
+                    f'table.grid tr[data-node="{sh.node}"] td.cell[data-layer]',
+                    "els => els.map(e => [Number(e.dataset.layer), e.firstChild.style.height])")
+                share = f"{round(100 * (sh.heads[1] - sh.heads[0]) / total)}%"
+                assert cells == [[layer, share] for layer in range(*st.layers)], (sh.node, cells[:3])
+        rows = page.eval_on_selector_all(".shard-row", "els => els.map(e => e.innerText)")
+        assert len(rows) == sum(len(st.shards) for st in hybrid.stages)
+        assert any("heads [0, 20)" in r for r in rows) and any("heads [20, 40)" in r for r in rows)
+        assert "hybrid · 2 stage(s)" in page.inner_text("#models")
+        screenshot(page, "dashboard-hybrid-plan.png")

@@ -7,21 +7,15 @@ from __future__ import annotations
 
 import pytest
 
-from .test_dashboard import ARTIFACTS, open_browser, require_browser
+from .dashboard_browser import dashboard_page, plan_status_server, require_browser, screenshot
 
 pytestmark = pytest.mark.slow
 
 
 def test_dashboard_draws_expert_placement() -> None:
     require_browser()
-    from fastapi import FastAPI
-    from playwright.sync_api import sync_playwright
-
-    from ollama_distributed.api import observability
     from ollama_distributed.scheduler import ClusterSpec, LinkSpec, NodeSpec, PlanConfig, Workload, plan
     from ollama_distributed.scheduler.profile import preset_profile
-
-    from .live_app import serve_app
 
     gb = 10**9
     spec = ClusterSpec((NodeSpec("big", 64 * gb, 400e9, 20e12), NodeSpec("mid", 48 * gb, 300e9, 20e12),
@@ -30,34 +24,15 @@ def test_dashboard_draws_expert_placement() -> None:
               PlanConfig(strategy="tensor"))
     shards = ep.stages[0].shards
     assert len(shards) == 3 and all(sh.experts is not None for sh in shards)
-    app = FastAPI()
-    observability.install(app)
-    status = {"nodes": [{"id": f"id-{n.name}", "name": n.name, "address": "10.0.0.%d" % i, "state": "alive",
-                         "resources": {"memory_budget": n.memory_bytes},
-                         "measured": {"memory_bandwidth": n.memory_bandwidth, "flops": n.flops}}
-                        for i, n in enumerate(spec.nodes)],
-              "models": [{"name": "qwen3-235b-a22b", "plans": [ep.to_dict()], "engine": {"running": 0, "waiting": 0}}]}
-    app.get("/api/distributed/status")(lambda: status)
-    app.get("/api/ps")(lambda: {"models": []})
-    srv = serve_app(app)
-    try:
-        with sync_playwright() as p:
-            browser = open_browser(p)
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(srv.url + "/dashboard")
-            page.wait_for_selector(".shard-row", timeout=60_000)
-            drawn = page.eval_on_selector_all(
-                ".shard-row td.experts",
-                "els => els.map(e => [e.closest('tr').dataset.node, e.dataset.experts, "
-                "e.querySelector('span span').style.left, e.querySelector('span span').style.width])")
-            # (the bar: left at the first expert held, as wide as the share of the 128; the browser writes "0%")
-            want = [[sh.node, f"{sh.experts[0]}-{sh.experts[1]}", round(100 * sh.experts[0] / 128, 1),
-                     round(100 * (sh.experts[1] - sh.experts[0]) / 128, 1)] for sh in shards]
-            assert [[n, e, float(left.rstrip("%")), float(width.rstrip("%"))] for n, e, left, width in drawn] == want
-            header = page.eval_on_selector_all("table.shards th", "els => els.map(e => e.innerText)")
-            assert "experts" in header
-            ARTIFACTS.mkdir(exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "dashboard-expert-placement.png"), full_page=True)
-            browser.close()
-    finally:
-        srv.stop()
+    with plan_status_server(spec, "qwen3-235b-a22b", ep) as url, dashboard_page(url) as page:
+        drawn = page.eval_on_selector_all(
+            ".shard-row td.experts",
+            "els => els.map(e => [e.closest('tr').dataset.node, e.dataset.experts, "
+            "e.querySelector('span span').style.left, e.querySelector('span span').style.width])")
+        # (the bar: left at the first expert held, as wide as the share of the 128; the browser writes "0%")
+        want = [[sh.node, f"{sh.experts[0]}-{sh.experts[1]}", round(100 * sh.experts[0] / 128, 1),
+                 round(100 * (sh.experts[1] - sh.experts[0]) / 128, 1)] for sh in shards]
+        assert [[n, e, float(left.rstrip("%")), float(width.rstrip("%"))] for n, e, left, width in drawn] == want
+        header = page.eval_on_selector_all("table.shards th", "els => els.map(e => e.innerText)")
+        assert "experts" in header
+        screenshot(page, "dashboard-expert-placement.png")

@@ -150,16 +150,32 @@ def test_replica_worker_killed_recovers_on_its_own_node(replica_server, referenc
     assert recs["recoveries"] and recs["recoveries"][-1]["error"] is None, recs
 
 
-def test_replica_on_a_lost_node_is_dropped_others_keep_serving(replica_server, references) -> None:
-    """node1 (not the head) dies with its raylet and shard process while its replica idles; the only other node
-    holds the other replica, so the lost replica cannot be re-placed: it is dropped, and requests — sent all
-    along — are served by the survivor."""
-    from .test_fault_tolerance import _kill_node
+@pytest.fixture(scope="module")
+def long_references(tiny_gguf: Path) -> dict[str, str]:
+    """200-token greedy texts of test_fault_tolerance's prompts (chosen clear of near-ties there)."""
+    from .test_fault_tolerance import N_PREDICT, PROMPTS as LONG
+
+    return greedy_texts(tiny_gguf, LONG, N_PREDICT)
+
+
+def test_replica_on_a_lost_node_is_dropped_others_keep_serving(replica_server, references, long_references) -> None:
+    """node1 (not the head) dies with its raylet and shard process while its replica streams requests; the only
+    other node holds the other replica, so the lost replica cannot be re-placed: it is dropped, its requests move
+    to the survivor and finish there with the text of an uninterrupted run, and requests sent all along are
+    served by the survivor."""
+    from .test_fault_tolerance import Stream, _kill_node
 
     srv = replica_server
     plans = _model(srv)["plans"]
     lost = next(p for p in plans if "node1" in _nodes_of(p))
     shards = [sh for st in lost["stages"] for sh in st["shards"]]
+    # more long streams than the fast replica takes (OLLAMA_NUM_PARALLEL 4 running + OLLAMA_MAX_QUEUE 16
+    # waiting): the rest go to the slow replica, which the router otherwise rightly leaves idle
+    streams = [Stream(srv.url, p) for p in list(long_references) * 3]
+    deadline = time.monotonic() + 60
+    while not _model(srv)["engine"]["replicas"][plans.index(lost)]["live"]:
+        assert time.monotonic() < deadline, "the router sent the slow replica nothing"
+        time.sleep(0.05)
     _kill_node(shards[0]["node_id"], [sh["pid"] for sh in shards])
     deadline = time.monotonic() + 120
     while len(_model(srv)["plans"]) != 1:
@@ -175,3 +191,8 @@ def test_replica_on_a_lost_node_is_dropped_others_keep_serving(replica_server, r
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda p: (p, _generate(srv.url, p)["response"]), PROMPTS))
     assert all(text == references[p] for p, text in results)
+    for s in streams:
+        text = s.join()
+        assert s.final is not None and "error" not in s.final, (s.final, srv.log()[-3000:])
+        assert text == long_references[s.prompt], f"{s.prompt!r}: text differs after the hand-over"
+    assert "handed" in srv.log() and "adopted" in srv.log(), srv.log()[-3000:]

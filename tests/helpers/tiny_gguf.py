@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,39 @@ def _encode_tensor(w: np.ndarray, dtype: str, rng: np.random.Generator) -> tuple
     return gguf.quants.quantize(w, qtype), qtype
 
 
+def _write_common(w: gguf.GGUFWriter, arch: str, *, name: str, context_length: int, hidden: int, n_layers: int,
+                  ffn: int, n_heads: int, n_kv_heads: int, rope_theta: float, rms_eps: float, dtype: str,
+                  tok: dict[str, Any], head_dim: int | None = None) -> None:
+    """The metadata every tiny writer puts in its file, with llama.cpp's `{arch}.*` keys: name, context, widths,
+    layer and head counts (`attention.key_length` / `value_length` when `head_dim` is given), RoPE base, RMSNorm
+    epsilon, vocabulary size, `general.file_type` for `dtype`, and the `tokenizer.*` fields `tok`. A writer adds its
+    family's own keys beside these (GGUF keeps every key until the header is written, so order does not matter)."""
+    w.add_name(name)
+    w.add_context_length(context_length)
+    w.add_embedding_length(hidden)
+    w.add_block_count(n_layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    if head_dim is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_freq_base(rope_theta)
+    w.add_layer_norm_rms_eps(rms_eps)
+    w.add_vocab_size(len(tok["tokenizer.ggml.tokens"]))
+    w.add_file_type(_file_type(dtype))
+    for key, value in tok.items():
+        _add_field(w, key, value)
+
+
+def _finish(w: gguf.GGUFWriter) -> None:
+    """Header, metadata and tensors to the file, then close it."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def write_tiny_llama_gguf(
     path: str | Path,
     *,
@@ -287,30 +321,16 @@ def write_tiny_llama_gguf(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(name)
-    w.add_context_length(context_length)
-    w.add_embedding_length(hidden)
-    w.add_block_count(n_layers)
-    w.add_feed_forward_length(ffn)
-    w.add_head_count(n_heads)
-    w.add_head_count_kv(n_kv_heads)
-    w.add_rope_freq_base(rope_theta)
-    w.add_layer_norm_rms_eps(rms_eps)
-    w.add_vocab_size(n_vocab)
+    _write_common(w, arch, name=name, context_length=context_length, hidden=hidden, n_layers=n_layers, ffn=ffn,
+                  n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta, rms_eps=rms_eps, dtype=dtype, tok=tok,
+                  head_dim=hd if arch == "llama" and hd != hidden // n_heads else None)
     if arch == "llama":
         w.add_rope_dimension_count(hd)
-        if hd != hidden // n_heads:
-            w.add_key_length(hd)
-            w.add_value_length(hd)
     if rope_scaling:
         w.add_string(f"{arch}.rope.scaling.type", str(rope_scaling["type"]))
         for key, value in rope_scaling.items():
             if key != "type":
                 w.add_float32(f"{arch}.rope.scaling.{key}", float(value))
-    w.add_file_type(_file_type(dtype))
-
-    for key, value in tok.items():
-        _add_field(w, key, value)
 
     rng = np.random.default_rng(seed + 1)
     for hf_name, t in sd.items():
@@ -320,11 +340,7 @@ def write_tiny_llama_gguf(
             t = permute_qk(t, n_kv_heads)
         data, raw_dtype = _encode_tensor(t, dtype, rng)
         w.add_tensor(_hf_to_gguf_name(hf_name), data, raw_dtype=raw_dtype)
-
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return path
 
 
@@ -553,35 +569,21 @@ def write_tiny_qwen3moe_gguf(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(name)
-    w.add_context_length(context_length)
-    w.add_embedding_length(hidden)
-    w.add_block_count(n_layers)
-    w.add_feed_forward_length(expert_ffn * n_expert_used)  # the dense width, unused by an all-MoE model
-    w.add_head_count(n_heads)
-    w.add_head_count_kv(n_kv_heads)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_freq_base(rope_theta)
-    w.add_layer_norm_rms_eps(rms_eps)
+    # (feed_forward_length: the dense width, unused by an all-MoE model)
+    _write_common(w, arch, name=name, context_length=context_length, hidden=hidden, n_layers=n_layers,
+                  ffn=expert_ffn * n_expert_used, n_heads=n_heads, n_kv_heads=n_kv_heads, rope_theta=rope_theta,
+                  rms_eps=rms_eps, dtype=dtype, tok=tok, head_dim=head_dim)
     w.add_expert_count(n_expert)
     w.add_expert_used_count(n_expert_used)
     w.add_expert_feed_forward_length(expert_ffn)
     if shared_expert_ffn:
         w.add_expert_shared_feed_forward_length(shared_expert_ffn)
-    w.add_vocab_size(n_vocab)
-    w.add_file_type(_file_type(dtype))
-    for key, value in tok.items():
-        _add_field(w, key, value)
     enc_rng = np.random.default_rng(seed + 1)
     for tname, t in tensors.items():
         keep_f32 = t.ndim == 1 or "ffn_gate_inp" in tname
         data, raw_dtype = _encode_tensor(t, "f32" if keep_f32 else dtype, enc_rng)
         w.add_tensor(tname, data, raw_dtype=raw_dtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return path
 
 
@@ -608,6 +610,7 @@ def write_tiny_family_gguf(
     init_std: float = 0.08,
     tokenizer_metadata: dict[str, Any] | None = None,
     name: str | None = None,
+    longrope: dict[str, Any] | None = None,
 ) -> Path:
     """A tiny random model of `arch` (one of FAMILIES) with llama.cpp's metadata keys and tensor names, loadable by
     transformers' GGUF loader (`AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`):
@@ -624,7 +627,11 @@ def write_tiny_family_gguf(
       keeps as it reads neither key; load the reference with attn_implementation="eager", whose attention caps).
     - qwen3: llama's tensors plus per-head q/k norms, no qkv bias, HF row order (no permute); head_dim defaults to
       128 (transformers' Qwen3Config default, as its GGUF loader reads no key_length for qwen3).
-    - phi3: fused `attn_qkv` (rows q | k | v) and `ffn_up` (rows gate | up), plain RoPE (no LongRoPE factors).
+    - phi3: fused `attn_qkv` (rows q | k | v) and `ffn_up` (rows gate | up), plain RoPE; with `longrope`
+      ({"long_factor": [...], "short_factor": [...], "original_context_length": n}, head_dim / 2 factors each) the
+      128k files' LongRoPE as convert_hf_to_gguf.py Phi3MiniModel writes it: F32 tensors `rope_factors_long.weight`
+      / `rope_factors_short.weight`, `rope.scaling.original_context_length` and `rope.scaling.attn_factor` =
+      sqrt(1 + ln(s) / ln(orig)), s = context_length / orig.
     2-D weights in `dtype` (one of DTYPES), vectors F32. Tokenizer: SmolLM2's (first `vocab` tokens) unless
     `tokenizer_metadata` is given.
     """
@@ -681,18 +688,11 @@ def write_tiny_family_gguf(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(name or f"tiny-random-{arch}")
-    w.add_context_length(context_length)
-    w.add_embedding_length(hidden)
-    w.add_block_count(n_layers)
-    w.add_feed_forward_length(ffn)
-    w.add_head_count(n_heads)
-    w.add_head_count_kv(n_kv_heads)
-    w.add_rope_freq_base(rope_theta or {"gemma3": 1000000.0, "qwen3": 1000000.0}.get(arch, 10000.0))
-    w.add_layer_norm_rms_eps(1e-6 if arch != "phi3" else 1e-5)
-    if arch in ("gemma2", "gemma3", "qwen3"):
-        w.add_key_length(hd)
-        w.add_value_length(hd)
+    _write_common(w, arch, name=name or f"tiny-random-{arch}", context_length=context_length, hidden=hidden,
+                  n_layers=n_layers, ffn=ffn, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                  rope_theta=rope_theta or {"gemma3": 1000000.0, "qwen3": 1000000.0}.get(arch, 10000.0),
+                  rms_eps=1e-6 if arch != "phi3" else 1e-5, dtype=dtype, tok=tok,
+                  head_dim=hd if arch in ("gemma2", "gemma3", "qwen3") else None)
     if gemma:
         w.add_sliding_window(sliding_window)
     if arch == "gemma2":
@@ -700,16 +700,18 @@ def write_tiny_family_gguf(
         w.add_final_logit_softcapping(30.0)
     if arch == "phi3":
         w.add_rope_dimension_count(hd)
-    w.add_vocab_size(n_vocab)
-    w.add_file_type(_file_type(dtype))
-    for key, value in tok.items():
-        _add_field(w, key, value)
+    if longrope:
+        if arch != "phi3" or not len(longrope["long_factor"]) == len(longrope["short_factor"]) == hd // 2:
+            raise ValueError(f"longrope is phi3's, with head_dim / 2 = {hd // 2} long and short factors")
+        orig = int(longrope["original_context_length"])
+        scale = context_length / orig
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0)
+        t["rope_factors_long.weight"] = np.asarray(longrope["long_factor"], dtype=np.float32)
+        t["rope_factors_short.weight"] = np.asarray(longrope["short_factor"], dtype=np.float32)
     enc_rng = np.random.default_rng(seed + 1)
     for tname, x in t.items():
         data, raw_dtype = _encode_tensor(x, dtype, enc_rng)
         w.add_tensor(tname, data, raw_dtype=raw_dtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return path

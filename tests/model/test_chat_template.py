@@ -169,3 +169,22 @@ def test_real_smollm2_template(smollm2_path: Path) -> None:
     ours = ChatTemplate.from_gguf(smollm2_path)
     for conv in CONVERSATIONS[:3]:
         assert ours.render(conv) == hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.slow
+def test_real_gemma3_template() -> None:
+    """The real Gemma 3 270M GGUF's own template (system folded into the first user turn, `model` role) renders as
+    transformers' renderer does with that template and Gemma's special tokens."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from tests.helpers.gemma3_file import SKIP_REASON, gemma3_270m_path
+
+    path = gemma3_270m_path()
+    if path is None:
+        pytest.skip(SKIP_REASON)
+    ours = ChatTemplate.from_gguf(path)
+    assert ours.source and "start_of_turn" in ours.source
+    for conv in CONVERSATIONS[:4]:
+        rendered, _ = render_jinja_template([conv], chat_template=ours.source, add_generation_prompt=True,
+                                            bos_token="<bos>", eos_token="<eos>")
+        assert ours.render(conv) == rendered[0]

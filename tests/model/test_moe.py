@@ -250,5 +250,10 @@ def test_planner_counts_the_shared_expert(qwen2moe_gguf, fmt):
     from ollama_distributed.runtime.distributed_run import model_profile
     from ollama_distributed.model.weights import open_gguf
 
-    file_bytes = sum(int(t.n_bytes) for t in open_gguf(qwen2moe_gguf).tensors)
-    assert model_profile(qwen2moe_gguf, fmt).total_weight_bytes == pytest.approx(file_bytes, rel=1e-9)
+    tensors = open_gguf(qwen2moe_gguf).tensors
+    file_bytes = sum(int(t.n_bytes) for t in tensors)
+    profile = model_profile(qwen2moe_gguf, fmt)
+    assert profile.total_weight_bytes == pytest.approx(file_bytes, rel=1e-9)
+    # the shared expert's part, which plans count on one shard of a stage (tests/scheduler/test_moe_plans.py)
+    shexp = sum(int(t.n_bytes) for t in tensors if "_shexp." in t.name) / profile.n_layers
+    assert profile.shared_expert_bytes == pytest.approx(shexp, rel=1e-9) and shexp > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import threading
+import time
 
 import pytest
 
@@ -99,3 +100,20 @@ def test_socket_channel_between_processes():
         ch.close()
         if proc.is_alive():
             proc.kill()
+
+
+def test_a_waiting_reader_sleeps():
+    """A reader with nothing to read sleeps on the ring's doorbell instead of polling: waiting 0.5 s costs
+    (almost) no CPU, while a message still wakes it at once."""
+    ring = ShmRing.create(slots=4, slot_bytes=1024)
+    try:
+        cpu0 = time.process_time()
+        assert ring.recv(timeout=0.5) is None
+        assert time.process_time() - cpu0 < 0.05
+        threading.Timer(0.2, lambda: ring.send(b"late")).start()
+        t0 = time.perf_counter()
+        assert ring.recv(timeout=10) == b"late"
+        assert time.perf_counter() - t0 < 0.3
+    finally:
+        ring.unlink()
+        ring.close()

@@ -406,6 +406,51 @@ def test_replace_executor_mid_generation(engine, tiny_gguf, tokenizer):
         olds[0].step([1], [[1]])
 
 
+def test_unrecoverable_failure_hands_sequences_to_another_engine(engine, tiny_gguf, tokenizer):
+    """A failed step that `recover` cannot mend hands every running sequence to another engine (`hand_off` →
+    `adopt`, what a dropped replica does): each stream goes on from where it stopped, with the tokens of a run
+    without the failure (greedy and seeded), and the first engine keeps nothing."""
+    survivor = InferenceEngine(LocalExecutor(tiny_gguf, max_seq_len=512), tokenizer)
+    given = []
+
+    def hand_off(seqs):
+        given.extend(seqs)
+        survivor.adopt(seqs)
+        return True
+
+    try:
+        reqs, outs, eng = _interrupted_run(tiny_gguf, tokenizer, lambda e: e.executor.close(),
+                                           recover=lambda exc, old: None, hand_off=hand_off)
+        for req, chunks in zip(reqs, outs):
+            assert _joined(chunks) == engine.generate(req).token_ids
+        assert len(given) == 2 and survivor.adopted == 2
+        # the first engine kept nothing (closing it ends no moved request), and a cancel of a moved request
+        # reaches the engine that now runs it
+        h = _moved_request(tiny_gguf, tokenizer, survivor)
+        h.cancel()
+        assert list(h._iter_sync(timeout=30))[-1].done_reason == "cancel"
+    finally:
+        survivor.close()
+
+
+def _moved_request(tiny_gguf, tokenizer, survivor):
+    """A long request on an engine whose executor then dies and which hands it to `survivor`; that engine is
+    closed once the survivor has it. Returns the request's handle."""
+    eng = InferenceEngine(LocalExecutor(tiny_gguf, max_seq_len=4096), tokenizer,
+                          hand_off=lambda seqs: survivor.adopt(seqs) is None)
+    adopted = survivor.adopted
+    h = eng.submit(GenerationRequest(tokenizer.encode("a"), GREEDY.merged({"num_predict": 100000})))
+    chunks = iter(h)  # kept: a dropped iterator cancels its request (a client that went away)
+    next(chunks)
+    eng.executor.close()
+    deadline = time.monotonic() + 60
+    while survivor.adopted == adopted:
+        assert time.monotonic() < deadline, "the request was not handed over"
+        time.sleep(0.01)
+    eng.close()
+    return h
+
+
 def test_close_ends_running_requests(tiny_gguf, tokenizer):
     eng = InferenceEngine(LocalExecutor(tiny_gguf, max_seq_len=4096), tokenizer)
     h = eng.submit(GenerationRequest(tokenizer.encode("a"), GREEDY.merged({"num_predict": 100000})))

@@ -68,13 +68,26 @@ def tiny_ref(tiny_gguf):
     ex.close()
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_tiny_plans_match_single_process(shape, tiny_gguf, tiny_ref, ray_cluster):
+# Every node of the test cluster is on this host, so each stage-to-stage hop and each multi-shard stage's sum runs
+# over shared memory (runtime/shm_comm.py): (hops, ranks summing there). "-gloo": the same plan with shared memory
+# off, i.e. the path shards on different machines take.
+SHM_PATHS = {"pp2": (1, 0), "pp3": (2, 0), "tp2": (0, 2), "tp3": (0, 3), "hybrid2x2": (2, 4)}
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, "pp2-gloo", "hybrid2x2-gloo"])
+def test_tiny_plans_match_single_process(shape, tiny_gguf, tiny_ref, ray_cluster, monkeypatch):
     cfg = read_config(tiny_gguf)
+    gloo = shape.endswith("-gloo")
+    shape = shape.removesuffix("-gloo")
+    if gloo:
+        monkeypatch.setenv("OLLAMA_DISTRIBUTED_SHM_COMM", "0")
     ex = RayExecutor(uniform_plan(cfg, SHAPES[shape], "tiny"), tiny_gguf, ray_cluster, max_seq_len=256)
     try:
         assert isinstance(ex, Executor)
         check_placement(ex, ray_cluster)
+        hops, summing = (0, 0) if gloo else SHM_PATHS[shape]
+        assert sum(p["hops_out"] for p in ex.shm_paths) == sum(p["hops_in"] for p in ex.shm_paths) == hops
+        assert sum(p["all_reduce"] for p in ex.shm_paths) == summing
         for i, p in enumerate(PROMPTS[:2]):
             toks, logits = greedy(ex, i, p, 6)
             ref_toks, ref_logits = tiny_ref[i]
@@ -375,6 +388,34 @@ def test_int4_shards_on_ray_match_in_process_int4(shape, tiny_gguf_factory, ray_
             assert toks == ref_toks
             for a, b in zip(logits, ref_logits):
                 assert_close(a, b, tol=1e-3)
+    finally:
+        ex.close()
+        local.close()
+
+
+@pytest.mark.parametrize("shape", ["tp2", "hybrid2x2"])
+def test_native_shards_on_ray_match_in_process(shape, tiny_gguf_factory, ray_cluster):
+    """`--dtype auto` shards of a head_dim-32 Q8_0 file decode through the fused step (model/fused_decode.py), whose
+    tensor-parallel all-reduce is the worker's collective called back from C++: the Ray run equals the same plan's
+    shards in this process."""
+    from ollama_distributed.model.shard import ShardSpec
+
+    path = tiny_gguf_factory(vocab=1024, hidden=256, n_heads=8, n_kv_heads=2, ffn=512, dtype="q8_0")
+    cfg = read_config(path)
+    plan = uniform_plan(cfg, SHAPES[shape], "tiny-q8")
+    specs = [[ShardSpec(tuple(st["layers"]), tuple(sh["kv_heads"]), tuple(sh["ffn"]), i == 0,
+                        i == len(plan["stages"]) - 1 and j == 0) for j, sh in enumerate(st["shards"])]
+             for i, st in enumerate(plan["stages"])]
+    local = LocalExecutor.from_plan(path, specs, max_seq_len=256, quant="native")
+    ex = RayExecutor(plan, path, ray_cluster, max_seq_len=256, quant="native")
+    try:
+        for i, p in enumerate(PROMPTS[:2]):
+            toks, logits = greedy(ex, i, p, 6)
+            ref_toks, ref_logits = greedy(local, i, p, 6)
+            assert toks == ref_toks
+            for a, b in zip(logits, ref_logits):
+                assert_close(a, b, tol=1e-3)
+        assert all(sh._decode_plan for stage in local.stages for sh in stage)
     finally:
         ex.close()
         local.close()

@@ -9,6 +9,7 @@ flipped in the holder's file is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.slow
 
 CHUNK = 256 << 10  # small chunks, so a tiny model has many and a shard's part is visibly less than the file
 NODE = "nofile"
+NODE2 = "nofile2"
 _RAY_START_LOOPBACK = (  # as tests/api/test_fault_tolerance.py: `ray start` that stays on 127.0.0.1
     "import sys, ray._private.services as s; s.resolve_ip_for_localhost = lambda a: a; "
     "from ray.scripts.scripts import main; sys.argv = ['ray', *sys.argv[1:]]; main()"
@@ -123,25 +125,31 @@ def node_cache(tmp_path_factory) -> Path:
 def nofile_node(ray_cluster, model_store, node_cache, tmp_path_factory):
     """A raylet joined to the session cluster from its own mount namespace, the model's directory hidden under an
     empty tmpfs. Removed (its process group killed) at the end, so later tests see the usual 4 nodes."""
+    with _joined_without_the_file(ray_cluster, NODE, model_store, node_cache, tmp_path_factory):
+        yield NODE
+
+
+@contextlib.contextmanager
+def _joined_without_the_file(ray_cluster, name: str, model_store: Path, cache: Path, tmp_path_factory):
     if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs util-linux unshare and the right to make a mount namespace (root or CAP_SYS_ADMIN)")
-    log_path = tmp_path_factory.mktemp("nofile-log") / "ray-start.log"
+    log_path = tmp_path_factory.mktemp(f"{name}-log") / "ray-start.log"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_TMPDIR=ray_cluster.temp_dir,
-               RAY_USAGE_STATS_ENABLED="0", OLLAMA_DISTRIBUTED_SLICE_CACHE=str(node_cache))
+               RAY_USAGE_STATS_ENABLED="0", OLLAMA_DISTRIBUTED_SLICE_CACHE=str(cache))
     start = [sys.executable, "-c", _RAY_START_LOOPBACK, "start", f"--address={ray_cluster.address}",
              "--node-ip-address=127.0.0.1", "--num-cpus=1", '--resources={"od_memory_mib": 2048}',
-             f"--labels=ollama-distributed.io/node={NODE}", "--block", "--disable-usage-stats"]
+             f"--labels=ollama-distributed.io/node={name}", "--block", "--disable-usage-stats"]
     script = f"mount -t tmpfs tmpfs {shlex.quote(str(model_store.parent))} && exec {shlex.join(start)}"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
-        while not any(n.name == NODE for n in ray_cluster.nodes()):
+        while not any(n.name == name for n in ray_cluster.nodes()):
             assert proc.poll() is None, log_path.read_text()[-2000:]
             assert time.monotonic() < deadline, log_path.read_text()[-2000:]
             time.sleep(0.5)
-        yield NODE
+        yield name
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -149,7 +157,7 @@ def nofile_node(ray_cluster, model_store, node_cache, tmp_path_factory):
             pass
         proc.wait(timeout=30)
         deadline = time.monotonic() + 60
-        while any(n.name == NODE for n in ray_cluster.nodes()) and time.monotonic() < deadline:
+        while any(n.name == name for n in ray_cluster.nodes()) and time.monotonic() < deadline:
             time.sleep(0.5)
 
 
@@ -345,3 +353,292 @@ def test_a_flipped_byte_at_the_holder_is_refused(ray_cluster, nofile_node, model
     with pytest.raises(ray.exceptions.RayError, match="corrupt"):
         ray.get(_load(worker, blob, cfg, holder), timeout=120)
     ray.kill(worker)
+
+
+# ---- the planner knows what each node holds (scheduler/load_cost.py) ---------------------------------------------
+def _equal_measurement(cluster, faster: str):
+    """Every alive node measured alike (and `faster` 2 % faster, so a plan blind to the weights picks it): the
+    real nodes and their ids, with hardware numbers that make the planner's choice a near-tie on purpose."""
+    from ollama_distributed.runtime.measure import ClusterMeasurement, LinkMeasurement, NodeMeasurement
+
+    nodes = [n for n in cluster.nodes()]
+    meas = tuple(NodeMeasurement(n.name, n.node_id, n.address, 8 << 30, 8 << 30, 2 << 30,
+                                 10e9 * (1.02 if n.name == faster else 1.0), 1e11, 1, "cpu") for n in nodes)
+    links = tuple(LinkMeasurement(a.name, b.name, 1e-4, 1e9) for i, a in enumerate(nodes) for b in nodes[i + 1:])
+    return ClusterMeasurement(meas, links)
+
+
+def test_plans_know_what_each_real_node_holds_and_recovery_prefers_holders(ray_cluster, nofile_node, model_store,
+                                                                           node_cache) -> None:
+    """Holdings asked of the real nodes: node0-3 see the file, the node without it holds the last stage's slice in
+    its cache. A re-plan after losing nodes 1-3 (the survivors measured alike, the node without the file 2 %
+    faster) lands on node0, which holds the file, where a plan blind to the weights picks the other; with node0
+    lost too, the plan on the remaining node says it fetches exactly the chunks its cache lacks, and the load then
+    fetches exactly that many bytes."""
+    import ray
+
+    from ollama_distributed.runtime.measure import to_cluster_spec
+    from ollama_distributed.runtime.recovery import Recovery, planning_inputs
+    from ollama_distributed.runtime.weight_fetch import file_layout, holder_actor, weight_sources
+    from ollama_distributed.scheduler import PlanConfig, plan
+    from ollama_distributed.scheduler.load_cost import shard_chunks
+
+    cfg = read_config(model_store)
+    digest = hashlib.sha256(model_store.read_bytes()).hexdigest()
+    shutil.rmtree(node_cache / digest, ignore_errors=True)
+    worker = _worker(ray_cluster, NODE)  # the node fetches the last stage's slice (a PP=2 plan's second stage)
+    ray.get(_load(worker, model_store, cfg, holder_actor()), timeout=120)
+    ray.kill(worker)
+    cached = _cached_chunks(node_cache, digest)
+    assert cached
+
+    meas = _equal_measurement(ray_cluster, faster=NODE)
+    sources = weight_sources(model_store, ray_cluster, to_cluster_spec(meas))
+    assert sources.holder == "node0"
+    assert {n: h.has_file for n, h in sources.holdings.items()} == {
+        "node0": True, "node1": True, "node2": True, "node3": True, NODE: False}
+    assert sources.holdings[NODE].chunks == cached
+
+    rec = Recovery(model_store, ray_cluster, strategy="single", measurement=meas)
+    keep = {"node0", NODE}
+    blind = plan(*planning_inputs(model_store, meas, keep, torch.float32), PlanConfig(strategy="single"))
+    assert blind.nodes == [NODE]  # the premise: without the holdings the faster node wins
+    chosen = rec.plan(exclude={"node1", "node2", "node3"})
+    assert chosen.nodes == ["node0"] and [(l.node, l.holds, l.fetch_bytes) for l in chosen.load] == [
+        ("node0", "file", 0)], chosen.reason
+    assert "Prefers nodes holding the weights" in chosen.reason
+
+    layout = file_layout(model_store, CHUNK)
+    need = shard_chunks(layout, (0, cfg.n_layers), True, True)
+    lacking = sum(layout.chunk_len(i) for i in need if i not in cached)
+    only = rec.plan(exclude={"node0", "node1", "node2", "node3"})
+    assert [(l.node, l.holds, l.fetch_bytes) for l in only.load] == [(NODE, "slice", lacking)], only.reason
+    assert f"{NODE} fetches" in only.reason and "part cached" in only.reason
+    ex = rec.place(exclude={"node0", "node1", "node2", "node3"})
+    try:
+        placed = ex.placement()
+        fetched = placed["stages"][0]["shards"][0]["weights_fetched"]
+    finally:
+        ex.close()
+    assert fetched["fetched_bytes"] == lacking, (fetched, lacking)
+    assert placed["load"][0]["fetch_bytes"] == lacking  # the status endpoint's plan entry says it too
+
+
+def test_pull_stages_the_slices_with_progress_an_ollama_client_reads(ray_cluster, nofile_node, model_store,
+                                                                    node_cache) -> None:
+    """A real server on this cluster (`serve --address`), its store hidden from the node without the file, every
+    other node drained: `ollama.Client.pull` of the model streams the node's fetch as pull progress (status
+    "pulling slice node nofile", the blob's digest, total = the bytes the plan announced), ends with "success", and
+    leaves the slice in the node's cache, so the first generate on it fetches nothing and answers as the in-process
+    engine does."""
+    import httpx
+    import ollama
+
+    from ollama_distributed.runtime.weight_fetch import file_layout
+    from ollama_distributed.scheduler.load_cost import shard_chunks
+    from tests.api.conftest import create_model, greedy_texts, start_server, stop_server
+
+    digest = hashlib.sha256(model_store.read_bytes()).hexdigest()
+    shutil.rmtree(node_cache / digest, ignore_errors=True)
+    srv = start_server(model_store.parent / "srv", ["--address", ray_cluster.address, "--strategy", "single"])
+    try:
+        create_model(srv.url, "tiny", model_store)
+        for n in ("node0", "node1", "node2", "node3"):
+            r = httpx.post(f"{srv.url}/api/distributed/nodes/{n}/drain", timeout=120)
+            assert r.status_code == 200, r.text
+        lines = list(ollama.Client(host=srv.url).pull("tiny", stream=True))
+        staged = [l for l in lines if l.status == f"pulling slice node {NODE}"]
+        assert lines[-1].status == "success", lines
+        assert staged and all(l.digest == f"sha256:{digest}" for l in staged), lines
+        layout = file_layout(model_store, CHUNK)
+        need = shard_chunks(layout, (0, read_config(model_store).n_layers), True, True)  # the single plan's shard
+        done = [l.completed for l in staged]
+        assert done == sorted(done) and done[-1] == staged[-1].total == sum(layout.chunk_len(i) for i in need), staged
+        assert _cached_chunks(node_cache, digest) == set(need)
+        prompt = "The sky is"
+        r = httpx.post(f"{srv.url}/api/generate", json={"model": "tiny", "prompt": prompt, "raw": True, "stream": False,
+                                                        "options": {"temperature": 0, "num_predict": 8}}, timeout=300)
+        assert r.status_code == 200, r.text
+        status = httpx.get(f"{srv.url}/api/distributed/status", timeout=60).json()
+        plan = next(p for m in status["models"] for p in m["plans"])
+        shard = plan["stages"][0]["shards"][0]
+        assert shard["node"] == NODE and shard["weights_fetched"]["fetched_bytes"] == 0, shard
+        assert [(l["node"], l["holds"], l["fetch_bytes"]) for l in plan["load"]] == [(NODE, "slice", 0)], plan
+        assert r.json()["response"] == greedy_texts(model_store, [prompt], 8)[prompt]
+    finally:
+        stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def second_nofile_node(ray_cluster, nofile_node, model_store, tmp_path_factory):
+    """A second node without the file, with a slice cache of its own."""
+    with _joined_without_the_file(ray_cluster, NODE2, model_store, tmp_path_factory.mktemp("nofile2-cache"),
+                                  tmp_path_factory) as name:
+        yield name
+
+
+def test_a_node_that_fetched_a_slice_serves_it_to_the_next(ray_cluster, nofile_node, second_nofile_node,
+                                                           model_store, node_cache) -> None:
+    """The node without the file holds the last stage's slice in its cache; a PP=2 plan puts that stage on a second
+    such node: its load takes chunks from the first node's cache (a SlicePeer) as well as from the holder, every
+    chunk checked against the holder's table, so the server's node sends only part of the slice; the tokens equal
+    the in-process engine's."""
+    import ray
+
+    from ollama_distributed.runtime.weight_fetch import HOLDER_NAME, holder_actor, peer_actor
+
+    cfg = read_config(model_store)
+    worker = _worker(ray_cluster, NODE)
+    ray.get(_load(worker, model_store, cfg, holder_actor()), timeout=120)  # the first node holds the slice
+    ray.kill(worker)
+    ref = LocalExecutor(model_store, max_seq_len=64)
+    ref_tokens, _ = _greedy(ref, [1, 17, 42, 99, 7], 8)
+    ref.close()
+    holder = ray.get_actor(HOLDER_NAME)
+    served = ray.get(holder.served_bytes.remote())
+    ex = RayExecutor(uniform_plan(cfg, [["node0"], [NODE2]], "tiny"), model_store, ray_cluster, max_seq_len=64)
+    try:
+        tokens, _ = _greedy(ex, [1, 17, 42, 99, 7], 8)
+        fetched = ex.placement()["stages"][1]["shards"][0]["weights_fetched"]
+    finally:
+        ex.close()
+    assert tokens == ref_tokens
+    from_holder = ray.get(holder.served_bytes.remote()) - served
+    from_peer = ray.get(peer_actor(ray_cluster.node_id(NODE)).served_bytes.remote())
+    assert fetched["fetched_bytes"] == fetched["slice_bytes"] == from_holder + from_peer, (fetched, from_holder,
+                                                                                          from_peer)
+    assert 0 < from_peer and 0 < from_holder < fetched["fetched_bytes"], (from_holder, from_peer)
+
+
+def test_a_peer_sending_a_bad_chunk_is_caught_and_the_holder_asked(ray_cluster, nofile_node, second_nofile_node,
+                                                                    model_store, node_cache) -> None:
+    """Every chunk of the first node's cache flipped on its disk (its record still says verified): each chunk the
+    second node asks of that peer fails the holder's sha256, is asked of the holder instead, and the load still
+    equals the in-process engine's, its cache byte for byte the holder's file."""
+    import ray
+
+    from ollama_distributed.runtime.weight_fetch import HOLDER_NAME, holder_actor, peer_actor
+
+    cfg = read_config(model_store)
+    digest = hashlib.sha256(model_store.read_bytes()).hexdigest()
+    worker = _worker(ray_cluster, NODE)
+    ray.get(_load(worker, model_store, cfg, holder_actor()), timeout=120)
+    ray.kill(worker)
+    cached = _cached_chunks(node_cache, digest)
+    with open(node_cache / digest / "model.gguf", "r+b") as f:  # the test shares the node's disk
+        for i in cached:
+            f.seek(i * CHUNK)
+            b = f.read(1)
+            f.seek(i * CHUNK)
+            f.write(bytes([b[0] ^ 0xFF]))
+    ref = LocalExecutor(model_store, max_seq_len=64)
+    ref_tokens, _ = _greedy(ref, [1, 17, 42, 99, 7], 8)
+    ref.close()
+    ray.get(_clear_cache_on(ray_cluster, NODE2, digest))  # the second node starts cold again
+    holder = ray.get_actor(HOLDER_NAME)
+    peer = peer_actor(ray_cluster.node_id(NODE))
+    served, peer_served = ray.get(holder.served_bytes.remote()), ray.get(peer.served_bytes.remote())
+    ex = RayExecutor(uniform_plan(cfg, [["node0"], [NODE2]], "tiny"), model_store, ray_cluster, max_seq_len=64)
+    try:
+        tokens, _ = _greedy(ex, [1, 17, 42, 99, 7], 8)
+        fetched = ex.placement()["stages"][1]["shards"][0]["weights_fetched"]
+    finally:
+        ex.close()
+    assert tokens == ref_tokens
+    from_holder = ray.get(holder.served_bytes.remote()) - served
+    from_peer = ray.get(peer.served_bytes.remote()) - peer_served
+    assert from_peer > 0 and from_holder == fetched["fetched_bytes"], (from_holder, from_peer, fetched)
+    shutil.rmtree(node_cache / digest)  # the flipped cache is not left for other tests
+
+
+def _clear_cache_on(cluster, name: str, digest: str):
+    """Remove the slice cache of `digest` on node `name` (its own cache directory, seen from its namespace)."""
+    import ray
+
+    def clear() -> None:
+        from ollama_distributed.runtime.weight_fetch import cache_root
+
+        shutil.rmtree(cache_root() / digest, ignore_errors=True)
+
+    return ray.remote(num_cpus=0)(clear).options(**_on(cluster, name)).remote()
+
+
+# ---- who can read a chunk on the wire (README "Several machines"; weight_fetch.py "Transport") ----------------------
+_SECURED_RAY = """
+import sys, ray
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+n = ray.nodes()[0]
+print("NODE", n["NodeManagerAddress"], n["ObjectManagerPort"], flush=True)
+sys.stdin.read()  # until the test closes it
+"""
+
+
+def _pull(address: str, token: str | None, tls: Path | None) -> str:
+    """A bare call of the object manager's Pull (the RPC by which a node's object store asks another for an object:
+    how every fetched chunk crosses the network), as someone on the network would make it: the status name."""
+    import grpc
+
+    if tls is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        pem, key = (tls / "cert.pem").read_bytes(), (tls / "key.pem").read_bytes()
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(pem, key, pem))
+    call = channel.unary_unary("/ray.rpc.ObjectManagerService/Pull", request_serializer=lambda b: b,
+                               response_deserializer=lambda b: b)
+    try:
+        call(b"", metadata=[("authorization", f"Bearer {token}")] if token else [], timeout=10)
+        return "OK"
+    except grpc.RpcError as exc:
+        return exc.code().name
+    finally:
+        channel.close()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["token", "token+tls"])
+def test_object_store_transfers_need_the_cluster_token(tmp_path, tls) -> None:
+    """What Ray 2.60 covers on the path the weights take: with RAY_AUTH_MODE=token the object manager refuses a
+    Pull without the cluster's token (so no one without it can ask a node for a chunk), and with RAY_USE_TLS=1 it
+    speaks only TLS (so no one on the network reads the bytes). A Ray instance of its own, in a subprocess."""
+    import secrets
+    import select
+
+    token = secrets.token_hex(16)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
+    certs = None
+    if tls:
+        if shutil.which("openssl") is None:
+            pytest.skip("needs the openssl command to make a certificate")
+        import ray
+
+        certs = tmp_path
+        # Ray's own processes verify each other against it: it names the address Ray picks for the node too
+        here = ray.util.get_node_ip_address()
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", certs / "key.pem",
+                        "-out", certs / "cert.pem", "-days", "1", "-subj", "/CN=ray", "-addext",
+                        f"subjectAltName=IP:127.0.0.1,IP:{here},DNS:localhost"], check=True, capture_output=True)
+        env.update(RAY_USE_TLS="1", RAY_TLS_SERVER_CERT=str(certs / "cert.pem"),
+                   RAY_TLS_SERVER_KEY=str(certs / "key.pem"), RAY_TLS_CA_CERT=str(certs / "cert.pem"))
+    proc = subprocess.Popen([sys.executable, "-c", _SECURED_RAY], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline().decode() if ready else ""
+        assert line.startswith("NODE "), f"the secured Ray instance did not start: {line!r}"
+        _, _, port = line.split()
+        address = f"127.0.0.1:{port}"
+        if not tls:
+            assert _pull(address, None, None) == "UNAUTHENTICATED"
+            assert _pull(address, "0" * 32, None) == "UNAUTHENTICATED"
+            assert _pull(address, token, None) == "OK"
+        else:
+            assert _pull(address, token, None) == "UNAVAILABLE"  # plaintext: the server closes the socket
+            assert _pull(address, "0" * 32, certs) == "UNAUTHENTICATED"
+            assert _pull(address, token, certs) == "OK"
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)

@@ -3,6 +3,7 @@ by active ones, experts assigned to nodes as whole experts in proportion to spee
 holding every expert of their layers, and the Qwen3-MoE presets."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -192,3 +193,46 @@ def test_plan_cli_shows_experts(tmp_path):
     res = runner.invoke(app, ["plan", "-m", str(gguf_file), "-c", str(cluster_yaml), "--json"])
     assert res.exit_code == 0, res.output
     assert all(sh["experts"] == [0, 8] for st in json.loads(res.stdout)["stages"] for sh in st["shards"])
+
+
+def shared_expert_profile() -> ModelProfile:
+    # moe_profile with a qwen2moe shared expert of 16 columns: gate, up, down 3·16·64 + its gate vector 64
+    return replace(moe_profile(), shared_expert_ffn=16)
+
+
+def test_shared_expert_counted_once_per_stage():
+    """The engine computes a stage's shared expert on the one shard whose experts start at 0 (model/moe.py
+    holds_shared_expert); a plan counts its bytes there and nowhere else in the stage."""
+    p = shared_expert_profile()
+    assert (p.shared_expert_params, p.layer_norm_params) == (3136, 640 + 3136)
+    assert p.layer_params == 4 * 6144 + 8 * 6144 + 640 + 3136  # the model holds it once per layer
+    assert p.active_params == 4 * (4 * 6144 + 2 * 6144 + 640 + 3136) + 16384 + 16448  # every token runs it
+    # Per layer: a KV group 6144·2 weight bytes + 2·16·2 cache bytes × 128 tokens = 20480; an expert
+    # 6144·2 = 12288; norms + router 640·2 = 1280; the shared expert 3136·2 = 6272. Embedding 256·64·2 = 32768 on
+    # every shard of the first stage; the untied head 256·64·2 + 64·2 = 32896 on the last stage's first shard.
+    layer_with, layer_without = 2 * 20480 + 4 * 12288 + 1280 + 6272, 2 * 20480 + 4 * 12288 + 1280
+    tensor = plan(p, cluster(node("a", 1 * GB), node("b", 1 * GB), latency=1e-9, bandwidth=1e15), W,
+                  PlanConfig(strategy="tensor", max_tp=2))
+    assert [(sh.node, sh.experts, sh.memory_bytes) for sh in tensor.stages[0].shards] == [
+        ("a", (0, 4), 4 * layer_with + 32768 + 32896),  # 456320
+        ("b", (4, 8), 4 * layer_without + 32768),  # 398336 (before: counted with the shared expert, 423424)
+    ]
+    # two stages of TP-2 (nodes of 256 KiB hold 2 layers each): the shared expert on a and on c
+    hybrid = plan(p, cluster(*[node(n, 262144) for n in "abcd"], latency=1e-9, bandwidth=1e15), W,
+                  PlanConfig(strategy="hybrid", max_tp=2))
+    assert [[(sh.node, sh.experts, sh.memory_bytes) for sh in st.shards] for st in hybrid.stages] == [
+        [("a", (0, 4), 2 * layer_with + 32768), ("b", (4, 8), 2 * layer_without + 32768)],
+        [("c", (0, 4), 2 * layer_with + 32896), ("d", (4, 8), 2 * layer_without)],
+    ]
+    single = plan(p, cluster(node("a", 1 * GB)), W, PlanConfig(strategy="single"))
+    assert single.stages[0].shards[0].memory_bytes == 4 * (4 * 20480 + 8 * 12288 + 1280 + 6272) + 32768 + 32896
+
+
+def test_shared_expert_fits_where_counting_it_twice_did_not():
+    """Two nodes just large enough for their shares: the one without the shared expert needs 6272 bytes a layer
+    less, so a node that small still takes the second half of the experts."""
+    p = shared_expert_profile()
+    need_b = 4 * (2 * 20480 + 4 * 12288 + 1280) + 32768  # 398336
+    spec = cluster(node("a", 1 * GB), node("b", need_b), latency=1e-9, bandwidth=1e15)
+    got = plan(p, spec, W, PlanConfig(strategy="tensor", max_tp=2))
+    assert [(sh.node, sh.experts, sh.memory_bytes) for sh in got.stages[0].shards][1] == ("b", (4, 8), need_b)

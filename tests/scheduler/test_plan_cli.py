@@ -79,3 +79,25 @@ def test_bad_cluster_file(tmp_path):
     assert res.exit_code == 1 and "node 'a'" in res.stderr and "8 parsecs" in res.stderr
     res = runner.invoke(app, ["plan", "--model", "llama3-8b", "--cluster", str(tmp_path / "missing.yaml")])
     assert res.exit_code == 1 and "cannot read cluster file" in res.stderr
+
+
+def test_holder_makes_the_plan_say_what_each_node_fetches():
+    """--holder: every node but the holder (and --holds) fetches its shards' bytes first; the JSON carries them per
+    shard, the table a fetch column, and the holder is preferred over an equal node."""
+    res = runner.invoke(app, ["plan", "-m", "llama3-8b", "-c", str(EXAMPLE), "--strategy", "pipeline", "--json",
+                              "--holder", "old-server"])
+    assert res.exit_code == 0, res.output
+    p = PartitionPlan.from_json(res.stdout)
+    assert [l.node for l in p.load] == p.nodes
+    for load in p.load:
+        assert (load.holds == "file") == (load.node == "old-server")
+        assert (load.fetch_bytes > 1e9) == (load.node != "old-server"), load  # an 8B model's layers: GBs
+        assert load.fetch_s == pytest.approx(2e-4 + load.fetch_bytes / 125e6) or load.fetch_bytes == 0
+    res = runner.invoke(app, ["plan", "-m", "llama3-8b", "-c", str(EXAMPLE), "--holder", "old-server",
+                              "--holds", "desktop-4090"])
+    assert res.exit_code == 0, res.output
+    assert "fetch" in res.stdout and "holds it" in res.stdout and "load:" in res.stdout
+    bad = runner.invoke(app, ["plan", "-m", "llama3-8b", "-c", str(EXAMPLE), "--holds", "desktop-4090"])
+    assert bad.exit_code == 1 and "--holds needs --holder" in bad.output
+    bad = runner.invoke(app, ["plan", "-m", "llama3-8b", "-c", str(EXAMPLE), "--holder", "nas"])
+    assert bad.exit_code == 1 and "unknown node 'nas'" in bad.output

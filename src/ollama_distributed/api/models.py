@@ -202,7 +202,20 @@ async def pull(request: Request) -> Any:
     if not name:
         raise APIError(400, "model is required")
     lines = iterate_in_thread(lambda: creator.pull_model(st.store, name))
-    return await stream_or_last(_then_supersede(st, name, lines), req.stream is not False)
+    return await stream_or_last(_then_supersede(st, name, _then_stage(st, name, lines)), req.stream is not False)
+
+
+async def _then_stage(st: Any, name: str, lines: Any) -> Any:
+    """Pass status lines through; before the final "success", on a distributed server, have the nodes that would
+    run the model fetch the slices they lack, streaming each node's progress (service/prefetch.py)."""
+    from ..service.prefetch import prefetch_status
+
+    async for obj in lines:
+        if obj.get("status") == "success":
+            entry = await asyncio.to_thread(st.store.get, name)
+            async for line in iterate_in_thread(lambda: prefetch_status(st.manager, entry)):
+                yield line
+        yield obj
 
 
 @router.post("/api/push")

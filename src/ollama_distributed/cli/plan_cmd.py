@@ -6,6 +6,10 @@ read) or a Hugging Face model directory (config.json). The planning itself is th
 --dtype is the weight format (model/formats.py): `auto` (the default) counts every tensor at its real bytes from the
 GGUF header (a preset, having no file, as Q4_K_M: Ollama's default download); --kv-cache-type (default
 OLLAMA_KV_CACHE_TYPE, else the format's: f16 for auto) sizes the KV cache.
+
+--holder NODE (and --holds A,B): which nodes hold the model file; every other node fetches its shards' bytes from
+the holder before the plan runs, and the plan shows how many and how long (scheduler/load_cost.py), and prefers the
+holders among near-equal layouts, as the server does with what its nodes really hold.
 """
 
 from __future__ import annotations
@@ -170,6 +174,34 @@ def _range(r: tuple[int, int]) -> str:
     return f"[{r[0]}, {r[1]})"
 
 
+def _sources(model: str, spec: ClusterSpec, holder: str | None, holds: str | None) -> Any:
+    """The scheduler's WeightSources from --holder/--holds (None without --holder). A GGUF's chunks come from its
+    header (the bytes each shard fetches, whole 8 MiB chunks, as the runtime fetches them); a preset has no file,
+    so its shards' weight bytes stand in."""
+    from ..scheduler.load_cost import Holding, WeightSources
+
+    if holder is None:
+        if holds:
+            raise ValueError("--holds needs --holder (the node that serves the file)")
+        return None
+    named = [holder, *(n.strip() for n in (holds or "").split(",") if n.strip())]
+    for n in named:
+        spec.node(n)  # an unknown name is an error naming it
+    path = bundled_model_path(model) if model in BUNDLED_MODELS else Path(model)
+    layout = None
+    if path is not None and path.is_file():
+        from ..runtime.weight_fetch import file_layout
+
+        layout = file_layout(path)
+    return WeightSources(holder, {n: Holding(has_file=True) for n in named}, layout)
+
+
+def _fetch_cell(load: Any) -> str:
+    if not load.fetch_bytes:
+        return "holds it" if load.holds == "file" else "cached"
+    return f"{format_bytes(load.fetch_bytes)}, ~{load.fetch_s:.0f} s"
+
+
 @app.command("plan")
 def plan_command(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Preset (" + ", ".join(sorted(PRESETS)) +
@@ -187,6 +219,11 @@ def plan_command(
     kv_cache_type: Optional[str] = typer.Option(
         None, "--kv-cache-type", help=f"KV cache {'|'.join(formats.KV_CACHE_TYPES)} (default: "
         f"{formats.KV_CACHE_ENV}, else f16 for auto, the compute dtype for float32|bfloat16|float16, f32 for int4)."),
+    holder: Optional[str] = typer.Option(None, "--holder", help="Node that holds the model file and serves it to "
+                                         "the others (the server's): the plan then says what every other node "
+                                         "fetches first, over its link from the holder, and prefers holders."),
+    holds: Optional[str] = typer.Option(None, "--holds", help="Comma-separated nodes that also hold the file (with "
+                                        "--holder; default: only the holder)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     list_presets: bool = typer.Option(False, "--list-presets", help="List model presets and exit."),
 ) -> None:
@@ -206,7 +243,8 @@ def plan_command(
         profile = resolve_profile(model, dtype, kv)
         spec = load_cluster(cluster)
         workload = Workload(prompt_tokens, output_tokens, context_tokens, concurrency)
-        result = make_plan(profile, spec, workload, PlanConfig(strategy=strategy, objective=objective))
+        sources = _sources(model, spec, holder, holds)
+        result = make_plan(profile, spec, workload, PlanConfig(strategy=strategy, objective=objective), sources)
     except (InfeasiblePlanError, SchedulerError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1)
@@ -215,15 +253,17 @@ def plan_command(
         return
     table = Table(title=f"{result.model}: {result.strategy} plan ({result.objective}), id {result.plan_id}")
     moe = profile.is_moe  # an experts column: which node holds which experts of every MoE layer
+    loads = iter(result.load)
     for col in ("stage", "layers", "node", "heads", "kv heads", "ffn", *(("experts",) if moe else ()), "memory",
-                "of node"):
+                "of node", *(("fetch",) if result.load else ())):
         table.add_column(col)
     for i, st in enumerate(result.stages):
         for j, sh in enumerate(st.shards):
             experts = ((_range(sh.experts) if sh.experts is not None else "all"),) if moe else ()
+            fetch = (_fetch_cell(next(loads)),) if result.load else ()
             table.add_row(str(i) if j == 0 else "", _range(st.layers) if j == 0 else "", sh.node, _range(sh.heads),
                           _range(sh.kv_heads), _range(sh.ffn), *experts, format_bytes(sh.memory_bytes),
-                          format_bytes(spec.node(sh.node).memory_bytes))
+                          format_bytes(spec.node(sh.node).memory_bytes), *fetch)
     console.print(table)
     kv_bytes = (profile.n_layers * profile.kv_bytes_per_token_per_layer * profile.kv_context(workload.context_tokens)
                 * concurrency)
@@ -235,4 +275,10 @@ def plan_command(
     pr = result.predicted
     console.print(f"predicted: {pr.decode_ms_per_token:.2f} ms/token decode, {pr.prefill_ms:.1f} ms prefill "
                   f"({workload.prompt_tokens} tokens × {workload.concurrency}), {pr.tokens_per_s:.1f} tokens/s")
+    if result.load:
+        from ..scheduler.load_cost import fetch_seconds
+
+        total = sum(l.fetch_bytes for l in result.load)
+        console.print(f"load: {format_bytes(total)} fetched from {holder} before the first token, "
+                      f"~{fetch_seconds(result.load):.0f} s over the links from it")
     console.print(f"reason: {result.reason}")

@@ -17,7 +17,14 @@ class RopeScaling:
     """RoPE frequency scaling.
 
     kind: "none" | "linear" | "llama3" (Llama 3.1's smooth low/high-frequency blend, see
-    transformers `_compute_llama3_parameters`) | "yarn" (not yet supported by the engine).
+    transformers `_compute_llama3_parameters`) | "longrope" (Phi-3's 128k LongRoPE, below) | "yarn" (not yet
+    supported by the engine).
+
+    longrope (Ding et al., "LongRoPE", 2024; transformers `_compute_longrope_parameters`, llama.cpp's
+    `rope_factors_long/short` tensors): every frequency i is divided by `long_factor[i]` when the context a
+    sequence may reach exceeds `original_context_length`, else by `short_factor[i]`; cos and sin are multiplied by
+    `attention_factor` (sqrt(1 + ln(factor) / ln(original_context_length)) from the converter or config, factor =
+    context_length / original_context_length, kept here for display and planning).
     """
 
     kind: str = "none"
@@ -25,12 +32,20 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_context_length: int = 8192
+    attention_factor: float = 1.0
+    long_factor: tuple[float, ...] = ()
+    short_factor: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in ("none", "linear", "llama3", "yarn"):
+        if self.kind not in ("none", "linear", "llama3", "longrope", "yarn"):
             raise ValueError(f"unknown rope scaling kind {self.kind!r}")
-        if self.factor <= 0:
-            raise ValueError(f"rope scaling factor must be > 0, got {self.factor}")
+        if self.factor <= 0 or self.attention_factor <= 0:
+            raise ValueError(f"rope scaling factors must be > 0, got {self.factor} / {self.attention_factor}")
+        if (self.kind == "longrope") != bool(self.long_factor) or len(self.long_factor) != len(self.short_factor):
+            raise ValueError(f"longrope needs long and short factors of one length (and only longrope has them), got "
+                             f"{len(self.long_factor)} / {len(self.short_factor)} for kind {self.kind!r}")
+        if any(f <= 0 for f in self.long_factor + self.short_factor):
+            raise ValueError("longrope factors must be > 0")
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,9 @@ class ModelConfig:
             if self.hidden_size % self.n_heads:
                 raise ValueError(f"hidden_size {self.hidden_size} not divisible by n_heads {self.n_heads}")
             object.__setattr__(self, "head_dim", self.hidden_size // self.n_heads)
+        if self.rope_scaling.kind == "longrope" and len(self.rope_scaling.long_factor) != self.head_dim // 2:
+            raise ValueError(f"longrope needs head_dim / 2 = {self.head_dim // 2} factors per table, got "
+                             f"{len(self.rope_scaling.long_factor)}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.sliding_window < 0 or self.sliding_window_pattern < 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
 from .errors import ModelFileError, UnsupportedArchitectureError
+from .moe import holds_shared_expert
 from .shard import ShardSpec
 
 log = logging.getLogger(__name__)
@@ -32,10 +34,11 @@ HF_ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "Qwen3MoeForCausalLM": "qwen3moe",
+    "Qwen2MoeForCausalLM": "qwen2moe",
 }
 _MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-                "gemma2": "gemma2",
-                "gemma3_text": "gemma3"}
+                "gemma2": "gemma2", "gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe"}
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -67,11 +70,34 @@ def _rope(path: Path, c: dict[str, Any]) -> tuple[float, RopeScaling]:
             "llama3", factor, float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0)),
             int(scaling.get("original_max_position_embeddings", 8192)),
         )
-    raise ModelFileError(path, f"RoPE scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+    if kind in ("longrope", "su"):  # ("su": Phi-3's first name for it; transformers' Phi3Config maps it alike)
+        try:
+            return theta, _longrope(scaling, c)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(path, f"bad LongRoPE rope_scaling ({exc!r})") from None
+    raise ModelFileError(path, f"RoPE scaling type {kind!r} is not supported (supported: default, linear, llama3, "
+                               "longrope)")
+
+
+def _longrope(scaling: dict[str, Any], c: dict[str, Any]) -> RopeScaling:
+    """Phi-3's LongRoPE from config.json, as transformers' `_compute_longrope_parameters` reads it: the original
+    context from the scaling dict or the top-level `original_max_position_embeddings` (Phi-3's own configs),
+    factor = max_position_embeddings / original unless given, attention factor sqrt(1 + ln(factor) / ln(original))
+    (1 for factor <= 1) unless given."""
+    ctx = int(c.get("max_position_embeddings", 2048))
+    orig = int(scaling.get("original_max_position_embeddings") or c.get("original_max_position_embeddings") or ctx)
+    factor = float(scaling.get("factor") or ctx / orig)
+    attn = scaling.get("attention_factor")
+    if attn is None:
+        attn = math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1.0 else 1.0
+    return RopeScaling("longrope", factor, original_context_length=orig, attention_factor=float(attn),
+                       long_factor=tuple(float(f) for f in scaling["long_factor"]),
+                       short_factor=tuple(float(f) for f in scaling["short_factor"]))
 
 
 def read_hf_config(directory: str | Path) -> ModelConfig:
-    """ModelConfig from an HF directory's config.json (Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 3 text)."""
+    """ModelConfig from an HF directory's config.json (Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 2 / Gemma 3
+    text / Qwen3-MoE / Qwen2-MoE)."""
     d = Path(directory)
     path = d / "config.json"
     c = _load_json(path)
@@ -100,13 +126,15 @@ def read_hf_config(directory: str | Path) -> ModelConfig:
             hidden_size=int(c["hidden_size"]),
             n_heads=n_heads,
             n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
-            ffn_size=int(c["intermediate_size"]),
+            # an MoE model's FFN width is one expert's (ModelConfig.n_expert)
+            ffn_size=int(c["moe_intermediate_size"] if arch in _MOE else c["intermediate_size"]),
             vocab_size=int(c["vocab_size"]),
             context_length=int(c.get("max_position_embeddings", 2048)),
             rope_theta=theta,
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-            attention_bias=arch == "qwen2",  # Qwen2 always has q/k/v biases (and none on o_proj)
+            # Qwen2 always has q/k/v biases (and none on o_proj); Qwen2-MoE by its qkv_bias (default true)
+            attention_bias=arch == "qwen2" or (arch == "qwen2moe" and bool(c.get("qkv_bias", True))),
             head_dim=int(c.get("head_dim") or 0),
             rope_scaling=scaling,
             name=str(c.get("_name_or_path") or d.name),
@@ -120,10 +148,31 @@ def read_hf_config(directory: str | Path) -> ModelConfig:
         raise ModelFileError(path, f"inconsistent model config: {exc}") from None
 
 
+_MOE = ("qwen3moe", "qwen2moe")
+
+
+def _moe_fields(path: Path, arch: str, c: dict[str, Any]) -> dict[str, Any]:
+    """Qwen3-MoE / Qwen2-MoE (transformers' Qwen3MoeConfig / Qwen2MoeConfig): experts in every layer (a dense MLP in
+    some layers, `mlp_only_layers` or a `decoder_sparse_step` > 1, is not supported), the router's top-k
+    renormalised per `norm_topk_prob` (transformers' default false; Qwen3-30B-A3B's config sets it true), and
+    Qwen2-MoE's shared expert (`shared_expert_intermediate_size`, with its sigmoid gate)."""
+    if c.get("mlp_only_layers") or int(c.get("decoder_sparse_step", 1)) != 1:
+        raise ModelFileError(path, "MoE models with dense layers (mlp_only_layers / decoder_sparse_step > 1) are "
+                                   "not supported")
+    shared = int(c.get("shared_expert_intermediate_size") or 0) if arch == "qwen2moe" else 0
+    return dict(
+        qk_norm=arch == "qwen3moe",
+        n_expert=int(c.get("num_experts") or c["num_local_experts"]), n_expert_used=int(c["num_experts_per_tok"]),
+        norm_topk_prob=bool(c.get("norm_topk_prob", False)), shared_expert_ffn=shared,
+    )
+
+
 def _family_fields(path: Path, arch: str, c: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig fields of the families beyond the Llama block, from their config.json (transformers' names)."""
-    if arch in ("qwen3", "phi3") and (c.get("attention_bias") or c.get("mlp_bias")):
+    if arch in ("qwen3", "phi3", "qwen3moe") and (c.get("attention_bias") or c.get("mlp_bias")):
         raise ModelFileError(path, f"attention_bias/mlp_bias {arch} variants are not supported")
+    if arch in _MOE:
+        return _moe_fields(path, arch, c)
     if arch == "phi3" and float(c.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ModelFileError(path, "partial rotary embeddings (partial_rotary_factor < 1) are not supported")
     if arch == "qwen3":
@@ -194,8 +243,9 @@ class _SafetensorsDir:
         return self._handles[f].get_slice(name), f
 
     def read(self, name: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None,
-             cols: tuple[int, int] | None = None) -> torch.Tensor:
-        """Tensor `name` (expected `shape`), only rows [r0, r1) and/or columns [c0, c1), cast to the dtype."""
+             cols: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor `name` (expected `shape`), only rows [r0, r1) and/or columns [c0, c1), cast to `dtype` (default:
+        the directory's)."""
         sl, f = self._slice(name)
         actual = tuple(sl.get_shape())
         if actual != shape:
@@ -205,7 +255,7 @@ class _SafetensorsDir:
             t = sl[r] if len(shape) == 1 else sl[r, slice(*cols) if cols is not None else slice(None)]
         except (SafetensorError, ValueError, RuntimeError) as exc:
             raise ModelFileError(f, f"cannot read tensor {name!r} ({exc})") from None
-        return t.to(self.dtype).contiguous()
+        return t.to(dtype or self.dtype).contiguous()
 
 
 def load_hf_weights(directory: str | Path, cfg: ModelConfig, spec: ShardSpec,
@@ -281,8 +331,35 @@ def _load(src: _SafetensorsDir, cfg: ModelConfig, spec: ShardSpec) -> dict[str, 
             out[n + "v_bias"] = src.read(b + "self_attn.v_proj.bias", (cfg.n_kv_heads * hd,), rows=kv_rows)
         # Row-parallel (input columns): o by query heads, down by FFN columns.
         out[n + "o"] = src.read(b + "self_attn.o_proj.weight", (hidden, cfg.n_heads * hd), cols=q_rows)
+        if cfg.is_moe:  # router + this shard's experts (+ the shared expert on one shard of the stage)
+            out.update(_moe_layer(src, cfg, spec, b + "mlp.", n))
+            continue
         out[n + "gate"] = src.read(b + "mlp.gate_proj.weight", (cfg.ffn_size, hidden), rows=(f0, f1))
         out[n + "up"] = src.read(b + "mlp.up_proj.weight", (cfg.ffn_size, hidden), rows=(f0, f1))
         out[n + "down"] = src.read(b + "mlp.down_proj.weight", (hidden, cfg.ffn_size), cols=(f0, f1))
     log.debug("loaded %d tensors of %s for shard %s", len(out), src.dir, spec)
+    return out
+
+
+def _moe_layer(src: _SafetensorsDir, cfg: ModelConfig, spec: ShardSpec, mlp: str, n: str) -> dict[str, torch.Tensor]:
+    """One MoE layer's share under the canonical names of model/moe.py (load_moe_layer, load_shared_expert): the
+    router `mlp.gate` (n_expert, hidden) in float32, per expert e of the shard `mlp.experts.{e}.gate_proj|up_proj`
+    rows and `down_proj` columns of its FFN range, and Qwen2-MoE's `mlp.shared_expert.*` with the sigmoid gate
+    `mlp.shared_expert_gate` (1, hidden) where the shard holds it. (Checkpoints store each expert's matrices
+    apart, as transformers' save_pretrained writes them too.)"""
+    hidden, F = cfg.hidden_size, cfg.ffn_size
+    cols = spec.ffn
+    out = {n + "router": src.read(mlp + "gate.weight", (cfg.n_expert, hidden), dtype=torch.float32)}
+    for e in range(*spec.expert_range(cfg)):
+        x = f"{mlp}experts.{e}."
+        out[f"{n}experts.{e}.gate"] = src.read(x + "gate_proj.weight", (F, hidden), rows=cols)
+        out[f"{n}experts.{e}.up"] = src.read(x + "up_proj.weight", (F, hidden), rows=cols)
+        out[f"{n}experts.{e}.down"] = src.read(x + "down_proj.weight", (hidden, F), cols=cols)
+    if holds_shared_expert(cfg, spec):
+        S, s = cfg.shared_expert_ffn, mlp + "shared_expert."
+        out[n + "shared.gate"] = src.read(s + "gate_proj.weight", (S, hidden))
+        out[n + "shared.up"] = src.read(s + "up_proj.weight", (S, hidden))
+        out[n + "shared.down"] = src.read(s + "down_proj.weight", (hidden, S))
+        out[n + "shared.gate_inp"] = src.read(mlp + "shared_expert_gate.weight", (1, hidden),
+                                              dtype=torch.float32).reshape(hidden)
     return out

@@ -23,7 +23,10 @@ Layout (the kernel's, kernels/native_kernels.cpp; an extension of q4_matmul's): 
 lane per row; N is padded to a multiple of 4 with zero rows, which no output shows.
     codes  (N/4, G, 64) uint8     lane r, byte j = q[4b+r, 32g+j] & 15 | (q[4b+r, 32g+16+j] & 15) << 4
     planes (N/4, G, P, 2) int64   the u64 bit planes: plane p, word h, bit 16r+j = bit 4+p of q[4b+r, 32g+16h+j]
-                                  (P = 0, 1, 2, 4 for 4-, 5-, 6-, 8-bit codes; int64 as torch's uint64 has few ops)
+                                  (P = 0, 1, 2 for 4-, 5-, 6-bit codes; int64 as torch's uint64 has few ops)
+Q8_0's 8-bit codes are kept whole instead (same bytes): codes (N/4, G, 128), byte 64h + 16r + j = q[4b+r, 32g+16h+j],
+P = 0, so the kernel loads each half of 4 rows as it multiplies it (4 bit planes to merge cost it ~0.55x
+llama.cpp's Q8_0 speed; bench/README.md).
     d, dmin (N/4, S, 4) float16;  sc, m (N/4, G, 4) int8, Q6_K (N/4, G, 2, 4) with m = sc, empty for legacy types.
 
 Computation: the compiled kernel (model/cpu_kernels.py `native_ops()`: AVX-512 VNNI or AVX2) for CPU tensors;
@@ -47,7 +50,8 @@ NATIVE_TYPES: tuple[str, ...] = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K",
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 # Inputs per GGUF block (QK4_0 … QK8_0 = 32, QK_K = 256 in ggml-common.h): tensor-parallel column splits cut here.
 BLOCK_INPUTS: dict[str, int] = {t: 256 if t in K_QUANTS else 32 for t in NATIVE_TYPES}
-PLANES: dict[str, int] = {"Q4_0": 0, "Q4_1": 0, "Q4_K": 0, "Q5_0": 1, "Q5_1": 1, "Q5_K": 1, "Q6_K": 2, "Q8_0": 4}
+PLANES: dict[str, int] = {"Q4_0": 0, "Q4_1": 0, "Q4_K": 0, "Q5_0": 1, "Q5_1": 1, "Q5_K": 1, "Q6_K": 2, "Q8_0": 0}
+WHOLE_BYTES = ("Q8_0",)  # 8-bit codes kept as bytes (codes (N/4, G, 128)), not 4 bits + 4 planes
 GROUP = 32  # inputs per sub-scale and per activation scale
 ROWS = 4  # rows per block of the layout (one per 128-bit lane)
 CHUNK = 1 << 22  # weights dequantised at a time by the portable paths (16 MB of float32)
@@ -193,7 +197,10 @@ class NativeMatrix:
             q, d, dmin, sc, m = (None if a is None else np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)])
                                  for a in (q, d, dmin, sc, m))
         q5 = q.reshape(nb, ROWS, ng, 2, 16)  # (block, row, group, half, j)
-        codes = ((q5[:, :, :, 0] & 15) | (q5[:, :, :, 1] & 15) << 4).transpose(0, 2, 1, 3).reshape(nb, ng, 64)
+        if type_name in WHOLE_BYTES:  # (block, group, half, row, j)
+            codes = q5.transpose(0, 2, 3, 1, 4).reshape(nb, ng, 128)
+        else:
+            codes = ((q5[:, :, :, 0] & 15) | (q5[:, :, :, 1] & 15) << 4).transpose(0, 2, 1, 3).reshape(nb, ng, 64)
         planes = np.zeros((nb, ng, 0, 2, 8), np.uint8)
         if PLANES[type_name]:  # bit 4+p of (block, row, group, half, j) -> (block, group, p, half, bit 16·row + j)
             high = np.ascontiguousarray((q5 >> 4).transpose(0, 2, 3, 1, 4)).reshape(nb, ng, 2, 64)
@@ -258,8 +265,11 @@ class NativeMatrix:
         """Blocks `sel` (a slice or index tensor of blocks) -> (4·len, in) float32: (d·sc)·q − dmin·m."""
         c = self.codes[sel]
         nb, ng = c.shape[:2]
-        c = c.view(nb, ng, ROWS, 16)
-        q = torch.cat([c & 15, c >> 4], dim=-1)  # (nb, G, 4, 32)
+        if c.shape[2] == 2 * 64:  # whole bytes: (nb, G, half, row, j) -> (nb, G, 4, 32)
+            q = c.view(nb, ng, 2, ROWS, 16).transpose(2, 3).reshape(nb, ng, ROWS, GROUP)
+        else:
+            c = c.view(nb, ng, ROWS, 16)
+            q = torch.cat([c & 15, c >> 4], dim=-1)  # (nb, G, 4, 32)
         if self.planes.shape[2]:
             # a word's bit 16r + j is bit j % 8 of its byte 2r + j // 8 (little-endian)
             by = self.planes[sel].view(torch.uint8).view(nb, ng, -1, 2, 8)

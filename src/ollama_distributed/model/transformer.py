@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from . import cpu_kernels, rope
+from . import cpu_kernels, fused_decode, rope
 from .config import ModelConfig, RopeScaling
 from .kv_cache import KVCache
 from .file_format import GGUFRows, lookup, pack_stacked
@@ -215,6 +215,8 @@ class ModelShard:
         # (the format's default: float16 for the file's own types, as Ollama's; model/formats.py kv_cache_type)
         self.kv_dtype = kv_dtype or kv_cache_dtype(weight_format_name(str(self.dtype), quant))
         self.inv_freq = rope.inv_freq(cfg, weights.get("rope_freqs"))
+        # Phi-3 LongRoPE: the long factors' table too, chosen per cache by its capacity (rope.uses_long_factors)
+        self.inv_freq_long = rope.inv_freq(cfg, long=True) if cfg.rope_scaling.kind == "longrope" else None
         # Sliding-window layers rotate with their own base and no scaling (gemma3: 10000 vs the global 1e6).
         self.inv_freq_local = rope.inv_freq(replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling=RopeScaling()))
         self._has_sliding = any(layer.sliding for layer in self.layers)
@@ -236,6 +238,10 @@ class ModelShard:
         # One masked attention call for all decode sequences of a step (False: one call per sequence, the
         # reference path the batched one is tested against).
         self.batched_decode = True
+        # All layers of a decode step in one kernel call (model/fused_decode.py), built on the first decode step;
+        # False: the op-by-op path (the reference the fused one is tested against).
+        self.fused_decode = True
+        self._decode_plan: Any = None
 
     def _fused(self, parts: list[Any]) -> Weight:
         """Output-row concatenation of q/k/v or gate/up (one GEMM each: fewer ops per token), packed when quantised."""
@@ -311,11 +317,15 @@ class ModelShard:
             first = torch.cumsum(counts, 0) - counts
             pos = torch.arange(n_tok) - torch.repeat_interleave(first - torch.tensor(starts), counts)
             slot_idx = torch.repeat_interleave(torch.tensor(slots), counts)
-        cos, sin = rope.cos_sin(self.inv_freq, pos, self.dtype)
+        long = self.inv_freq_long is not None and rope.uses_long_factors(self.cfg, cache.max_seq_len)
+        cos, sin = rope.cos_sin(self.inv_freq_long if long else self.inv_freq, pos, self.dtype,
+                                rope.attention_factor(self.cfg))
         local = rope.cos_sin(self.inv_freq_local, pos, self.dtype) if self._has_sliding else (cos, sin)
         window = self.cfg.sliding_window if self._has_sliding else 0
-        dec = _DecodeBatch.build(seqs, n_tok, window) if self.batched_decode else None
-        if self._cache_ops is not None and dec is None:  # built once here rather than in each layer's _attend
+        plan = self._fused_plan() if n_tok == len(seqs) else None
+        dec = _DecodeBatch.build(seqs, n_tok, window) if self.batched_decode and plan is None else None
+        # (built once here rather than in each layer's _attend)
+        if self._cache_ops is not None and dec is None and plan is None:
             for s in seqs:
                 if s.count == 1:
                     s.where = (torch.tensor([s.slot]), torch.tensor([s.total]))
@@ -328,7 +338,9 @@ class ModelShard:
             h = lookup(self.embed, x)
         if self.spec.has_embedding and self.cfg.embed_scale != 1.0:
             h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
-        for li, layer in enumerate(self.layers):
+        if plan is not None:  # one new token per sequence: every layer in one call
+            h = plan.run(h.contiguous(), cache.k, cache.v, slot_idx, pos, cos, sin, all_reduce)
+        for li, layer in enumerate(self.layers if plan is None else ()):
             c, s_ = local if layer.sliding else (cos, sin)
             h = self._block(li, layer, h, c, s_, seqs, dec, slot_idx, pos, cache, all_reduce)
         cache.commit(seq_ids, token_counts)
@@ -346,6 +358,14 @@ class ModelShard:
         return logits
 
     __call__ = forward
+
+    def _fused_plan(self) -> Any:
+        """The decode plan of model/fused_decode.py (built once), or None where it does not apply or is turned off."""
+        if not self.fused_decode:
+            return None
+        if self._decode_plan is None:
+            self._decode_plan = fused_decode.build(self) or False
+        return self._decode_plan or None
 
     def _check_inputs(self, x: torch.Tensor, seq_ids: list[int], token_counts: list[int], output: str) -> int:
         if output not in OUTPUTS:
@@ -472,14 +492,21 @@ class ModelShard:
             q = q * self._q_factor
         return torch.cat([q.view(n_tok, self.q_dim), k.view(n_tok, self.kv_dim), qkv[:, self.q_dim + self.kv_dim :]], 1)
 
+    def _widened(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached keys and values in the compute dtype. Our decode kernel (cpu_kernels.cpp attend_cached) widens a
+        float16 cache's elements to float32 and computes in float32, so torch's paths (prompts, chunks, masks, and
+        the prefill that replays a sequence onto a new executor after a failure) do the same math: a replayed
+        prefix then gives back its decode-time logits to float32 rounding (~1e-6), not float16's (~1e-4), which is
+        what lets recovery continue a greedy text unchanged."""
+        return keys.to(self.dtype), values.to(self.dtype)
+
     def _attend_decode(self, q: torch.Tensor, cache: KVCache, li: int, dec: _DecodeBatch, sliding: bool = False) -> torch.Tensor:
         """One masked SDPA for all decode sequences (see _DecodeBatch); q (B, heads, hd) -> (B, heads * hd).
         A sliding-window layer takes torch's path with the window mask (the fused kernel attends [0, length))."""
         if self._cache_ops is not None and not sliding:  # each sequence over its own length, no padding or mask
             return self._cache_ops.attend_cached(q.contiguous(), *cache.layer(li), dec.slots, dec.lengths)
         b, hd, g = q.shape[0], self.cfg.head_dim, self.n_heads // self.n_kv
-        keys, values = cache.span(li, slice(dec.lo, dec.hi), dec.t_max)  # (S, kv, t_max, hd)
-        q = q.to(keys.dtype)  # (a float16 cache is attended in float16, as llama.cpp converts q for KQ)
+        keys, values = self._widened(*cache.span(li, slice(dec.lo, dec.hi), dec.t_max))  # (S, kv, t_max, hd)
         qg = q.reshape(b, self.n_kv, g, hd)  # GQA: a KV head's query heads are its query rows (no repeat_kv)
         if dec.rows is not None:
             qg = q.new_zeros(dec.hi - dec.lo, self.n_kv, g, hd).index_copy_(0, dec.rows, qg)
@@ -497,8 +524,7 @@ class ModelShard:
             return self._cache_ops.attend_cached(q[s.offset : s.offset + 1], *cache.layer(li), *s.where)
         if window:
             return self._attend_window(q, cache, li, s, window)
-        keys, values = cache.span(li, s.slot, s.total)  # (kv, total, hd)
-        q = q.to(keys.dtype)  # (a float16 cache is attended in float16, as llama.cpp converts q for KQ)
+        keys, values = self._widened(*cache.span(li, s.slot, s.total))  # (kv, total, hd)
         hd = self.cfg.head_dim
         if s.count == 1:
             # One query per head sees the whole prefix: no mask. The query heads of a GQA group become that
@@ -545,8 +571,8 @@ class ModelShard:
         for i, s in enumerate(seqs):
             rows = slice(s.offset, s.offset + s.count)
             if s.count == 1:
-                keys, values = cache.span(li, s.slot, min(s.total, W))
-                qg = q[s.offset].to(keys.dtype).view(1, self.n_kv, self.n_heads // self.n_kv, hd)
+                keys, values = self._widened(*cache.span(li, s.slot, min(s.total, W)))
+                qg = q[s.offset].view(1, self.n_kv, self.n_heads // self.n_kv, hd)
                 o = self._sdpa(qg, keys[None], values[None])
                 attn[rows] = o.reshape(1, self.q_dim).to(self.dtype)
                 continue
@@ -558,10 +584,11 @@ class ModelShard:
                 old_k, old_v = before[i]
                 lo = start - old_k.shape[1]
                 keys, values = torch.cat([old_k, keys], 1), torch.cat([old_v, values], 1)
+            keys, values = self._widened(keys, values)
             p_ = torch.arange(start, s.total)[:, None]
             kp = torch.arange(lo, s.total)[None, :]
             mask = (kp <= p_) & (kp > p_ - W)
-            qs = q[rows].to(keys.dtype).transpose(0, 1)[None]  # (1, heads, count, hd)
+            qs = q[rows].transpose(0, 1)[None]  # (1, heads, count, hd)
             o = self._sdpa(qs, keys[None], values[None], attn_mask=mask, enable_gqa=True)
             attn[rows] = o[0].transpose(0, 1).reshape(s.count, self.q_dim).to(self.dtype)
         return attn
@@ -572,8 +599,8 @@ class ModelShard:
         start = s.total - s.count
         lo = max(0, start - window + 1)
         keys, values = cache.span(li, s.slot, s.total)
-        keys, values = keys[:, lo:], values[:, lo:]  # (kv, total - lo, hd)
-        qs = q[s.offset : s.offset + s.count].to(keys.dtype).transpose(0, 1)[None]  # (1, heads, count, hd)
+        keys, values = self._widened(keys[:, lo:], values[:, lo:])  # (kv, total - lo, hd)
+        qs = q[s.offset : s.offset + s.count].transpose(0, 1)[None]  # (1, heads, count, hd)
         p = torch.arange(start, s.total)[:, None]
         k = torch.arange(lo, s.total)[None, :]
         mask = (k <= p) & (k > p - window)

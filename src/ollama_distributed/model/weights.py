@@ -224,9 +224,7 @@ def read_config(path: str | Path) -> ModelConfig:
 def _family_fields(p: Path, get: Any, a: str, fields: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig fields beyond the Llama block that a family's GGUF implies (keys as llama.cpp writes them)."""
     if a == "phi3":
-        # Phi-3's LongRoPE files (128k) carry per-frequency factor tensors; only the plain 4k RoPE is implemented.
-        if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
-            raise ModelFileError(p, "Phi-3 LongRoPE (rope_factors_long/short) is not supported by the engine yet")
+        # (Phi-3's LongRoPE files, 128k, carry per-frequency factor tensors: read by _rope_scaling.)
         rot = int(get(f"{a}.rope.dimension_count", 0))
         n_embd_head = int(get(f"{a}.embedding_length")) // int(get(f"{a}.attention.head_count"))
         if rot and rot != int(get(f"{a}.attention.key_length", n_embd_head)):
@@ -281,6 +279,9 @@ def _rope_scaling(p: Path, get: Any, a: str, reader: gguf.GGUFReader) -> RopeSca
         kind, factor = "linear", float(linear)
     orig = int(get(f"{a}.rope.scaling.original_context_length", 8192))
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    factors = {t.name: t for t in reader.tensors if t.name in ("rope_factors_long.weight", "rope_factors_short.weight")}
+    if factors:
+        return _longrope(p, get, a, factors)
     if freqs is not None and kind == "none":
         return RopeScaling("llama3", float(np.max(gguf.quants.dequantize(freqs.data, freqs.tensor_type))), 1.0, 4.0, orig)
     if kind not in ("none", "linear"):
@@ -288,6 +289,29 @@ def _rope_scaling(p: Path, get: Any, a: str, reader: gguf.GGUFReader) -> RopeSca
     if kind == "linear" and factor == 1.0:
         kind = "none"
     return RopeScaling(kind, factor if kind != "none" else 1.0, original_context_length=orig)
+
+
+def _longrope(p: Path, get: Any, a: str, factors: dict[str, Any]) -> RopeScaling:
+    """Phi-3's LongRoPE as llama.cpp's converter writes it (convert_hf_to_gguf.py Phi3MiniModel): the per-frequency
+    divisors `rope_factors_long/short.weight` (head_dim / 2 floats each), `rope.scaling.attn_factor` =
+    sqrt(1 + ln(s) / ln(orig)) with s = context_length / orig, and orig = `rope.scaling.original_context_length`
+    (llama.cpp's n_ctx_orig_yarn, which falls back to the trained context when the key is absent)."""
+    if len(factors) != 2:
+        raise ModelFileError(p, f"LongRoPE needs rope_factors_long and rope_factors_short, found {sorted(factors)}")
+
+    def table(kind: str) -> tuple[float, ...]:
+        t = factors[f"rope_factors_{kind}.weight"]
+        return tuple(float(v) for v in np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).ravel())
+
+    long_, short = table("long"), table("short")
+    ctx = int(get(f"{a}.context_length", 2048))
+    orig = int(get(f"{a}.rope.scaling.original_context_length", ctx))
+    try:
+        return RopeScaling("longrope", ctx / orig, original_context_length=orig,
+                           attention_factor=float(get(f"{a}.rope.scaling.attn_factor", 1.0)),
+                           long_factor=long_, short_factor=short)
+    except ValueError as exc:
+        raise ModelFileError(p, f"bad LongRoPE metadata: {exc}") from None
 
 
 class _ShardReader:

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import mmap
 import os
+import select
 import struct
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 SHM_DIR = Path("/dev/shm")
 _SLOT_HEADER = struct.Struct("<qqq")  # payload bytes in this slot, 1 if more slots follow, sequence number
@@ -36,6 +37,9 @@ _SLOT_LEN = struct.Struct("<qq")  # the first two, written before the sequence n
 _SEQ_AT = 16  # offset of the sequence number in a slot header
 _RING_HEADER = struct.Struct("<qq")  # read sequence (the reader's mark), closed flag
 _HEADER_BYTES = 64  # the ring header gets its own cache line
+
+
+CHECK_S = 0.05  # how often a waiting side runs its `check` (a peer's liveness: runtime/shm_comm.py pid_alive)
 
 
 class ChannelClosed(RuntimeError):
@@ -47,27 +51,70 @@ def shm_available() -> bool:
 
 
 class Waiter:
-    """Spin, then nap: `pause()` between polls of a condition. spin_s of busy polls (yielding the core to any
-    runnable thread), then short naps of `nap_s` for the rest of `short_s` — a step's reply or the next step's
-    message usually comes within that, and a nap's overshoot is paid on every step — then naps that double up
-    to max_nap_s (an idle shard between requests costs ~1000 polls/s of a few µs each)."""
+    """`pause()` between polls of a condition. With doorbells (`bells`: file descriptors that become readable when
+    the condition may have changed, see ShmRing) it spins for `bell_spin_s`, then sleeps in the kernel until a
+    bell rings (select), so a waiting process costs no CPU — on a machine with fewer cores than shard processes
+    (`serve --local-nodes N` on a laptop) spinning waiters would take the cores from the one stage computing —
+    and wakes within tens of µs of the bell. Without bells: spin_s of busy polls (yielding the core to any runnable
+    thread), then short naps of `nap_s` for the rest of `short_s`, then naps that double up to max_nap_s."""
 
-    def __init__(self, spin_s: float = 2e-4, nap_s: float = 5e-5, short_s: float = 0.05,
-                 max_nap_s: float = 1e-3) -> None:
+    def __init__(self, check: Callable[[], None] | None = None, spin_s: float = 2e-4, nap_s: float = 5e-5,
+                 short_s: float = 0.05, max_nap_s: float = 1e-3, bells: Sequence[int] = (),
+                 sockets: Sequence[int] = (), bell_spin_s: float = 2e-5) -> None:
         now = time.perf_counter()
-        self.spin_until = now + spin_s
+        self.bells = list(bells)
+        self.fds = self.bells + list(sockets)  # sockets: waited on, never drained (their bytes are messages)
+        self.spin_until = now + (bell_spin_s if self.fds else spin_s)
         self.short_until = now + short_s
         self.nap = nap_s
         self.max_nap = max_nap_s
+        self.check = check  # called every CHECK_S of waiting (it raises to give up)
+        self.next_check = now + CHECK_S
 
     def pause(self) -> None:
         now = time.perf_counter()
+        if now >= self.next_check:  # (advanced with or without a check: it also bounds the select below)
+            if self.check is not None:
+                self.check()
+            self.next_check = now + CHECK_S
         if now < self.spin_until:
             os.sched_yield()
+            return
+        if self.fds:
+            # the bound covers a bell that cannot ring (a peer killed mid-message: `check` then notices)
+            ready, _, _ = select.select(self.fds, [], [], max(0.0, min(CHECK_S, self.next_check - now)))
+            for fd in ready:
+                if fd in self.bells:
+                    drain_bell(fd)
             return
         time.sleep(self.nap)
         if now >= self.short_until:
             self.nap = min(self.nap * 2, self.max_nap)
+
+
+def open_bell(path: str | Path) -> int:
+    """A doorbell: a FIFO opened read-write (so opening never blocks on the other side, as it would for a plain
+    reader or writer) and non-blocking. `ring_bell` writes a byte, a waiter selects on it and drains it."""
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK)
+
+
+def ring_bell(fd: int) -> None:
+    try:
+        os.write(fd, b"\1")
+    except (BlockingIOError, OSError):  # full (the waiter has plenty to wake it) or closed
+        pass
+
+
+def drain_bell(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def make_bell(path: Path) -> None:
+    os.mkfifo(path, 0o600)
 
 
 class ShmRing:
@@ -77,6 +124,8 @@ class ShmRing:
 
     def __init__(self, path: Path, slots: int, slot_bytes: int, fd: int) -> None:
         self.path = Path(path)
+        # the doorbell: rung after each slot is published, so a reader may sleep in select instead of polling
+        self._bell = open_bell(self.bell_path)
         self.slots = slots
         self.slot_bytes = slot_bytes
         self._stride = _SLOT_HEADER.size + slot_bytes
@@ -94,7 +143,17 @@ class ShmRing:
         path = SHM_DIR / f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         os.ftruncate(fd, _HEADER_BYTES + slots * (_SLOT_HEADER.size + slot_bytes))  # zero-filled
+        make_bell(Path(f"{path}.bell"))
         return cls(path, slots, slot_bytes, fd)
+
+    @property
+    def bell_path(self) -> Path:
+        return Path(f"{self.path}.bell")
+
+    @property
+    def bell(self) -> int:
+        """The reader's doorbell descriptor (for a Waiter over several rings)."""
+        return self._bell
 
     @classmethod
     def attach(cls, path: str | Path, slots: int, slot_bytes: int) -> "ShmRing":
@@ -105,23 +164,27 @@ class ShmRing:
         return {"kind": "shm", "path": str(self.path), "slots": self.slots, "slot_bytes": self.slot_bytes}
 
     def unlink(self) -> None:
-        """Remove the file (both mappings stay valid); the creator calls this once the peer has attached."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        """Remove the files (both mappings and doorbells stay valid); the creator calls this once the peer has
+        attached."""
+        for p in (self.path, self.bell_path):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
 
     # -- writer ------------------------------------------------------------------------------------------------
-    def send(self, data: bytes, timeout: float | None = None) -> bool:
-        """Write one message; False when the reader did not free a slot within `timeout` (None: wait forever)."""
-        view = memoryview(data)
+    def send(self, data: Any, timeout: float | None = None, check: Callable[[], None] | None = None) -> bool:
+        """Write one message (any contiguous buffer); False when the reader did not free a slot within `timeout`
+        (None: wait forever). `check` is called every CHECK_S of waiting and may raise (e.g. the peer process
+        died: a SIGKILLed peer cannot mark the ring closed)."""
+        view = memoryview(data).cast("B")
         deadline = None if timeout is None else time.monotonic() + timeout
         start = 0
         while True:
             chunk = view[start : start + self.slot_bytes]
             more = start + len(chunk) < len(view)
             seq = self._write_seq + 1
-            waiter = Waiter()
+            waiter = Waiter(check)
             # the slot is free once the reader consumed the message that used it `slots` messages ago
             while self._mark()[0] < seq - self.slots:
                 if self._mark()[1]:
@@ -136,6 +199,7 @@ class ShmRing:
             _SLOT_LEN.pack_into(self._buf, at, len(chunk), int(more))
             struct.pack_into("<q", self._buf, at + _SEQ_AT, seq)
             self._write_seq = seq
+            ring_bell(self._bell)  # after the publish: a reader that drained the bell before re-checks after
             start += len(chunk)
             if not more:
                 return True
@@ -145,34 +209,69 @@ class ShmRing:
         """A message (its first slot) is ready to read."""
         return self._slot_seq(self._read_seq + 1) == self._read_seq + 1
 
-    def recv(self, timeout: float | None = None) -> bytes | None:
-        """The next message, or None when none arrived within `timeout` (None: wait forever; 0: don't wait)."""
+    def recv(self, timeout: float | None = None, check: Callable[[], None] | None = None) -> bytes | None:
+        """The next message, or None when none arrived within `timeout` (None: wait forever; 0: don't wait);
+        `check` as in `send`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         parts: list[bytes] = []
         while True:
-            seq = self._read_seq + 1
-            waiter = Waiter()
-            while self._slot_seq(seq) != seq:
-                if self._mark()[1]:
-                    raise ChannelClosed(f"{self.path.name}: the writer closed the channel")
-                # a message's later slots always follow, so only its first slot may give up
-                if not parts and deadline is not None and time.monotonic() >= deadline:
-                    return None
-                waiter.pause()
-            at = _HEADER_BYTES + ((seq - 1) % self.slots) * self._stride
-            n, more, _ = _SLOT_HEADER.unpack_from(self._buf, at)
-            body = at + _SLOT_HEADER.size
+            # a message's later slots always follow, so only its first slot may give up
+            slot = self._next_slot(check, deadline if not parts else None)
+            if slot is None:
+                return None
+            body, n, more = slot
             parts.append(bytes(self._buf[body : body + n]))
-            self._read_seq = seq
-            struct.pack_into("<q", self._buf, 0, seq)  # free the slot for the writer
+            self._consumed()
             if not more:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def recv_into(self, dest: Any, check: Callable[[], None] | None = None) -> int:
+        """The next message copied straight into `dest` (a writable buffer at least its size: no intermediate
+        bytes, for large tensors); returns its length. Waits forever (`check` as in `send`)."""
+        out = memoryview(dest).cast("B")
+        got = 0
+        while True:
+            body, n, more = self._next_slot(check, None)
+            if got + n > len(out):
+                raise ValueError(f"{self.path.name}: message longer than the {len(out)}-byte destination")
+            out[got : got + n] = self._buf[body : body + n]
+            got += n
+            self._consumed()
+            if not more:
+                return got
+
+    def _next_slot(self, check: Callable[[], None] | None, deadline: float | None) -> tuple[int, int, bool] | None:
+        """Wait for the next slot to be published: (payload offset, payload bytes, more slots follow), or None at
+        the deadline (None: no deadline)."""
+        seq = self._read_seq + 1
+        waiter = Waiter(check, bells=(self._bell,))
+        while self._slot_seq(seq) != seq:
+            if self._mark()[1]:
+                raise ChannelClosed(f"{self.path.name}: the writer closed the channel")
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            waiter.pause()
+        at = _HEADER_BYTES + ((seq - 1) % self.slots) * self._stride
+        n, more, _ = _SLOT_HEADER.unpack_from(self._buf, at)
+        return at + _SLOT_HEADER.size, n, bool(more)
+
+    def _consumed(self) -> None:
+        """Free the slot just read for the writer."""
+        self._read_seq += 1
+        struct.pack_into("<q", self._buf, 0, self._read_seq)
 
     def _slot_seq(self, seq: int) -> int:
         return struct.unpack_from("<q", self._buf, _HEADER_BYTES + ((seq - 1) % self.slots) * self._stride + _SEQ_AT)[0]
 
     def _mark(self) -> tuple[int, int]:
         return _RING_HEADER.unpack_from(self._buf, 0)
+
+    def detach(self) -> None:
+        """Drop this mapping without telling the other side (a creator that only set the ring up for two others)."""
+        if not self._mm.closed:
+            self._buf.release()
+            self._mm.close()
+            os.close(self._bell)
 
     def close(self) -> None:
         """Tell the other side (its waits raise ChannelClosed) and drop this mapping."""
@@ -182,8 +281,10 @@ class ShmRing:
             struct.pack_into("<q", self._buf, 8, 1)
         except ValueError:
             pass
+        ring_bell(self._bell)  # a reader asleep on it wakes and sees the flag
         self._buf.release()
         self._mm.close()
+        os.close(self._bell)
 
 
 class SocketChannel:
@@ -210,6 +311,9 @@ class SocketChannel:
         except (OSError, EOFError) as exc:
             raise ChannelClosed(f"step channel: {exc}") from exc
         return True
+
+    def fileno(self) -> int:
+        return self._conn.fileno()
 
     def poll(self) -> bool:
         try:

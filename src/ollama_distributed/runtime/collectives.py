@@ -6,6 +6,9 @@ all shards hold the same residual stream after each all-reduce, so any of them c
 of stage s+1 takes its input from shard j mod p_s of stage s, which spreads the sends over the senders when the
 stages have different widths (e.g. 2-way TP feeding 3-way TP).
 
+Between ranks on one machine, the driver may hand PlanComm shared-memory paths (runtime/shm_comm.py): a ring per
+stage-to-stage edge and a segment per stage whose shards share the host; those hops and sums then skip gloo.
+
 Backend: gloo (CPU tensors, TCP) unless every shard has a GPU, then NCCL. A GPU shard in a gloo world stages its
 tensors through host memory. Collectives over a group of one return
 at once (no process group is even created for it).
@@ -16,6 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -102,7 +106,10 @@ class PlanComm:
     """One rank's handle on the plan's process groups. Create on every rank with the same arguments."""
 
     def __init__(self, layout: RankLayout, master_addr: str, master_port: int, backend: str = "gloo",
-                 timeout_s: float = 120.0, node_ip: str = "127.0.0.1") -> None:
+                 timeout_s: float = 120.0, node_ip: str = "127.0.0.1", shm: dict | None = None) -> None:
+        """shm: the shared-memory paths the driver set up for the ranks on this rank's host (runtime/shm_comm.py):
+        {"peers": {rank: pid}, "send": {dst rank: ring spec}, "recv": ring spec | None, "reduce": segment spec |
+        None}; those hops and this stage's sum then bypass gloo."""
         import torch.distributed as dist
 
         self.layout = layout
@@ -124,12 +131,39 @@ class PlanComm:
                 if layout.rank in members:
                     self.tp_group = group
         self._pending: list = []
+        self._hop_out: dict[int, Any] = {}
+        self._hop_in: Any = None
+        self._reduce: Any = None
+        if shm:
+            self._attach_shm(shm)
+
+    def _attach_shm(self, shm: dict) -> None:
+        from .channel import ShmRing
+        from .shm_comm import ShmAllReduce, liveness_check
+
+        self._check = liveness_check({int(r): int(pid) for r, pid in shm["peers"].items() if int(r) != self.layout.rank})
+        for dst, spec in shm.get("send", {}).items():
+            self._hop_out[int(dst)] = ShmRing.attach(spec["path"], spec["slots"], spec["slot_bytes"])
+        if shm.get("recv"):
+            spec = shm["recv"]
+            self._hop_in = ShmRing.attach(spec["path"], spec["slots"], spec["slot_bytes"])
+        if shm.get("reduce"):
+            members = self.layout.stage_ranks[self.layout.stage]
+            self._reduce = ShmAllReduce.attach(shm["reduce"], members.index(self.layout.rank), self._check)
+
+    @property
+    def shm_paths(self) -> dict[str, int]:
+        """How many of this rank's hops and sums run over shared memory (for status and tests)."""
+        return {"hops_out": len(self._hop_out), "hops_in": int(self._hop_in is not None),
+                "all_reduce": int(self._reduce is not None)}
 
     # -- tensor parallel ----------------------------------------------------------------------------------------
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum `t` over this stage's shards (in place) and return it; a one-shard stage returns `t` unchanged."""
         if self.tp_group is None:
             return t
+        if self._reduce is not None and t.device.type == "cpu" and t.is_contiguous():
+            return self._reduce.all_reduce(t)
         import torch.distributed as dist
 
         if t.device != self.device:  # a GPU shard in a gloo world: reduce a host copy
@@ -146,6 +180,10 @@ class PlanComm:
         import torch.distributed as dist
 
         assert self.layout.recv_from is not None, "stage 0 receives token ids from the driver, not hidden states"
+        if self._hop_in is not None:
+            from .shm_comm import recv_tensor
+
+            return recv_tensor(self._hop_in, shape, dtype, self._check)
         buf = torch.empty(shape, dtype=dtype, device=self.device)
         dist.recv(buf, src=self.layout.recv_from)
         return buf
@@ -157,6 +195,11 @@ class PlanComm:
 
         t = t.to(self.device).contiguous()  # gloo sends host tensors; NCCL device tensors
         for dst in self.layout.send_to:
+            if dst in self._hop_out:  # copied into the ring now; waits only while the ring is full
+                from .shm_comm import send_tensor
+
+                send_tensor(self._hop_out[dst], t, self._check)
+                continue
             self._pending.append((dist.isend(t, dst=dst), t))  # keep t alive until the send completes
 
     def flush(self) -> None:
@@ -168,5 +211,9 @@ class PlanComm:
         import torch.distributed as dist
 
         self._pending.clear()
+        for ch in [*self._hop_out.values(), self._hop_in, self._reduce]:
+            if ch is not None:
+                ch.close()
+        self._hop_out, self._hop_in, self._reduce = {}, None, None
         if dist.is_initialized():
             dist.destroy_process_group()

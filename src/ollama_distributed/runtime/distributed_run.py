@@ -84,16 +84,21 @@ def plan_for_cluster(
     kv_cache_type: str | None = None,
 ) -> Any:
     """The scheduler's plan (PartitionPlan) for this model on this cluster's measured nodes and links, sized for
-    the weight format (`dtype`, or a torch dtype + `quant`; "auto": the file's own bytes) and its KV cache type."""
+    the weight format (`dtype`, or a torch dtype + `quant`; "auto": the file's own bytes) and its KV cache type,
+    with each node's bytes to fetch where it lacks the file (scheduler/load_cost.py)."""
     from ..scheduler.config import PlanConfig
     from ..scheduler.planner import plan
     from .measure import to_cluster_spec
+    from .recovery import weight_sources_for
 
     profile = model_profile(model_path, dtype, kv_cache_type, quant=quant)
-    spec = to_cluster_spec(cluster.measure())
+    measurement = cluster.measure()
+    spec = to_cluster_spec(measurement)
     if workload is None:
         workload = default_workload(profile.context_length, max_seq_len)
-    chosen = plan(profile, spec, workload, PlanConfig(strategy=strategy))
+    # which nodes hold the file (or cached slices of it): the plan says what each node fetches, and prefers them
+    chosen = plan(profile, spec, workload, PlanConfig(strategy=strategy),
+                  weight_sources_for(model_path, cluster, measurement))
     log.info("plan: %s — %s", chosen.strategy, chosen.reason)
     return chosen
 

@@ -118,6 +118,9 @@ class InferenceEngine:
       may return a replacement executor, onto which every running sequence is replayed (prompt + generated
       tokens re-fed from position 0), so the requests continue unchanged. None (or returning None) ends the
       affected requests with the error. At most max_recoveries attempts in a row without a successful step.
+    hand_off: called (on the engine thread) when a failed step could not be recovered, with every running and
+      waiting sequence; returns True when another engine took them all over (its `adopt`: service/replicas.py
+      moves a dropped replica's requests to a surviving one), else they end with the error.
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class InferenceEngine:
         recover: Callable[[Exception, Executor], Executor | None] | None = None,
         max_recoveries: int = 3,
         name: str = "engine",
+        hand_off: Callable[[list["_Seq"]], bool] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0 or max_step_tokens < 1:
             raise ValueError(
@@ -155,6 +159,8 @@ class InferenceEngine:
         self._recover = recover
         self._max_recoveries = max_recoveries
         self._failures_in_a_row = 0
+        self._hand_off = hand_off
+        self.adopted = 0  # sequences taken over from another engine (`adopt`)
         self._thread = threading.Thread(target=self._loop, name=f"{name}-loop", daemon=True)
         self._thread.start()
 
@@ -221,6 +227,24 @@ class InferenceEngine:
             self._waiting.append(seq)
             self._cond.notify_all()
         return handle
+
+    def adopt(self, seqs: Sequence["_Seq"]) -> None:
+        """Take over another engine's running or queued sequences (its `hand_off`), ahead of this engine's own
+        queue. Each keeps its request, handle, sampler (generator and grammar state), decoder, stop matcher,
+        history and timings, gets a sequence id of this engine and is replayed from position 0 (its whole
+        history re-fed, as after a recovery), so its client's stream goes on where it stopped. Raises
+        EngineClosedError when this engine is closed."""
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("the engine is closed")
+            for seq in reversed(seqs):
+                seq.seq_id = next(self._ids)
+                seq.n_fed = 0
+                seq.handle.seq_id = seq.seq_id
+                seq.handle._wake = self._wake  # a cancel now wakes this engine
+                self._waiting.appendleft(seq)
+            self.adopted += len(seqs)
+            self._cond.notify_all()
 
     def generate(self, request: GenerationRequest) -> GenerationChunk:
         """Submit and wait: the whole text in one chunk (raises GenerationError if the request failed)."""
@@ -361,6 +385,30 @@ class InferenceEngine:
         self._install(new, f"executor failed ({exc})")
         return True
 
+    def _handed_off(self) -> bool:
+        """Give every running and waiting sequence to `hand_off`; True when it took them (they are then gone
+        from here, their caches with the failed executor)."""
+        if self._hand_off is None:
+            return False
+        with self._cond:
+            seqs = self._running + list(self._waiting)
+        if not seqs:
+            return False
+        try:
+            taken = self._hand_off(seqs)
+        except Exception:  # noqa: BLE001 - no taker: the requests end with the step's error
+            log.exception("handing sequences to another engine failed")
+            return False
+        if not taken:
+            return False
+        with self._cond:
+            self._running = [s for s in self._running if s not in seqs]
+            for seq in seqs:
+                if seq in self._waiting:
+                    self._waiting.remove(seq)
+        log.warning("handed %d sequence(s) to another engine", len(seqs))
+        return True
+
     def _drop_cancelled(self) -> None:
         with self._cond:
             for seq in [s for s in self._waiting if s.handle.cancelled]:
@@ -397,6 +445,8 @@ class InferenceEngine:
         except Exception as exc:  # noqa: BLE001 - an executor failure ends the requests it was running
             log.error("executor step failed for sequences %s: %s", [s.seq_id for s in batch], exc)
             if self._try_recover(exc):
+                return
+            if self._handed_off():
                 return
             for seq in batch:
                 self._finish(seq, None, error=f"model execution failed: {exc}")

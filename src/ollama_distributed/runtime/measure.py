@@ -7,7 +7,9 @@ Per node (a probe actor pinned to it with NodeAffinitySchedulingStrategy(soft=Fa
   FLOP/s: an n×n×n fp32 matmul, 2·n³ FLOPs (compute-bound, the prefill regime).
 Per link (the two probe actors of a pair, one gloo process group over all probes):
   latency: half the round trip of a small tensor ping-pong; bandwidth: a large tensor ping-pong,
-  bytes / (one-way time − latency) (the alpha-beta model the scheduler's LinkSpec uses).
+  bytes / (one-way time − latency) (the alpha-beta model the scheduler's LinkSpec uses). Two nodes on one machine
+  are probed over a pair of shared-memory rings instead, the path the runtime's hops and tensor-parallel sums take
+  between co-located shards (runtime/shm_comm.py), so the planner prices them at what they cost.
 
 Nodes sharing one machine (same address) are probed one after another so they do not disturb each other's
 numbers; nodes on different machines are probed in parallel. Probe actors use as many torch threads as the node
@@ -142,36 +144,71 @@ class _Probe:
         )
 
     def link_probe(self, peer: int, first: bool, small_iters: int, big_bytes: int, big_iters: int) -> tuple[float, float]:
-        """Ping-pong with `peer`; the `first` side sends first. Returns (latency s, bandwidth bytes/s)."""
-        import torch
+        """Ping-pong with `peer` over gloo; the `first` side sends first. Returns (latency s, bandwidth bytes/s)."""
         import torch.distributed as dist
 
-        def pingpong(t: torch.Tensor, iters: int) -> float:
-            times = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                if first:
-                    dist.send(t, peer)
-                    dist.recv(t, peer)
-                else:
-                    dist.recv(t, peer)
-                    dist.send(t, peer)
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times) / 2  # one way
+        def send(t):
+            dist.send(t, peer)
 
-        small = torch.zeros(256)  # 1 KiB: a decode step's hidden state is a few KiB
-        pingpong(small, 3)  # connect + warm up
-        latency = pingpong(small, small_iters)
-        big = torch.zeros(max(1, big_bytes // 4))
-        one_way = pingpong(big, big_iters)
-        bandwidth = big.numel() * 4 / max(one_way - latency, 1e-9)
-        return latency, bandwidth
+        def recv(t):
+            dist.recv(t, peer)
+            return t
+
+        return _alpha_beta(send, recv, first, small_iters, big_bytes, big_iters)
+
+    def shm_link_probe(self, out_spec: dict, in_spec: dict, first: bool, small_iters: int, big_bytes: int,
+                       big_iters: int) -> tuple[float, float]:
+        """`link_probe` over a pair of shared-memory rings: the path the runtime's hops and sums take between
+        shards on one machine (runtime/shm_comm.py), so the planner prices co-located hops at what they cost."""
+        from .channel import ShmRing
+        from .shm_comm import recv_tensor, send_tensor
+
+        out = ShmRing.attach(out_spec["path"], out_spec["slots"], out_spec["slot_bytes"])
+        inp = ShmRing.attach(in_spec["path"], in_spec["slots"], in_spec["slot_bytes"])
+        try:
+            return _alpha_beta(lambda t: send_tensor(out, t, _no_check),
+                               lambda t: recv_tensor(inp, t.shape, t.dtype, _no_check),
+                               first, small_iters, big_bytes, big_iters)
+        finally:
+            out.detach()
+            inp.detach()
 
     def destroy(self) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _no_check() -> None:
+    pass
+
+
+def _alpha_beta(send, recv, first: bool, small_iters: int, big_bytes: int, big_iters: int) -> tuple[float, float]:
+    """(latency s, bandwidth bytes/s) from ping-pongs through `send(t)` / `recv(t) -> t`; the `first` side sends
+    first. Latency: half the median round trip of 1 KiB (a decode step's hidden state is a few KiB); bandwidth:
+    a `big_bytes` tensor's one-way time less that latency (the alpha-beta model of scheduler LinkSpec)."""
+    import torch
+
+    def pingpong(t: torch.Tensor, iters: int) -> float:
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            if first:
+                send(t)
+                t = recv(t)
+            else:
+                t = recv(t)
+                send(t)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) / 2  # one way
+
+    small = torch.zeros(256)
+    pingpong(small, 3)  # connect + warm up
+    latency = pingpong(small, small_iters)
+    big = torch.zeros(max(1, big_bytes // 4))
+    one_way = pingpong(big, big_iters)
+    return latency, big.numel() * 4 / max(one_way - latency, 1e-9)
 
 
 def _node_ip() -> str:
@@ -210,6 +247,8 @@ def measure_cluster(
     """Probe every alive node and every node pair of `cluster` (see module docstring)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from .shm_comm import create_hop, shm_for_colocated
 
     nodes = cluster.nodes()
     probe_cls = ray.remote(_Probe)
@@ -255,11 +294,24 @@ def measure_cluster(
             master = ray.get(actors[0].ip.remote())
             port = ray.get(actors[0].free_port.remote())
             ray.get([a.init_group.remote(master, port, r, len(actors), timeout_s) for r, a in enumerate(actors)], timeout=timeout_s)
+            shm = shm_for_colocated()
             for i in range(len(actors)):
                 for j in range(i + 1, len(actors)):
-                    ri = actors[i].link_probe.remote(j, True, link_small_iters, link_big_bytes, link_big_iters)
-                    rj = actors[j].link_probe.remote(i, False, link_small_iters, link_big_bytes, link_big_iters)
-                    (lat, bw), _ = ray.get([ri, rj], timeout=timeout_s)
+                    args = (link_small_iters, link_big_bytes, link_big_iters)
+                    rings = []
+                    if shm and nodes[i].address == nodes[j].address:  # the runtime's co-located path
+                        rings = [create_hop(), create_hop()]
+                        ri = actors[i].shm_link_probe.remote(rings[0].spec(), rings[1].spec(), True, *args)
+                        rj = actors[j].shm_link_probe.remote(rings[1].spec(), rings[0].spec(), False, *args)
+                    else:
+                        ri = actors[i].link_probe.remote(j, True, *args)
+                        rj = actors[j].link_probe.remote(i, False, *args)
+                    try:
+                        (lat, bw), _ = ray.get([ri, rj], timeout=timeout_s)
+                    finally:
+                        for ring in rings:
+                            ring.unlink()
+                            ring.detach()
                     links.append(LinkMeasurement(nodes[i].name, nodes[j].name, lat, bw))
             ray.get([a.destroy.remote() for a in actors], timeout=timeout_s)
         out = ClusterMeasurement(node_ms, tuple(links))

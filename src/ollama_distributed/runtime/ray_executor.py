@@ -7,9 +7,10 @@ its node (a node without the file first fetches its slice's bytes from this one,
 join one torch.distributed world (gloo; NCCL when every shard has a GPU), built once per plan.
 Each shard then runs a resident step loop (worker.py `serve`) fed through a step channel (step_loop.py,
 channel.py: shared memory on this machine, TCP to others): a step costs one message to and one reply from each
-shard, no Ray call; activations move stage to stage over torch.distributed; `step_sampled` samples on the last
-stage and brings back token ids instead of the vocabulary's logits. Ray keeps placement, membership and the
-liveness probes. `transport="calls"` drives the same stages with one Ray call per worker per step (the path before
+shard, no Ray call; activations move stage to stage, and tensor-parallel partial sums are added, over
+torch.distributed between machines and through shared memory between shards on one machine (shm_comm.py);
+`step_sampled` samples on the last stage and brings back token ids instead of the vocabulary's logits. Ray keeps
+placement, membership and the liveness probes. `transport="calls"` drives the same stages with one Ray call per worker per step (the path before
 issue 15), `transport="ray"` chains them through Ray object refs (both kept for the benchmarks).
 
 Failure: a dead actor or node surfaces as ExecutorError naming the shard and node; the executor is then broken
@@ -153,6 +154,7 @@ class RayExecutor:
         self._infos: list[dict[str, Any]] = []
         self._last_refs: list[Any] = []
         self._hung: set[int] = set()
+        self.shm_paths: list[dict[str, int]] = []  # per shard: hops and sums over shared memory (worker.setup_comm)
         self._loops: StepLoops | None = None  # the "dist" transport's step channels (step_loop.py)
         self._installed: dict[int, int] = {}  # seq id -> id() of the Sampler its last stage holds (step_sampled)
         nodes = cluster.nodes()
@@ -232,16 +234,62 @@ class RayExecutor:
                 raise PlacementError(f"shard for {p.node} ({p.node_id}) started on node {info['node_id']}")
         backend = "nccl" if all(i["device"].startswith("cuda") for i in self._infos) else "gloo"
         master, port = ray.get(self._workers[0].free_port.remote())
-        ray.get(
-            [w.setup_comm.remote(p.layout, master, port, backend, self.timeout_s) for w, p in zip(self._workers, self._flat)],
-            timeout=self.timeout_s,
-        )
+        shm, made = self._shared_memory_paths(backend)
+        try:
+            self.shm_paths = ray.get(
+                [w.setup_comm.remote(p.layout, master, port, backend, self.timeout_s, shm.get(p.rank))
+                 for w, p in zip(self._workers, self._flat)],
+                timeout=self.timeout_s,
+            )
+        finally:
+            for seg in made:  # every rank has attached (or failed): nothing is left in /dev/shm
+                seg.unlink()
+                seg.detach()
         self.backend = backend
         self.start_s = time.perf_counter() - t0
         log.info("RayExecutor: shards loaded and connected (%s) in %.1f s, %d of %d reused", backend, self.start_s,
                  len(self._reused), len(self._flat))
         if self.transport == "dist":
             self._loops = StepLoops(self._workers, self._infos, self.timeout_s)
+
+    def _shared_memory_paths(self, backend: str) -> tuple[dict[int, dict[str, Any]], list[Any]]:
+        """Per rank, the shared-memory hops and sums among shards on one host (runtime/shm_comm.py; each rank's
+        collectives.PlanComm then bypasses gloo there), and the rings and segments made for them. Only for a gloo
+        world of CPU shards; OLLAMA_DISTRIBUTED_SHM_COMM=0 keeps every path on gloo (for measuring)."""
+        from .shm_comm import ShmAllReduce, colocated, create_hop, shm_for_colocated
+
+        if (backend != "gloo" or not shm_for_colocated()
+                or any(not str(i.get("device", "cpu")).startswith("cpu") for i in self._infos)):
+            return {}, []
+        hosts = [(i.get("ip"), i.get("host")) for i in self._infos]
+        pids = [int(i["pid"]) for i in self._infos]
+        layouts = [p.layout for p in self._flat]
+        edges, stages = colocated(layouts[0].stage_ranks, {lay.rank: lay.send_to for lay in layouts}, hosts)
+        out: dict[int, dict[str, Any]] = {}
+        made: list[Any] = []
+
+        def entry(rank: int) -> dict[str, Any]:
+            return out.setdefault(rank, {"peers": {}, "send": {}, "recv": None, "reduce": None})
+
+        try:
+            for src, dst in edges:
+                ring = create_hop()
+                made.append(ring)
+                entry(src)["send"][dst] = entry(dst)["recv"] = ring.spec()
+                entry(src)["peers"][dst], entry(dst)["peers"][src] = pids[dst], pids[src]
+            for st in stages:
+                members = layouts[0].stage_ranks[st]
+                seg = ShmAllReduce.create(len(members))
+                made.append(seg)
+                for r in members:
+                    entry(r)["reduce"] = seg.spec()
+                    entry(r)["peers"].update({q: pids[q] for q in members if q != r})
+        except BaseException:
+            for seg in made:
+                seg.unlink()
+                seg.detach()
+            raise
+        return out, made
 
     def _wait_loads(self, loads: list[Any], holder: Any) -> list[Any]:
         """Wait for the shards' loads; returns those still pending after the time-out. While nodes fetch weight
@@ -256,7 +304,8 @@ class RayExecutor:
                                   max(0.0, deadline - time.monotonic()))
             if holder is None or not pending:
                 continue
-            rows = [r for r in ray.get(holder.progress.remote()) if r["model"] == self.model_path.name]
+            actor = getattr(holder, "holder", holder)  # weight_fetch.Peered wraps the holder with its peers
+            rows = [r for r in ray.get(actor.progress.remote()) if r["model"] == self.model_path.name]
             done = sum(r["bytes_done"] for r in rows)
             if done > seen:
                 deadline, seen = time.monotonic() + self.timeout_s, done
@@ -278,7 +327,7 @@ class RayExecutor:
         have = ray.get([self._workers[i].has_file.remote(str(self.model_path)) for i in fresh], timeout=self.timeout_s)
         if all(have):
             return None
-        from .weight_fetch import CHUNK_BYTES, holder_actor, slice_bytes
+        from .weight_fetch import CHUNK_BYTES, holder_actor, slice_bytes, with_peers
 
         chunk = int(os.environ.get("OLLAMA_DISTRIBUTED_WEIGHT_CHUNK_BYTES", CHUNK_BYTES))
         for i, ok in zip(fresh, have):
@@ -288,7 +337,9 @@ class RayExecutor:
                 log.info("RayExecutor: node %s lacks %s: its shard (layers [%d, %d)) fetches %.2f GB from this node "
                          "first (less what its slice cache holds)", self._flat[i].node, self.model_path.name,
                          *spec.layers, need / 1e9)
-        return holder_actor()
+        # nodes whose slice caches hold chunks of the file serve them too (weight_fetch.py SlicePeer)
+        lacking = [self._flat[i].node for i, ok in zip(fresh, have) if not ok]
+        return with_peers(holder_actor(), self.model_path, self.cluster, lacking)
 
     # ---- Executor protocol ------------------------------------------------------------------------------------
     def step(self, seq_ids: list[int], tokens: list[list[int]]) -> torch.Tensor:

@@ -267,12 +267,16 @@ class Recovery:
       False restarts every shard (the behaviour before; bench/recovery_bench.py compares the two).
     kv_cache_type: the model's KV cache setting (f32|f16|q8_0; None: the weight format's default), for re-plans
       and the default build.
+    measurement: the cluster measurement (runtime/measure.py) to re-plan with (None: the cluster's, taken now).
+
+    Re-plans prefer, among survivors predicted near-equal, the nodes that hold the model file or the lost shard's
+    cached slice (scheduler/load_cost.py prefer_holders), and each new plan says what its nodes fetch.
     """
 
     def __init__(self, model_path: str | Path, cluster: Any, strategy: str = "auto", dtype: Any = None,
                  health: NodeHealth | None = None, on_event: Callable[[RecoveryRecord], None] | None = None,
                  build: Callable[[Any], Any] | None = None, reuse_survivors: bool = True,
-                 kv_cache_type: str | None = None) -> None:
+                 kv_cache_type: str | None = None, measurement: Any = None) -> None:
         import torch
 
         self.model_path = Path(model_path)
@@ -288,8 +292,8 @@ class Recovery:
         # The measurements the model was planned with (the cluster caches them, so this costs nothing right
         # after a load). Re-planning on a subset of these nodes reuses them: the survivors did not get slower,
         # and probing again (the cluster re-measures whenever its set of alive nodes changes) costs seconds.
-        self._measurement: Any = None
-        if cluster is not None:
+        self._measurement: Any = measurement
+        if cluster is not None and measurement is None:
             try:
                 self._measurement = cluster.measure()
             except Exception as exc:  # noqa: BLE001 - re-planning measures again if needed
@@ -372,7 +376,9 @@ class Recovery:
         if m is None or not keep <= {n.name for n in m.nodes}:
             m = self._measurement = self.cluster.measure()  # a node joined since: probe (cached by the cluster)
         profile, spec, workload = planning_inputs(self.model_path, m, keep, self.dtype, self.kv_cache_type)
-        chosen = plan(profile, spec, workload, PlanConfig(strategy=self.strategy))
+        # among near-equal survivors, the nodes that hold the file or the lost shard's cached slice
+        sources = weight_sources_for(self.model_path, self.cluster, m, keep)
+        chosen = plan(profile, spec, workload, PlanConfig(strategy=self.strategy), sources)
         log.info("recovery plan on %s: %s — %s", sorted(keep), chosen.strategy, chosen.reason)
         return chosen
 
@@ -412,6 +418,21 @@ def planning_inputs(model_path: str | Path, measurement: Any, keep: Iterable[str
     links = tuple(l for l in measurement.links if l.a in keep and l.b in keep)
     profile = model_profile(model_path, dtype, kv_cache_type)
     return profile, to_cluster_spec(ClusterMeasurement(nodes, links)), default_workload(profile.context_length)
+
+
+def weight_sources_for(model_path: str | Path, cluster: Any, measurement: Any,
+                       keep: Iterable[str] | None = None) -> Any:
+    """Which nodes hold the model's weights (runtime/weight_fetch.py weight_sources, the scheduler's WeightSources),
+    for planning; None when that cannot be told (a Hugging Face directory, or asking failed): the plan is then made
+    as before, without load costs. keep: the nodes being planned on (None: every alive node)."""
+    from .measure import to_cluster_spec
+    from .weight_fetch import weight_sources
+
+    try:
+        return weight_sources(model_path, cluster, to_cluster_spec(measurement), only=keep)
+    except Exception as exc:  # noqa: BLE001 - load costs inform a plan, they never stop one
+        log.warning("planning without load costs: cannot tell which nodes hold %s: %s", Path(model_path).name, exc)
+        return None
 
 
 def _release(shards: Iterable[Any]) -> None:

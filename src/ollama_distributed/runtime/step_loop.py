@@ -99,7 +99,9 @@ class StepLoops:
         out: dict[int, Any] = {}
         t0 = time.monotonic()
         next_check, deadline, ceiling = t0 + self.check_s, t0 + interval_s, t0 + ceiling_s
-        waiter = Waiter()
+        # sleep on the shared-memory replies' doorbells and the TCP channels' sockets: woken by any reply
+        waiter = Waiter(bells=[self._rep[i].bell for i in which if isinstance(self._rep[i], ShmRing)],
+                        sockets=[self._rep[i].fileno() for i in which if not isinstance(self._rep[i], ShmRing)])
         while True:
             for i in which:
                 if i not in out and self._rep[i].poll():

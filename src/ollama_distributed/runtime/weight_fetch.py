@@ -19,7 +19,19 @@ whole 10-100 GB. This module moves those ranges:
 
 Transport: Ray's object store (the holder returns each chunk as bytes; Ray moves them between nodes' object
 stores and pipelines several in flight). Ray's cluster is the trust boundary: whoever can call the holder can
-already run code on every node, so the holder adds no secret of its own; nothing is served on an HTTP port.
+already run code on every node, so the holder adds no secret of its own; nothing is served on an HTTP port. With
+RAY_AUTH_MODE=token, Ray 2.60 demands the cluster's token on every RPC on this path (the actor calls and the object
+manager's Push/Pull between nodes: a Pull without it is refused, tests/runtime/test_weight_fetch.py); RAY_USE_TLS=1
+encrypts them. The token alone does not encrypt.
+
+Peers: a node whose slice cache holds chunks of the file serves them too (`SlicePeer`, one actor per such node,
+started by the driver when another node is about to fetch); the fetcher asks the holder and the peers holding a
+chunk in turn and checks every chunk against the holder's table, so a lying or stale peer is caught and the chunk
+asked of the holder instead.
+
+What the planner is told (`weight_sources`): which nodes hold the file and which verified chunks each node's cache
+holds, asked of the nodes themselves, so a plan says what its nodes fetch and prefers the holders
+(scheduler/load_cost.py); `prefetch` fetches a plan's slices ahead of its load (`/api/pull`, service/prefetch.py).
 
 Why chunks of the file, not tensors: one table serves every plan (TP rows, PP layers, expert subsets pick
 different tensors), a chunk is the unit that is verified, cached and resumed, and the over-fetch is at most one
@@ -41,6 +53,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
+
+from ..scheduler.load_cost import FileLayout, TensorExtent, chunks_covering
+from ..scheduler.load_cost import shard_chunks as layout_chunks
+from ..scheduler.load_cost import shard_tensor_names  # noqa: F401 - the fetcher's rule, re-exported for its callers
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +102,10 @@ def chunk_table(path: str | Path, chunk_bytes: int = CHUNK_BYTES, sidecar_dir: P
 
     p = Path(path)
     st = p.stat()
-    key = hashlib.sha256(f"{p.resolve()}|{chunk_bytes}".encode()).hexdigest()[:24]
-    sidecar = (sidecar_dir or cache_root() / "tables") / f"{key}.json"
-    try:
-        saved = json.loads(sidecar.read_text())
-        if saved["size"] == st.st_size and saved["mtime_ns"] == st.st_mtime_ns:
-            return ChunkTable(saved["digest"], saved["size"], saved["data_offset"], saved["chunk_bytes"],
-                              tuple(saved["hashes"]))
-    except (OSError, ValueError, KeyError):
-        pass
+    sidecar = _sidecar(p, chunk_bytes, sidecar_dir)
+    saved = _saved_table(p, chunk_bytes, sidecar_dir)
+    if saved is not None:
+        return saved
     t0 = time.perf_counter()
     whole, hashes = hashlib.sha256(), []
     with open(p, "rb") as f:
@@ -117,6 +128,24 @@ def chunk_table(path: str | Path, chunk_bytes: int = CHUNK_BYTES, sidecar_dir: P
     except OSError as e:  # a read-only home: the table is recomputed next time
         log.warning("weights: cannot keep the chunk table of %s in %s (%s)", p, sidecar, e)
     return table
+
+
+def _sidecar(p: Path, chunk_bytes: int, sidecar_dir: Path | None) -> Path:
+    key = hashlib.sha256(f"{p.resolve()}|{chunk_bytes}".encode()).hexdigest()[:24]
+    return (sidecar_dir or cache_root() / "tables") / f"{key}.json"
+
+
+def _saved_table(p: Path, chunk_bytes: int, sidecar_dir: Path | None = None) -> ChunkTable | None:
+    """The table kept in `p`'s sidecar when it was computed for the file as it is now (size and mtime), else None."""
+    try:
+        st = p.stat()
+        saved = json.loads(_sidecar(p, chunk_bytes, sidecar_dir).read_text())
+        if saved["size"] == st.st_size and saved["mtime_ns"] == st.st_mtime_ns:
+            return ChunkTable(saved["digest"], saved["size"], saved["data_offset"], saved["chunk_bytes"],
+                              tuple(saved["hashes"]))
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
 
 
 class WeightHolder:
@@ -211,74 +240,105 @@ def holder_progress() -> list[dict[str, Any]]:
         return []
 
 
+@dataclass(frozen=True)
+class Peered:
+    """What a shard's load is given instead of the bare holder when other nodes hold chunks of the file in their
+    slice caches: the holder, and (SlicePeer actor, chunks it holds) per such node."""
+
+    holder: Any
+    peers: tuple[tuple[Any, frozenset[int]], ...]
+
+
+class SlicePeer:
+    """Serves the verified chunks of a node's slice cache to other nodes (a Ray actor on that node,
+    `peer_actor()`), so a model's weights leave the server's node once per chunk, not once per node that needs it.
+    It reads what its node's cache recorded as verified; the fetching node checks every chunk against the holder's
+    table anyway."""
+
+    def __init__(self) -> None:
+        self._served = 0
+        self._lock = threading.Lock()  # reads run on several of the actor's threads at once
+
+    def read(self, digest: str, start: int, end: int) -> bytes:
+        with open(cache_root() / digest / "model.gguf", "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+        with self._lock:
+            self._served += len(data)
+        return data
+
+    def served_bytes(self) -> int:
+        return self._served
+
+
+_peers: dict[tuple[str, str], Any] = {}  # (job, node id) -> handle, kept for this process (as the holder's)
+
+
+def peer_actor(node_id: str) -> Any:
+    """The SlicePeer on `node_id`, started on first use, found by name afterwards."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    key = (ray.get_runtime_context().get_job_id(), node_id)
+    if key not in _peers:
+        _peers[key] = ray.remote(SlicePeer).options(
+            name=f"ollama-distributed-slices-{node_id[:16]}", get_if_exists=True, num_cpus=0, max_concurrency=16,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+    return _peers[key]
+
+
+def with_peers(holder: Any, model_path: str | Path, cluster: Any, lacking: Iterable[str]) -> Any:
+    """`holder`, or Peered(holder, peers) when nodes other than `lacking` (the nodes about to fetch) hold chunks of
+    the file in their slice caches (asked of the nodes, weight_sources)."""
+    try:
+        sources = weight_sources(model_path, cluster, None)
+        if sources is None:
+            return holder
+        skip = set(lacking)
+        peers = tuple((peer_actor(cluster.node_id(n)), h.chunks) for n, h in sources.holdings.items()
+                      if n not in skip and not h.has_file and h.chunks)
+    except Exception as exc:  # noqa: BLE001 - peers only take load off the holder, which serves everything
+        log.warning("weights: no peers for %s: %s", Path(model_path).name, exc)
+        return holder
+    if peers:
+        log.info("weights: %d node(s) serve cached chunks of %s besides the holder", len(peers), Path(model_path).name)
+    return Peered(holder, peers) if peers else holder
+
+
 # ---- the fetcher's side ----------------------------------------------------------------------------------------
-def shard_tensor_names(names: Iterable[str], layers: tuple[int, int], has_embedding: bool, has_output: bool) -> list[str]:
-    """The tensors a shard reads (llama.cpp's naming, every family): its layers' `blk.N.*`, the embedding on the
-    first stage (and on the last when the head is tied to it), the head on the last stage, and the small global
-    tensors (output_norm, rope_freqs, ...) everywhere."""
-    names = list(names)
-    tied = "output.weight" not in names
-    out = []
-    for name in names:
-        m = re.match(r"blk\.(\d+)\.", name)
-        if m:
-            keep = layers[0] <= int(m.group(1)) < layers[1]
-        elif name.startswith("token_embd."):
-            keep = has_embedding or (has_output and tied)
-        elif name.startswith("output."):
-            keep = has_output
-        else:
-            keep = True
-        if keep:
-            out.append(name)
-    return out
+_EXPERT_TENSOR = re.compile(r"\.ffn_(gate|up|down)_exps\.")
 
 
-def tensor_ranges(tensors: Iterable[Any], wanted: set[str], experts: tuple[int, int] | None) -> list[tuple[int, int]]:
-    """Byte ranges of the wanted tensors (gguf ReaderTensor-like: name, data_offset, n_bytes, shape in ggml order).
-    A stacked expert tensor (`ffn_*_exps`, ggml shape [in, out, n_expert]: experts outermost, so each expert's
-    matrix is one contiguous run) contributes only the run of the shard's experts [start, end)."""
-    out = []
-    for t in tensors:
-        if t.name not in wanted:
-            continue
-        start, n = int(t.data_offset), int(t.n_bytes)
-        if experts is not None and re.search(r"\.ffn_(gate|up|down)_exps\.", t.name):
-            per_expert = n // int(t.shape[-1])
-            out.append((start + experts[0] * per_expert, start + experts[1] * per_expert))
-        else:
-            out.append((start, start + n))
-    return out
+def file_layout(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> FileLayout:
+    """The scheduler's view of a GGUF (scheduler/load_cost.py FileLayout): its tensors' byte ranges, from the header
+    alone. Which tensors a shard reads, and so which chunks it fetches, is decided there, once, for the planner
+    (bytes a plan will fetch) and the fetcher (chunks it asks for) alike."""
+    from ..model.gguf_index import GGUFIndex
+
+    index = GGUFIndex(path)
+    tensors = tuple(TensorExtent(t.name, int(t.data_offset), int(t.n_bytes),
+                                 int(t.shape[-1]) if _EXPERT_TENSOR.search(t.name) else 0) for t in index.tensors)
+    return FileLayout(Path(path).stat().st_size, index.data_offset, chunk_bytes, tensors)
 
 
 def chunks_for(ranges: Iterable[tuple[int, int]], table: ChunkTable) -> list[int]:
     """Indices of the chunks that cover the byte ranges, and the header's."""
-    need = set(range(0, (table.data_offset + table.chunk_bytes - 1) // table.chunk_bytes or 1))
-    for start, end in ranges:
-        if end > start:
-            need.update(range(start // table.chunk_bytes, (end - 1) // table.chunk_bytes + 1))
-    return sorted(i for i in need if i * table.chunk_bytes < table.size)
+    return chunks_covering(ranges, table.size, table.data_offset, table.chunk_bytes)
 
 
 def shard_chunks(path: str | Path, layers: tuple[int, int], has_embedding: bool, has_output: bool,
                  experts: tuple[int, int] | None = None, chunk_bytes: int = CHUNK_BYTES) -> list[int]:
     """The chunks a node without the file needs for this shard (its tensors' and the header's), from the header
     alone: the holder answers this, so the fetching node asks for everything in one pipelined run."""
-    from ..model.gguf_index import GGUFIndex
-
-    index = GGUFIndex(path)
-    table = ChunkTable("", Path(path).stat().st_size, index.data_offset, chunk_bytes, ())
-    wanted = set(shard_tensor_names((t.name for t in index.tensors), layers, has_embedding, has_output))
-    return chunks_for(tensor_ranges(index.tensors, wanted, experts), table)
+    return layout_chunks(file_layout(path, chunk_bytes), layers, has_embedding, has_output, experts)
 
 
 def slice_bytes(path: str | Path, layers: tuple[int, int], has_embedding: bool, has_output: bool,
                 experts: tuple[int, int] | None = None, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Bytes a node without the file fetches for this shard (whole chunks, header included): what a plan costs
     in transfer before it can run."""
-    size = Path(path).stat().st_size
-    return sum(min(chunk_bytes, size - i * chunk_bytes)
-               for i in shard_chunks(path, layers, has_embedding, has_output, experts, chunk_bytes))
+    layout = file_layout(path, chunk_bytes)
+    return sum(layout.chunk_len(i) for i in layout_chunks(layout, layers, has_embedding, has_output, experts))
 
 
 class SliceCache:
@@ -384,6 +444,9 @@ def ensure_local(model_path: str, layers: tuple[int, int], has_embedding: bool, 
 
     if os.path.exists(model_path):
         return LocalCopy(model_path)
+    peers: tuple[tuple[Any, frozenset[int]], ...] = ()
+    if isinstance(holder, Peered):
+        holder, peers = holder.holder, holder.peers
     if holder is None:
         raise WeightFetchError(f"node {node} lacks {model_path} and no node serves it: GGUF files are fetched from the "
                                "server's node, Hugging Face directories must be present on every node")
@@ -399,7 +462,7 @@ def ensure_local(model_path: str, layers: tuple[int, int], has_embedding: bool, 
         fetched = sum(_chunk_len(table, i) for i in missing)
         cache.prepare(fetched, node)
         if missing:
-            _fetch(cache, missing, holder, model_path, node, done, base=total - fetched, total=total)
+            _fetch(cache, missing, holder, model_path, node, done, base=total - fetched, total=total, peers=peers)
         else:
             holder.report.remote(node, Path(model_path).name, total, total, 0.0, "cached")
     return LocalCopy(str(cache.path), fetched, total, time.perf_counter() - t0, t0 - t_table)
@@ -411,9 +474,11 @@ def _chunk_len(table: ChunkTable, index: int) -> int:
 
 
 def _fetch(cache: SliceCache, indices: list[int], holder: Any, model_path: str, node: str, done: set[int],
-           base: int, total: int) -> None:
+           base: int, total: int, peers: tuple[tuple[Any, frozenset[int]], ...] = ()) -> None:
     """Fetch, verify and write `indices`, IN_FLIGHT at a time; a chunk whose hash does not match is asked for once
-    more, then refused."""
+    more (of the holder), then refused. A chunk that peers hold (SlicePeer: nodes that fetched it before) is asked
+    of the holder and those peers in turn, so the holder's link carries only a share of it; every chunk is checked
+    against the holder's table whoever sent it."""
     import ray
 
     table, name = cache.table, Path(model_path).name
@@ -421,11 +486,18 @@ def _fetch(cache: SliceCache, indices: list[int], holder: Any, model_path: str, 
     queue = list(indices)
     retried: set[int] = set()
     pending: dict[Any, int] = {}
+    turn = 0
     with cache.writer(done) as put:
         while queue or pending:
             while queue and len(pending) < IN_FLIGHT:
                 i = queue.pop(0)
-                pending[holder.read.remote(model_path, *table.chunk_range(i))] = i
+                start, end = table.chunk_range(i)
+                sources = [None] + [p for p, held in peers if i in held] if i not in retried else [None]
+                source = sources[turn % len(sources)]
+                turn += 1
+                ref = (holder.read.remote(model_path, start, end) if source is None
+                       else source.read.remote(table.digest, start, end))
+                pending[ref] = i
             ready, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ready[0])
             data = ray.get(ready[0])
@@ -453,3 +525,132 @@ def _fetch(cache: SliceCache, indices: list[int], holder: Any, model_path: str, 
                 log.info("weights: node %s %s %.0f/%.0f MB at %.0f MB/s", node, name, (base + got) / 1e6,
                          total / 1e6, rate / 1e6)
                 last_report = now
+
+
+# ---- what the planner is told (scheduler/load_cost.py) ------------------------------------------------------------
+def chunk_bytes_setting() -> int:
+    """The verified unit the holder uses (OLLAMA_DISTRIBUTED_WEIGHT_CHUNK_BYTES, read in the server's process)."""
+    return int(os.environ.get("OLLAMA_DISTRIBUTED_WEIGHT_CHUNK_BYTES", CHUNK_BYTES))
+
+
+def known_digest(path: str | Path, chunk_bytes: int) -> str | None:
+    """The file's sha256 without reading it: a model-store blob is named by it, else a chunk table kept for the file
+    as it is now. None when neither (a slice cache, keyed by digest, cannot be matched before the holder hashes the
+    file; its first load hashes it)."""
+    p = Path(path)
+    named = _BLOB_NAME.match(p.name)
+    if named:
+        return named.group(1)
+    saved = _saved_table(p, chunk_bytes)
+    return saved.digest if saved is not None else None
+
+
+def node_holding(model_path: str, digest: str | None, chunk_bytes: int) -> tuple[bool, list[int]]:
+    """Run on a node: whether it sees the file, and which verified chunks of it its slice cache holds."""
+    if os.path.exists(model_path):
+        return True, []
+    if digest is None:
+        return False, []
+    cache = SliceCache(ChunkTable(digest, 0, 0, chunk_bytes, ()))
+    return False, sorted(cache.present())
+
+
+_HOLDS_FILE: set[tuple[str, str, int, int]] = set()  # (node_id, path, size, mtime_ns) seen holding the file
+
+
+def weight_sources(model_path: str | Path, cluster: Any, spec: Any, timeout_s: float = 10.0,
+                   only: Iterable[str] | None = None) -> Any:
+    """The scheduler's WeightSources for a GGUF on `cluster`'s alive nodes (None for a Hugging Face directory,
+    which every node must hold, or without a Ray connection): the holder is this process's node (the holder actor runs there), each node's
+    holding is asked of the node itself (a task pinned to it), and the holder's links come from `spec`, the
+    ClusterSpec of the whole measured cluster.
+
+    A node seen holding the file is not asked again (for this file as it is): planning on a cluster whose nodes
+    all hold the file, the usual case, costs one round of tasks per node once per process. A node that does not
+    answer within `timeout_s` counts as holding nothing (the plan may then overstate its fetch, never understate
+    it). only: ask just these nodes (those a plan may use: a re-plan after a loss leaves the lost ones out)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from ..scheduler.load_cost import Holding, WeightSources
+
+    path = Path(model_path)
+    if path.is_dir() or not ray.is_initialized():  # asking the runtime context would start a Ray instance
+        return None
+    st = path.stat()
+    chunk = chunk_bytes_setting()
+    digest = known_digest(path, chunk)
+    holder = cluster.name_of(ray.get_runtime_context().get_node_id())
+    nodes = [n for n in cluster.nodes() if only is None or n.name in set(only)]
+    holdings: dict[str, Holding] = {}
+    asked: dict[Any, Any] = {}
+    probe = ray.remote(num_cpus=0, max_retries=0)(node_holding)
+    for n in nodes:
+        if (n.node_id, str(path), st.st_size, st.st_mtime_ns) in _HOLDS_FILE:
+            holdings[n.name] = Holding(has_file=True)
+            continue
+        ref = probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote(
+            str(path), digest, chunk)
+        asked[ref] = n
+    if asked:
+        ready, late = ray.wait(list(asked), num_returns=len(asked), timeout=timeout_s)
+        for ref in ready:
+            n = asked[ref]
+            try:
+                has, chunks = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                log.warning("weights: node %s did not say what it holds of %s: %s", n.name, path.name, exc)
+                continue
+            if has:
+                _HOLDS_FILE.add((n.node_id, str(path), st.st_size, st.st_mtime_ns))
+            holdings[n.name] = Holding(has_file=has, chunks=frozenset(chunks))
+        for ref in late:
+            ray.cancel(ref, force=True)
+            log.warning("weights: node %s did not say within %.0f s what it holds of %s; counted as nothing",
+                        asked[ref].name, timeout_s, path.name)
+    links = {n: spec.link(holder, n) for n in spec.names} if spec is not None and holder in spec.names else {}
+    return WeightSources(holder, holdings, file_layout(path, chunk), links)
+
+
+def _prefetch_shard(model_path: str, layers: tuple[int, int], has_embedding: bool, has_output: bool,
+                    experts: tuple[int, int] | None, holder: Any, node: str) -> dict[str, Any]:
+    """Run on a node: make its slice for one shard present (ensure_local), without loading it."""
+    return ensure_local(model_path, layers, has_embedding, has_output, holder, node, experts=experts).to_dict()
+
+
+def prefetch(model_path: str | Path, plans: Iterable[Any], cluster: Any, poll_s: float = 0.5
+             ) -> Iterator[list[dict[str, Any]]]:
+    """Fetch now, without loading the model, the slices the shards of `plans` (PartitionPlans with load costs,
+    scheduler/load_cost.py) would fetch at their load: one task per fetching shard, pinned to its node, each
+    reporting to the holder under the plan's node name. Yields the holder's progress rows of those nodes for this
+    file every `poll_s` while they run, and once more at the end; raises WeightFetchError naming the node when one
+    fails. A later load of these plans (or a re-plan preferring these nodes) finds the slices cached."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from ..scheduler.load_cost import shard_roles
+
+    holder = holder_actor()
+    task = ray.remote(num_cpus=0, max_retries=0)(_prefetch_shard)
+    refs: dict[Any, str] = {}
+    for plan in plans:
+        for (sh, layers, emb, out), load in zip(shard_roles(plan.stages), plan.load):
+            if load.fetch_bytes:
+                opts = dict(scheduling_strategy=NodeAffinitySchedulingStrategy(cluster.node_id(sh.node), soft=False))
+                refs[task.options(**opts).remote(str(model_path), layers, emb, out, sh.experts, holder, sh.node)] = sh.node
+    nodes, name = set(refs.values()), Path(model_path).name
+    pending = list(refs)
+    while True:
+        if pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    raise WeightFetchError(f"node {refs[ref]}: {getattr(exc, 'cause', None) or exc}") from None
+                except ray.exceptions.RayError as exc:
+                    raise WeightFetchError(f"node {refs[ref]}: fetching its slice of {name} failed: {exc}") from None
+        rows = ray.get(holder.progress.remote()) if nodes else []
+        yield [r for r in rows if r["model"] == name and r["node"] in nodes]
+        if not pending:
+            return

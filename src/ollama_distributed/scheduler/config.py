@@ -19,7 +19,10 @@ class PlanConfig:
     exact_node_limit: searches that are exponential in the node count (pipeline with non-uniform links,
       tensor groups) are exact up to this many candidate nodes and heuristic above (the plan says so).
     memory_headroom: fraction of each node's memory kept free (activations, fragmentation).
-    hybrid_node_limit: hybrid groups are formed from at most this many of the fastest nodes."""
+    hybrid_node_limit: hybrid groups are formed from at most this many of the fastest nodes.
+    load_tolerance: when the planner knows which nodes hold the model's weights (scheduler/load_cost.py), a
+      layout up to this fraction slower by prediction is taken if its nodes fetch less: measured nodes of one
+      kind differ by a few percent of noise, and a fetch of a slice costs seconds to minutes once."""
 
     strategy: str = "auto"
     objective: str = "auto"
@@ -28,6 +31,7 @@ class PlanConfig:
     exact_node_limit: int = 8
     memory_headroom: float = 0.0
     hybrid_node_limit: int = 64
+    load_tolerance: float = 0.1
 
     def __post_init__(self) -> None:
         if self.strategy not in ("auto",) + STRATEGIES:
@@ -39,6 +43,8 @@ class PlanConfig:
             raise ValueError(f"enabled strategies must be a non-empty subset of {STRATEGIES}, got {self.enabled}")
         if self.max_tp < 1 or self.exact_node_limit < 1 or self.hybrid_node_limit < 2:
             raise ValueError(f"max_tp and exact_node_limit must be >= 1, got {self.max_tp}, {self.exact_node_limit}")
+        if not 0.0 <= self.load_tolerance:
+            raise ValueError(f"load_tolerance must be >= 0, got {self.load_tolerance}")
         if not 0.0 <= self.memory_headroom < 1.0:
             raise ValueError(f"memory_headroom must be in [0, 1), got {self.memory_headroom}")
 

@@ -94,8 +94,11 @@ class CostModel:
         self.kv_unit_mem = p.kv_unit_bytes_per_token * p.kv_context(workload.context_tokens) * b
         self.attn_unit_mem = p.attn_unit_bytes + self.kv_unit_mem
         self.ffn_unit_mem = p.ffn_unit_bytes
-        self.norm_mem = p.layer_norm_bytes
-        self.layer_mem = p.n_kv_heads * self.attn_unit_mem + p.ffn_units * self.ffn_unit_mem + self.norm_mem
+        # per layer: what every shard holds (norms, router) and the shared expert, which one shard of a stage holds
+        self.norm_mem = p.layer_norm_bytes - p.shared_expert_bytes
+        self.shared_mem = p.shared_expert_bytes
+        self.layer_mem = (p.n_kv_heads * self.attn_unit_mem + p.ffn_units * self.ffn_unit_mem + self.norm_mem
+                          + self.shared_mem)
         self.capacity = {n.name: int(n.memory_bytes * (1.0 - memory_headroom)) for n in cluster.nodes}
         attn_w = p.attn_unit_bytes + b * p.kv_unit_bytes_per_token * p.kv_context(c)
         attn_f = b * p.attn_unit_flops(p.kv_context(c))
@@ -139,11 +142,20 @@ class CostModel:
     def extras_mem(self, has_embedding: bool, has_output: bool) -> float:
         return self._extras[(bool(has_embedding), bool(has_output))]
 
-    def shard_memory(self, n_layers: int, kv_units: int, ffn_units: int, has_embedding: bool, has_output: bool) -> int:
-        """Weights of the shard's slices of n_layers layers + its KV cache + embedding / output head."""
-        per_layer = kv_units * self.attn_unit_mem + ffn_units * self.ffn_unit_mem + self.norm_mem
+    def shard_memory(self, n_layers: int, kv_units: int, ffn_units: int, has_embedding: bool, has_output: bool,
+                     shared_expert: bool = False) -> int:
+        """Weights of the shard's slices of n_layers layers + its KV cache + embedding / output head (+ the layers'
+        shared expert on the one shard of a stage that holds it: `holds_shared_expert`)."""
+        per_layer = (kv_units * self.attn_unit_mem + ffn_units * self.ffn_unit_mem + self.norm_mem
+                     + (self.shared_mem if shared_expert else 0.0))
         # floor, so that a shard the float check accepted never reads as over capacity
         return int(n_layers * per_layer + self.extras_mem(has_embedding, has_output))
+
+    def holds_shared_expert(self, experts: tuple[int, int]) -> bool:
+        """Whether the shard with FFN units `experts` of a stage holds its layers' shared expert: the one whose
+        experts start at 0 and which holds some (as the engine decides, model/moe.py holds_shared_expert; a stage's
+        ranges are contiguous from 0, so exactly one shard)."""
+        return self.shared_mem > 0 and experts[0] == 0 < experts[1]
 
     def layers_fit(self, node: str, has_embedding: bool, has_output: bool) -> int:
         """Full-width layers `node` can hold with the given roles (capped at the model's layer count)."""

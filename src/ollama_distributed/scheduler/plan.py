@@ -5,7 +5,9 @@ JSON shape (ranges half-open [start, end)):
    "stages": [{"layers": [s, e], "shards": [{"node": str, "heads": [s, e], "kv_heads": [s, e], "ffn": [s, e],
                                              "memory_bytes": int, "experts": [s, e] (MoE models only)}]}],
    "predicted": {"decode_ms_per_token": float, "prefill_ms": float, "tokens_per_s": float},
-   "reason": str, "plan_id": str}
+   "reason": str, "plan_id": str,
+   "load": [{"node": str, "holds": "file|slice|none", "fetch_bytes": int, "fetch_s": float}] (per shard, when the
+            planner knew which nodes hold the model file: scheduler/load_cost.py)}
 A plan describes one replica. The runtime turns shard j of stage i into a model ShardSpec with
 has_embedding = (i == 0) and has_output = (i == last and j == 0); `heads` is always kv_heads × group size. `experts` (mixture-of-experts models): the experts of every MoE layer of the
 stage this shard holds (expert parallelism; may be empty), each with all its FFN columns (`ffn` is then the whole
@@ -108,6 +110,28 @@ class Prediction:
                 "tokens_per_s": self.tokens_per_s}
 
 
+@dataclass(frozen=True)
+class NodeLoad:
+    """One node's load cost in a plan: what it holds ("file", "slice": part of what it needs is cached, "none"),
+    the bytes it must fetch, and the seconds that takes over its link from the holder."""
+
+    node: str
+    holds: str
+    fetch_bytes: int
+    fetch_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "holds": self.holds, "fetch_bytes": self.fetch_bytes,
+                "fetch_s": self.fetch_s}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "NodeLoad":
+        try:
+            return cls(str(d["node"]), str(d["holds"]), int(d["fetch_bytes"]), float(d["fetch_s"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanFormatError(f"a load entry needs node, holds, fetch_bytes and fetch_s, got {d!r}") from exc
+
+
 def shape_strategy(stages: tuple[StageSpec, ...] | list[StageSpec]) -> str:
     """Name a plan by its shape: 1×1 single, k×1 pipeline, 1×p tensor, otherwise hybrid."""
     multi_stage = len(stages) > 1
@@ -129,6 +153,9 @@ class PartitionPlan:
     predicted: Prediction
     reason: str
     objective: str = "latency"
+    # what each shard's node must fetch before the plan runs (scheduler/load_cost.py); () when not known. Not part
+    # of plan_id: the same layout is the same plan whether or not its nodes hold the file yet.
+    load: tuple[NodeLoad, ...] = ()
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGY_NAMES:
@@ -158,9 +185,12 @@ class PartitionPlan:
         return {sh.node: sh.memory_bytes for st in self.stages for sh in st.shards}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "strategy": self.strategy, "objective": self.objective,
-                "stages": [s.to_dict() for s in self.stages], "predicted": self.predicted.to_dict(),
-                "reason": self.reason, "plan_id": self.plan_id}
+        d = {"model": self.model, "strategy": self.strategy, "objective": self.objective,
+             "stages": [s.to_dict() for s in self.stages], "predicted": self.predicted.to_dict(),
+             "reason": self.reason, "plan_id": self.plan_id}
+        if self.load:
+            d["load"] = [l.to_dict() for l in self.load]
+        return d
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -174,8 +204,9 @@ class PartitionPlan:
             pred = Prediction(float(p["decode_ms_per_token"]), float(p["prefill_ms"]), float(p["tokens_per_s"]))
             if not isinstance(d["stages"], list):
                 raise PlanFormatError("'stages' must be a list")
+            load = tuple(NodeLoad.from_dict(l) for l in d.get("load") or ())
             plan = cls(str(d["model"]), str(d["strategy"]), tuple(StageSpec.from_dict(s) for s in d["stages"]),
-                       pred, str(d.get("reason", "")), str(d.get("objective", "latency")))
+                       pred, str(d.get("reason", "")), str(d.get("objective", "latency")), load)
         except (KeyError, TypeError) as exc:
             raise PlanFormatError(f"plan lacks or mistypes field {exc}") from None
         if "plan_id" in d and d["plan_id"] != plan.plan_id:

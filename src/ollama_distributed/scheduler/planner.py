@@ -8,6 +8,7 @@ from .cluster import ClusterSpec
 from .config import PlanConfig
 from .cost import CostModel
 from .errors import InfeasiblePlanError
+from .load_cost import WeightSources, prefer_holders
 from .plan import PartitionPlan
 from .profile import ModelProfile
 from .strategies import PartitionStrategy, builtin_strategies
@@ -44,14 +45,17 @@ def _first_error(results: Mapping[str, PartitionPlan | InfeasiblePlanError]) -> 
 
 
 def plan(profile: ModelProfile, cluster: ClusterSpec, workload: Workload | None = None,
-         config: PlanConfig | None = None) -> PartitionPlan:
+         config: PlanConfig | None = None, sources: WeightSources | None = None) -> PartitionPlan:
     """The best plan for one replica. config.strategy "auto" compares every enabled strategy by predicted
-    cost under the resolved objective; a named strategy is used alone. Raises InfeasiblePlanError."""
+    cost under the resolved objective; a named strategy is used alone. Raises InfeasiblePlanError.
+    sources: which nodes hold the model's weights; the plan then prefers them among layouts within
+    config.load_tolerance of the best, and carries each node's bytes to fetch (load_cost.py)."""
     workload = workload or Workload()
     config = config or PlanConfig()
     if config.strategy != "auto":
         cm = cost_model(profile, cluster, workload, config)
-        return builtin_strategies()[config.strategy].plan(cm, config)
+        chosen = builtin_strategies()[config.strategy].plan(cm, config)
+        return prefer_holders(chosen, cm, sources, config.load_tolerance) if sources is not None else chosen
     cm, results = plan_candidates(profile, cluster, workload, config)
     plans = {n: p for n, p in results.items() if isinstance(p, PartitionPlan)}
     if not plans:
@@ -66,18 +70,21 @@ def plan(profile: ModelProfile, cluster: ClusterSpec, workload: Workload | None 
         why += f" beats {others}"
     if skipped:
         why += f"; infeasible: {skipped}"
-    return PartitionPlan(chosen.model, chosen.strategy, chosen.stages, chosen.predicted,
-                         f"{why}. {chosen.reason}", chosen.objective)
+    chosen = PartitionPlan(chosen.model, chosen.strategy, chosen.stages, chosen.predicted,
+                           f"{why}. {chosen.reason}", chosen.objective)
+    return prefer_holders(chosen, cm, sources, config.load_tolerance) if sources is not None else chosen
 
 
 def plan_replicas(profile: ModelProfile, cluster: ClusterSpec, workload: Workload | None = None,
-                  config: PlanConfig | None = None, max_replicas: int = 0) -> list[PartitionPlan]:
-    """Replicas on disjoint nodes: plan, remove the nodes used, repeat while a plan fits (0 = no limit)."""
+                  config: PlanConfig | None = None, max_replicas: int = 0,
+                  sources: WeightSources | None = None) -> list[PartitionPlan]:
+    """Replicas on disjoint nodes: plan, remove the nodes used, repeat while a plan fits (0 = no limit).
+    sources: as `plan` (the first copy takes the holders it prefers; the next copies plan on the rest)."""
     out: list[PartitionPlan] = []
     remaining = cluster
     while not max_replicas or len(out) < max_replicas:
         try:
-            p = plan(profile, remaining, workload, config)
+            p = plan(profile, remaining, workload, config, sources)
         except InfeasiblePlanError:
             if not out:
                 raise

@@ -58,9 +58,10 @@ class TensorBytes:
     attn_unit: one KV group of one layer — its query heads' q rows, its k and v rows, the matching o columns
       (+ q/k/v biases) — each in its tensor's own type. ffn_unit: one FFN column — a gate row, an up row and a
       down column. layer_norms: attn_norm + ffn_norm (and any other per-layer tensor), replicated on every TP
-      shard. Per-layer types vary (llama.cpp gives some layers' attn_v / ffn_down Q6_K), so these three are the
-      averages over the layers: a stage of the Q6_K-heavy layers holds slightly more than its share, the model's
-      total is exact. embedding: token_embd. head: the output matrix (token_embd's bytes when tied). final_norm:
+      shard; of these, shared_expert is a qwen2moe layer's shared expert (`ffn_*_shexp` with its gate), which one
+      shard of a stage holds (model/moe.py holds_shared_expert) though every shard reads it. Per-layer types vary
+      (llama.cpp gives some layers' attn_v / ffn_down Q6_K), so these three are the averages over the layers: a
+      stage of the Q6_K-heavy layers holds slightly more than its share, the model's total is exact. embedding: token_embd. head: the output matrix (token_embd's bytes when tied). final_norm:
       output_norm. (rope_freqs, d/2 floats, is not counted.)
     ffn_block / attn_block: inputs per block of ffn_down's / attn_output's type (the coarsest over the layers):
       the grid a row-parallel cut must fall on for shards to read only their own blocks.
@@ -74,12 +75,14 @@ class TensorBytes:
     final_norm: float
     ffn_block: int = 1
     attn_block: int = 1
+    shared_expert: float = 0.0
 
     def __post_init__(self) -> None:
         for f in ("attn_unit", "ffn_unit", "embedding", "head"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"TensorBytes.{f} must be > 0, got {getattr(self, f)}")
-        if self.layer_norms < 0 or self.final_norm < 0 or self.ffn_block < 1 or self.attn_block < 1:
+        if (self.layer_norms < 0 or self.final_norm < 0 or self.ffn_block < 1 or self.attn_block < 1
+                or not 0 <= self.shared_expert <= self.layer_norms):
             raise ValueError(f"TensorBytes: norms must be >= 0 and blocks >= 1, got {self}")
 
     @classmethod
@@ -111,10 +114,11 @@ class TensorBytes:
             attn_blocks.append(get(f"blk.{i}.attn_output.weight").block)
         counted = {f"blk.{i}.{n}" for i in range(L) for n in attn_names + biases + ffn_names}
         norms = sum(t.nbytes for name, t in tensors.items() if name.startswith("blk.") and name not in counted)
+        shared = sum(t.nbytes for name, t in tensors.items() if name.startswith("blk.") and "_shexp." in name)
         embedding = get("token_embd.weight").nbytes
         head = embedding if cfg.tie_embeddings else get("output.weight").nbytes
         return cls(attn / (L * A), ffn / (L * F), norms / L, embedding, head, get("output_norm.weight").nbytes,
-                   formats.lcm_blocks(ffn_blocks), formats.lcm_blocks(attn_blocks))
+                   formats.lcm_blocks(ffn_blocks), formats.lcm_blocks(attn_blocks), shared / L)
 
     @classmethod
     def uniform(cls, cfg: ModelConfig, bytes_per_weight: float, ffn_block: int = 1,
@@ -125,9 +129,10 @@ class TensorBytes:
         b = bytes_per_weight
         # an MoE unit is one expert (ffn_size columns); its router (n_expert rows) is replicated like the norms
         ffn_unit = 3 * h * (cfg.ffn_size if cfg.n_expert else 1)
-        norms = 2 * h + cfg.n_expert * h + ((3 * cfg.shared_expert_ffn + 1) * h if cfg.shared_expert_ffn else 0)
+        shared = (3 * cfg.shared_expert_ffn + 1) * h if cfg.shared_expert_ffn else 0
+        norms = 2 * h + cfg.n_expert * h + shared
         return cls(attn * b, ffn_unit * b, norms * b, cfg.vocab_size * h * b, cfg.vocab_size * h * b, h * b,
-                   ffn_block, attn_block)
+                   ffn_block, attn_block, shared * b)
 
     @classmethod
     def q4_k_m(cls, cfg: ModelConfig) -> "TensorBytes":
@@ -155,8 +160,9 @@ class ModelProfile:
       weight_bytes / embed_bytes.
     n_expert / n_expert_used: experts per MoE layer and experts each token uses (0 = dense FFN); with experts,
       ffn_size is one expert's width and the FFN unit of a split is a whole expert (module docstring).
-    shared_expert_ffn: width of a shared expert every token runs (qwen2moe); one shard of a stage holds it, but it
-      is counted with the replicated per-layer weights (on every shard: conservative, and simple).
+    shared_expert_ffn: width of a shared expert every token runs (qwen2moe); one shard of a stage holds it (the
+      one whose experts start at 0, model/moe.py holds_shared_expert), so a plan counts it there only
+      (shared_expert_bytes; CostModel.shard_memory).
     sliding_window / sliding_layers: how many of the layers attend over (and cache) only the last sliding_window
       positions (gemma3: 5 of 6; model/kv_cache.py keeps those as rings); see kv_context.
     ffn_block / attn_block: inputs per quantisation block of ffn_down / attn_output (1 = any column); with
@@ -313,9 +319,15 @@ class ModelProfile:
 
     @property
     def layer_norm_params(self) -> int:
-        """attn_norm + ffn_norm (+ an MoE layer's router and shared expert), replicated on every tensor-parallel shard."""
-        return (2 * self.hidden_size + self.n_expert * self.hidden_size
-                + (3 * self.shared_expert_ffn + 1) * self.hidden_size * (self.shared_expert_ffn > 0))
+        """attn_norm + ffn_norm (+ an MoE layer's router and shared expert): a layer's weights outside its attention
+        and FFN units, which every tensor-parallel shard reads whole from the file. Every shard holds them but the
+        shared expert, which one shard of a stage holds (shared_expert_params)."""
+        return 2 * self.hidden_size + self.n_expert * self.hidden_size + self.shared_expert_params
+
+    @property
+    def shared_expert_params(self) -> int:
+        """A layer's shared expert: gate, up and down (3·S·H) and its sigmoid gate vector (H); 0 without one."""
+        return (3 * self.shared_expert_ffn + 1) * self.hidden_size * (self.shared_expert_ffn > 0)
 
     @property
     def layer_params(self) -> int:
@@ -358,6 +370,12 @@ class ModelProfile:
     def layer_norm_bytes(self) -> float:
         t = self.tensor_bytes
         return t.layer_norms if t else self.layer_norm_params * self.weight_bytes
+
+    @property
+    def shared_expert_bytes(self) -> float:
+        """The part of layer_norm_bytes that is the shared expert (held by one shard of a stage)."""
+        t = self.tensor_bytes
+        return t.shared_expert if t else self.shared_expert_params * self.weight_bytes
 
     @property
     def layer_bytes(self) -> float:

@@ -394,6 +394,7 @@ class ModelManager:
         replica.engine = InferenceEngine(
             executor, runner.tokenizer, max_batch=self.settings.num_parallel, max_queue=self.settings.max_queue,
             name=runner.name, recover=_recover_into(replica.recovery) if replica.recovery is not None else None,
+            hand_off=lambda seqs: _to_survivor(runner, replica, seqs),
         )
         return replica
 
@@ -454,6 +455,12 @@ class ModelManager:
     def ps_entry(self, runner: Runner) -> dict[str, Any]:
         """One `/api/ps` item (service/model_status.py)."""
         return model_status.ps_entry(self, runner)
+
+
+def _to_survivor(runner: Runner, replica: Replica, seqs: list[Any]) -> bool:
+    """A replica dropped after a failure it could not recover from (service/replicas.py `replica_recovery`)
+    hands its requests to a surviving replica, which replays them: the clients' streams go on, not a 500."""
+    return bool(replica.dropped and runner.router is not None and runner.router.adopt(seqs, replica.engine))
 
 
 def _recover_into(recovery: Any) -> Callable[[Exception, Any], Any]:

@@ -138,7 +138,7 @@ def plan_on(model_path: str | Path, cluster: Any, keep: Iterable[str], strategy:
     """Replica plans (scheduler plan_replicas) on the nodes `keep` of `cluster`, and the planning inputs
     (profile, spec, workload), for weight format `dtype` and its KV cache type (None: the format's default).
     Raises scheduler InfeasiblePlanError when not even one copy fits."""
-    from ..runtime.recovery import planning_inputs
+    from ..runtime.recovery import planning_inputs, weight_sources_for
     from ..scheduler.config import PlanConfig
     from ..scheduler.errors import InfeasiblePlanError
     from ..scheduler.planner import plan_replicas
@@ -146,8 +146,10 @@ def plan_on(model_path: str | Path, cluster: Any, keep: Iterable[str], strategy:
     keep = list(keep)
     if not keep:
         raise InfeasiblePlanError("no node left to place a replica on")
-    inputs = planning_inputs(model_path, cluster.measure(), keep, dtype, kv_cache_type)
-    plans = plan_replicas(*inputs, PlanConfig(strategy=strategy), max_replicas)
+    measurement = cluster.measure()
+    inputs = planning_inputs(model_path, measurement, keep, dtype, kv_cache_type)
+    sources = weight_sources_for(model_path, cluster, measurement, keep)  # what each node fetches; holders preferred
+    plans = plan_replicas(*inputs, PlanConfig(strategy=strategy), max_replicas, sources)
     return plans, inputs
 
 

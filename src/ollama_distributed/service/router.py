@@ -193,6 +193,27 @@ class ReplicaRouter:
         assert last_exc is not None
         raise last_exc
 
+    def adopt(self, seqs: Sequence[Any], source: Any) -> bool:
+        """Move the sequences of a replica that failed for good (its engine's `hand_off`, runtime/engine.py) to
+        the routed replica, other than `source` (that replica's engine), that would finish them soonest; their
+        chunks then count against it. False when no other replica took them."""
+        prompt = sum(len(s.tokens) for s in seqs)  # each is replayed from position 0
+        left = sum(self._work(s.request)[1] - s.n_generated for s in seqs)
+        for rep in self._ranked((prompt, max(0.0, left))):
+            if rep.engine is source:
+                continue
+            try:
+                rep.engine.adopt(seqs)
+            except Exception as exc:  # noqa: BLE001 - closed meanwhile: try the next one
+                log.warning("replica %d could not adopt %d sequence(s): %s", rep.index, len(seqs), exc)
+                continue
+            for seq in seqs:
+                self._track(rep, seq.handle, seq.request,
+                            (len(seq.tokens), max(0.0, self._work(seq.request)[1] - seq.n_generated)))
+            log.warning("replica %d adopted %d sequence(s) of a failed replica", rep.index, len(seqs))
+            return True
+        return False
+
     def embedding(self, inp: Any, **kwargs: Any) -> Any:
         """Embed on the replica with the least outstanding work (embeddings are one prefill-like step)."""
         return self._ranked((len(inp) if not isinstance(inp, str) else 1, 0.0))[0].engine.embedding(inp, **kwargs)
@@ -245,7 +266,8 @@ class ReplicaRouter:
             if rep._window_start is None:
                 rep._window_start = self._clock()
                 rep._window_tokens = 0
-        push = handle._push
+        # the engine's own push, once: a sequence moved to another replica (`adopt`) is tracked there instead
+        push = handle.__dict__.setdefault("_untracked_push", handle._push)
 
         def tracked_push(chunk: Any) -> None:
             self._observe(rep, key, chunk)
@@ -305,14 +327,16 @@ def build_replica_executors(model_path: Any, cluster: Any, strategy: str = "auto
     import torch
 
     from ..runtime.distributed_run import build_executor
-    from ..runtime.recovery import planning_inputs
+    from ..runtime.recovery import planning_inputs, weight_sources_for
     from ..scheduler.config import PlanConfig
     from ..scheduler.planner import plan_replicas
 
     dtype = dtype if dtype is not None else torch.float32
     keep = [n.name for n in cluster.nodes() if n.name not in set(exclude)]
-    profile, spec, workload = planning_inputs(model_path, cluster.measure(), keep, dtype, kv_cache_type)
-    plans = plan_replicas(profile, spec, workload, PlanConfig(strategy=strategy), max_replicas)
+    measurement = cluster.measure()
+    profile, spec, workload = planning_inputs(model_path, measurement, keep, dtype, kv_cache_type)
+    plans = plan_replicas(profile, spec, workload, PlanConfig(strategy=strategy), max_replicas,
+                          weight_sources_for(model_path, cluster, measurement, keep))
     log.info("%d replica(s): %s", len(plans), [sorted(p.nodes) for p in plans])
     executors: list[Any] = []
     try:

@@ -300,14 +300,30 @@ function renderHistory() {
 // --- weight transfers (nodes fetching slices of a model file they lack) ----------------------------------------------
 function renderTransfers() {
   const rows = (state.status && state.status.weight_transfers) || [];
-  if (!rows.length) { replace("transfers", h("p", { class: "empty" }, "no node has needed to fetch weights")); return; }
-  replace("transfers", h("table", { class: "data" },
+  // what each plan said its nodes would fetch when it was made (scheduler/load_cost.py), for nodes without the file
+  const planned = [];
+  for (const m of (state.status && state.status.models) || []) {
+    for (const p of m.plans || []) {
+      for (const l of p.load || []) { if (l.holds !== "file") planned.push({ model: m.name, ...l }); }
+    }
+  }
+  const plannedTable = planned.length ? h("table", { class: "data", id: "planned-load" },
+    h("thead", {}, h("tr", {}, ...["node", "model", "held before the load", "planned fetch", "estimated"].map((t) => h("th", {}, t)))),
+    h("tbody", {}, ...planned.map((l) => h("tr", {}, h("td", {}, l.node), h("td", {}, l.model),
+      h("td", {}, l.holds === "slice" ? "part of its slice (cached)" : "nothing"),
+      h("td", { class: "num" }, fmtBytes(l.fetch_bytes)), h("td", { class: "num" }, `${fmtNum(l.fetch_s, 1)} s`))))) : null;
+  if (!rows.length) {
+    replace("transfers", h("div", {}, h("p", { class: "empty" }, "no node has needed to fetch weights"),
+      ...(plannedTable ? [plannedTable] : [])));
+    return;
+  }
+  replace("transfers", h("div", {}, ...(plannedTable ? [plannedTable] : []), h("table", { class: "data" },
     h("thead", {}, h("tr", {}, ...["node", "model file", "fetched", "of", "rate", "ETA", "state"].map((t) => h("th", {}, t)))),
     h("tbody", {}, ...rows.map((r) => h("tr", { "data-state": r.state },
       h("td", {}, r.node), h("td", {}, r.model), h("td", { class: "num" }, fmtBytes(r.bytes_done)),
       h("td", { class: "num" }, fmtBytes(r.bytes_total)),
       h("td", { class: "num" }, r.bytes_per_s ? `${(r.bytes_per_s / 1e6).toFixed(0)} MB/s` : "–"),
-      h("td", { class: "num" }, r.state === "fetching" ? `${fmtNum(r.eta_s, 0)} s` : "–"), h("td", {}, r.state))))));
+      h("td", { class: "num" }, r.state === "fetching" ? `${fmtNum(r.eta_s, 0)} s` : "–"), h("td", {}, r.state)))))));
 }
 
 // --- polling -----------------------------------------------------------------------------------------------------

@@ -195,6 +195,30 @@ inline __m128 lane_sums(__m512 v) {
 }
 #endif
 
+// A NativeMatrix (model/native.py) resolved to pointers: native_kernels.cpp's operand, also held by cpu_kernels.cpp's
+// DecodePlan, which calls the matmul from C++ for every layer of a decode step.
+struct NativeWeights {
+  const uint8_t* codes;    // (N/4, G, 64), or (N/4, G, 128) whole bytes (Q8_0)
+  const uint64_t* planes;  // (N/4, G, P, 2)
+  const uint16_t* d;       // (N/4, S, 4) float16
+  const uint16_t* dmin;
+  const int8_t* sc;        // (N/4, G, H, 4) or null
+  const int8_t* m;
+  int64_t ng, ns, n;       // groups and super-blocks per row, rows (unpadded)
+  int64_t ld;              // the output's row stride (n, or more when parts share an output)
+  int64_t planes_count;    // P, or 8 for whole-byte codes
+  bool half;               // Q6_K's per-16 scales
+};
+
+// Checks a NativeMatrix's tensors (native.py's layout) and resolves them; the tensors must outlive the result.
+NativeWeights native_weights(const at::Tensor& codes, const at::Tensor& planes, const at::Tensor& d,
+                             const at::Tensor& dmin, const at::Tensor& sc, const at::Tensor& m, int64_t n);
+
+// y[:, c_p : c_p + n_p] = x W_pᵀ for the parts p of an output-row concatenation (c_p = n_0 + … + n_(p−1); y's row
+// stride ldy): x (M, K) float32 quantised once for all parts, and one parallel pass over all parts' row blocks.
+// Call without the GIL.
+void native_matmul(const NativeWeights* parts, int64_t count, const float* x, int64_t M, float* y, int64_t ldy);
+
 // Defines qmatmul and dequant_rows (native_kernels.cpp) in the extension's module.
 void register_native(pybind11::module_& mod);
 

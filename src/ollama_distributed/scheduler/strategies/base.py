@@ -59,7 +59,7 @@ def build_stages(cm: CostModel, assignment: Sequence[tuple[Worker, int]]) -> tup
         shards = []
         for j, (node, (kv, ffn)) in enumerate(zip(w.nodes, w.shares)):
             mem = cm.shard_memory(n, kv[1] - kv[0], ffn[1] - ffn[0], has_embedding=(i == 0),
-                                  has_output=(i == k - 1 and j == 0))
+                                  has_output=(i == k - 1 and j == 0), shared_expert=cm.holds_shared_expert(ffn))
             if cm.profile.is_moe:  # the FFN units are whole experts: every column of the ones held
                 columns, experts = (0, cm.profile.ffn_size), ffn
             else:

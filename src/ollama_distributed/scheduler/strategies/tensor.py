@@ -143,7 +143,8 @@ def split_group(cm: CostModel, nodes: Sequence[str], n_layers: int, has_embeddin
     free = []
     for i, n in enumerate(nodes):
         extras = cm.extras_mem(has_embedding, has_output and i == 0)
-        free.append(cm.capacity[n] - extras - Ls * cm.norm_mem)
+        # node 0's FFN units start at 0 and are never empty (every node takes one), so it holds the shared expert
+        free.append(cm.capacity[n] - extras - Ls * (cm.norm_mem + (cm.shared_mem if i == 0 else 0.0)))
 
     def fmax(i: int, a: int) -> int:
         room = free[i] - Ls * a * attn_unit_mem
@@ -279,7 +280,9 @@ def split_group(cm: CostModel, nodes: Sequence[str], n_layers: int, has_embeddin
 def group_worker(cm: CostModel, split: GroupSplit, key: str) -> Worker:
     """A TP group as a pipeline worker (hybrid): fixed shares, capacity = the tightest member's."""
     allreduce = 2 * cm.allreduce(split.nodes, cm.hidden_bytes)
-    per_node = [a * cm.attn_unit_mem + f * cm.ffn_unit_mem + cm.norm_mem for a, f in zip(split.kv, split.ffn)]
+    per_node = [a * cm.attn_unit_mem + f * cm.ffn_unit_mem + cm.norm_mem
+                + (cm.shared_mem if cm.holds_shared_expert(ffn) else 0.0)
+                for a, f, (_, ffn) in zip(split.kv, split.ffn, split.ranges())]
 
     def cap(first: bool, last: bool) -> int:
         c = cm.profile.n_layers
