@@ -39,6 +39,7 @@ from .channel import SHM_DIR, ShmRing, Waiter, make_bell, open_bell, ring_bell
 
 HOP_SLOTS, HOP_SLOT_BYTES = 16, 1 << 20  # 16 MiB in flight per edge: a prefill's micro-batches pass without waiting
 REDUCE_SLOT_BYTES = 1 << 20  # per rank and buffer; a larger tensor is summed a slot at a time
+SUM_SPIN_S = 2e-4  # how long a rank waiting in a sum polls before it sleeps on its doorbell
 _LINE = 64  # one cache line per rank's counters, so ranks don't share the line they write
 
 
@@ -174,7 +175,9 @@ class ShmAllReduce:
         return self._slots[key]
 
     def _wait(self, column: int, at_least: int) -> None:
-        waiter = Waiter(self.check, bells=self._bells[self.index : self.index + 1])
+        # the ranks of a stage compute the same share and arrive together: spin longer before sleeping than a
+        # ring's reader does (waking from select costs a VM's idle exit, ~100 µs on the test machine)
+        waiter = Waiter(self.check, bells=self._bells[self.index : self.index + 1], bell_spin_s=SUM_SPIN_S)
         while int(self._lines[:, column].min()) < at_least:
             waiter.pause()
 
