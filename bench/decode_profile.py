@@ -13,7 +13,7 @@ Two measurements (numbers and method are written up in bench/README.md):
                sampling (argmax / full sampler over the vocab).
   formats      bf16 and int4 (4-bit layers, int8 head) vs fp32: decode step time and accuracy vs fp32.
 
-    python bench/decode_profile.py concurrency [--dtype fp32] [--tokens 48] [--rounds 2]
+    python bench/decode_profile.py concurrency [--dtype fp32] [--tokens 48] [--rounds 2] [--ab | --amx-ab]
     python bench/decode_profile.py batch [--dtype fp32] [--context 256] [--rounds 3]
     python bench/decode_profile.py profile [--dtype fp32] [--context 64]
     python bench/decode_profile.py formats [--tokens 32] [--rounds 2]
@@ -61,11 +61,22 @@ def concurrency(args: argparse.Namespace) -> None:
     opts = GenerationOptions(temperature=0.0, num_predict=args.tokens)
     shard = eng.executor.shard
     variants = {"per-seq attn": False, "batched attn": True} if args.ab else {"current": shard.batched_decode}
+    ops = None
+    if args.amx_ab:  # the native kernels' AMX tiles for batches off / on (native_kernels.cpp amx_blocks)
+        from ollama_distributed.model import cpu_kernels
+
+        ops = cpu_kernels.native_ops()
+        if ops is None or not hasattr(ops, "use_amx"):
+            raise SystemExit("--amx-ab: these kernels have no AMX switch")
+        variants = {"AMX off": False, "AMX on": True}
     results: dict[tuple[str, int], float] = {}
     for c in args.conc:
         # variants interleaved round by round, so load spikes from other processes hit both alike
-        for _, (name, batched) in itertools.product(range(args.rounds), variants.items()):
-            shard.batched_decode = batched
+        for _, (name, flag) in itertools.product(range(args.rounds), variants.items()):
+            if ops is not None:
+                ops.use_amx(flag)
+            else:
+                shard.batched_decode = flag
             firsts: list[float] = []
             lock = threading.Lock()
 
@@ -174,7 +185,8 @@ def batch(args: argparse.Namespace) -> None:
     from ollama_distributed.model.bundled import bundled_model_path
     from ollama_distributed.model.transformer import ModelShard
 
-    shard = ModelShard.from_file(bundled_model_path("smollm2:135m"), *DTYPES[args.dtype])
+    dtype, quant = DTYPES[args.dtype]
+    shard = ModelShard.from_file(bundled_model_path("smollm2:135m"), dtype=dtype, quant=quant)
     g = torch.Generator().manual_seed(0)
     res: dict[tuple[int, bool], float] = {}
     for b in args.conc:
@@ -291,6 +303,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--ab", action="store_true", help="concurrency: per-sequence vs batched decode attention")
+    ap.add_argument("--amx-ab", action="store_true", help="concurrency: AMX tiles for batches off vs on (auto)")
     ap.add_argument("--conc", type=int, nargs="+", default=[1, 4, 8, 16])
     args = ap.parse_args()
     import logging

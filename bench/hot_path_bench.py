@@ -15,12 +15,13 @@ Two parts, each side by side in one run:
   api      decode tok/s through /api/generate (eval_count / eval_duration, greedy, 64 tokens) of real
            `ollama-distributed serve` processes: --local-nodes 1 --strategy single; --local-nodes 2 with
            --node-memory below the model (a forced 2-stage pipeline); --local-nodes 2 --strategy tensor (each
-           also with OLLAMA_DISTRIBUTED_SHM_COMM=0: gloo on loopback); and the in-process server (no Ray) limited
-           to 1 thread (OMP_NUM_THREADS=1), each as a ratio to the last (and to the in-process server with 2).
+           also with OLLAMA_DISTRIBUTED_LOOKAHEAD=0: no decode step sent ahead, runtime/lookahead.py); and the
+           in-process server (no Ray) limited to 1 thread (OMP_NUM_THREADS=1), each as a ratio to the last (and
+           to the in-process server with 2); every setup once per pass, `--passes` passes.
 
 The machine this ran on is shared with other sessions: read ratios within one run, not absolute numbers.
 
-    python bench/hot_path_bench.py [runtime|api|all] [--tokens 32] [--rounds 5] [--json out.json]
+    python bench/hot_path_bench.py [runtime|api|all] [--tokens 32] [--rounds 5] [--passes 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -117,8 +118,10 @@ def runtime_part(tokens: int, rounds: int) -> dict:
     for shape in SHAPES:
         print(f"{shape:10}" + "".join(f"{res[f'{shape}_{p}']:14.2f} ms {base / res[f'{shape}_{p}']:5.2f}x"
                                       for p in PATHS))
-    print("per hop (tiny model, slope over 0..3 hops): "
+    print("per hop (tiny model, slope over 0..3 hops, up to 4 stages on this machine's cores): "
           + ", ".join(f"{p} {res[f'per_hop_ms_{p}']:.3f} ms" for p in PATHS))
+    print("one hop (tiny model, 2 stages minus 1, a core per stage): "
+          + ", ".join(f"{p} {res[f'one_hop_ms_{p}']:.3f} ms" for p in PATHS))
     return res
 
 
@@ -162,6 +165,8 @@ def hop_slope(cluster, tokens: int) -> dict:
             out[f"tiny_pp{k}_{tr}_ms"] = ms
         mx, my = statistics.mean(xs), statistics.mean(ys)
         out[f"per_hop_ms_{tr}"] = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        # one hop between two stages with a core each (this machine has 2): beyond that, stages share cores
+        out[f"one_hop_ms_{tr}"] = ys[1] - ys[0]
     return out
 
 
@@ -179,7 +184,7 @@ def _post(url: str, body: dict, timeout: float = 600) -> dict:
         return json.loads(resp.read())
 
 
-def api_tok_s(args: list[str], env: dict, tokens: int, rounds: int) -> float:
+def api_tok_s(args: list[str], env: dict, tokens: int, rounds: int) -> list[float]:
     port = _free_port()
     home = tempfile.mkdtemp(prefix="od-bench-")
     cmd = [sys.executable, "-m", "ollama_distributed.cli", "serve", "--port", str(port), "--log-level", "warning",
@@ -204,7 +209,7 @@ def api_tok_s(args: list[str], env: dict, tokens: int, rounds: int) -> float:
         for _ in range(rounds):
             r = _post(url + "/api/generate", body)
             rates.append((r["eval_count"] - 1) / (r["eval_duration"] / 1e9) if r["eval_count"] > 1 else 0.0)
-        return statistics.median(rates)
+        return rates
     finally:
         proc.terminate()
         try:
@@ -213,7 +218,7 @@ def api_tok_s(args: list[str], env: dict, tokens: int, rounds: int) -> float:
             proc.kill()
 
 
-def api_part(tokens: int, rounds: int) -> dict:
+def api_part(tokens: int, rounds: int, passes: int) -> dict:
     from ollama_distributed.model.bundled import bundled_model_path
 
     size_mib = bundled_model_path("smollm2:135m").stat().st_size / 2**20
@@ -221,24 +226,30 @@ def api_part(tokens: int, rounds: int) -> dict:
     below = f"{int(size_mib * 1.15)}MiB"
     pp2 = ["--local-nodes", "2", "--node-memory", below, "--strategy", "pipeline"]
     tp2 = ["--local-nodes", "2", "--strategy", "tensor"]
-    gloo = {"OLLAMA_DISTRIBUTED_SHM_COMM": "0"}
+    single = ["--local-nodes", "1", "--strategy", "single"]
+    off = {"OLLAMA_DISTRIBUTED_LOOKAHEAD": "0"}  # no step sent ahead (runtime/lookahead.py): the last stop's path
     setups = {
         "in-process, 2 threads": ([], {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}),
-        "ray single (1 node)": (["--local-nodes", "1", "--strategy", "single"], {}),
-        f"pipeline 2 stages (--node-memory {below}), gloo": (pp2, gloo),
+        "ray single (1 node), no lookahead": (single, off),
+        "ray single (1 node)": (single, {}),
+        f"pipeline 2 stages (--node-memory {below}), no lookahead": (pp2, off),
         f"pipeline 2 stages (--node-memory {below})": (pp2, {}),
-        "tensor 2-way, gloo": (tp2, gloo),
+        "tensor 2-way, no lookahead": (tp2, off),
         "tensor 2-way": (tp2, {}),
         "in-process, 1 thread": ([], {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
     }
-    res = {}
-    for name, (args, env) in setups.items():
-        res[name] = api_tok_s(args, env, tokens, rounds)
-        print(f"{name}: {res[name]:.1f} tok/s", file=sys.stderr, flush=True)
+    # every setup once per pass, passes in turn: a drift in the machine's load spreads over all of them
+    samples: dict[str, list[float]] = {name: [] for name in setups}
+    for k in range(passes):
+        for name, (args, env) in setups.items():
+            samples[name] += api_tok_s(args, env, tokens, rounds)
+            print(f"pass {k}: {name}: {statistics.median(samples[name]):.1f} tok/s", file=sys.stderr, flush=True)
+    res = {name: statistics.median(v) for name, v in samples.items()}
     base = res["in-process, 1 thread"]
-    print(f"\napi: /api/generate decode tok/s (median of {rounds}, {tokens} tokens); load avg {os.getloadavg()[0]:.1f}")
+    print(f"\napi: /api/generate decode tok/s (median of {passes} passes x {rounds} requests, {tokens} tokens); "
+          f"load avg {os.getloadavg()[0]:.1f}")
     for name, v in res.items():
-        print(f"  {name:48}{v:8.1f} tok/s {v / base:6.2f}x")
+        print(f"  {name:56}{v:8.1f} tok/s {v / base:6.2f}x")
     return res
 
 
@@ -247,6 +258,7 @@ def main() -> None:
     ap.add_argument("part", nargs="?", default="all", choices=("runtime", "api", "all"))
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--passes", type=int, default=2, help="api: times every setup is started and measured")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -254,7 +266,7 @@ def main() -> None:
     if args.part in ("runtime", "all"):
         out["runtime"] = runtime_part(args.tokens, args.rounds)
     if args.part in ("api", "all"):
-        out["api"] = api_part(max(args.tokens, 64), args.rounds)
+        out["api"] = api_part(max(args.tokens, 64), args.rounds, args.passes)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

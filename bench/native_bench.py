@@ -12,7 +12,10 @@ libgomp's default wait policy (not our OMP_WAIT_POLICY=PASSIVE). Our server runs
 (`ollama-distributed serve`, default settings). Each round runs both; the best round of each is reported.
 
     python bench/native_bench.py [--files q4_1,q4_k_m,q8_0] [--rounds 3] [--tokens 128] [--threads 2]
-                                 [--dtype auto] [--json out.json]
+                                 [--dtype auto] [--baseline SRC] [--json out.json]
+
+--baseline SRC also runs our server from another checkout's source directory (e.g. `git archive` of an older
+commit, its `src`) in every round, beside this one and llama.cpp: an A/B under the same load.
 """
 
 from __future__ import annotations
@@ -147,11 +150,13 @@ def tree_rss(pid: int) -> int:
     return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)])
 
 
-def run_ours(path: Path, threads: int, tokens: int, dtype: str) -> dict:
+def run_ours(path: Path, threads: int, tokens: int, dtype: str, src: str | None = None) -> dict:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, OLLAMA_HOST=f"127.0.0.1:{port}", OLLAMA_DISTRIBUTED_MODELS=tmp,
                    OLLAMA_MODELS=str(Path(tmp) / "none"))
+        if src is not None:  # another checkout's package first on the path
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
         cmd = [sys.executable, "-m", "ollama_distributed.cli", "serve", "--dtype", dtype]
         log = open(Path(tmp) / "server.log", "wb")  # (a pipe nobody reads would block the server once full)
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -224,6 +229,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--baseline", help="another checkout's source directory, run beside this one (A/B)")
     ap.add_argument("--json")
     args = ap.parse_args()
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
@@ -231,8 +237,11 @@ def main() -> None:
     for name, path in model_files(args.files.split(",")).items():
         best: dict[str, dict] = {}
         for _ in range(args.rounds):
-            for engine, run in (("llama.cpp", lambda: run_llama(path, args.threads, args.tokens)),
-                                ("ours", lambda: run_ours(path, args.threads, args.tokens, args.dtype))):
+            runs = [("llama.cpp", lambda: run_llama(path, args.threads, args.tokens)),
+                    ("ours", lambda: run_ours(path, args.threads, args.tokens, args.dtype))]
+            if args.baseline:
+                runs.append(("baseline", lambda: run_ours(path, args.threads, args.tokens, args.dtype, args.baseline)))
+            for engine, run in runs:
                 r = run()
                 if engine not in best or r["decode_tps"] > best[engine]["decode_tps"]:
                     best[engine] = r
@@ -241,6 +250,13 @@ def main() -> None:
         agree = sum(prefix_equal(ours["texts"][p], cpp["texts"][p]) or prefix_equal(ours["texts"][p], ref[p])
                     for p in PROMPTS)
         results[name] = {"ours": ours, "llama.cpp": cpp, "transformers_texts": ref, "text_agreement": agree}
+        if "baseline" in best:
+            base = best["baseline"]
+            base_agree = sum(prefix_equal(base["texts"][p], cpp["texts"][p]) or prefix_equal(base["texts"][p], ref[p])
+                             for p in PROMPTS)
+            results[name]["baseline"] = {**base, "text_agreement": base_agree}
+            print(f"{name}: baseline decode {base['decode_tps']:.1f} tok/s = {base['decode_tps'] / cpp['decode_tps']:.2f}x "
+                  f"llama.cpp | prefill {base['prefill_s'] * 1e3:.0f} ms | greedy text {base_agree}/{len(PROMPTS)}")
         print(f"{name}: decode ours {ours['decode_tps']:.1f} tok/s vs llama.cpp {cpp['decode_tps']:.1f} = "
               f"{ours['decode_tps'] / cpp['decode_tps']:.2f}x | memory growth {ours['rss_growth_mib']:.0f} vs "
               f"{cpp['rss_growth_mib']:.0f} MiB = {ours['rss_growth_mib'] / max(cpp['rss_growth_mib'], 1):.2f}x | "
@@ -250,6 +266,7 @@ def main() -> None:
             if not (prefix_equal(ours["texts"][p], cpp["texts"][p]) or prefix_equal(ours["texts"][p], ref[p])):
                 print(f"  differs on {p!r}:\n    ours        {ours['texts'][p]!r}\n    llama.cpp   {cpp['texts'][p]!r}"
                       f"\n    transformers {ref[p]!r}")
+    print(f"load {os.getloadavg()[0]:.2f} at the end")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -12,11 +12,10 @@ import torch
 
 from ollama_distributed.model.errors import ModelFileError
 from ollama_distributed.model.hf import read_hf_config
-from ollama_distributed.model.tp_local import LocalPipeline, LocalStage
 from ollama_distributed.model.transformer import ModelShard
 from ollama_distributed.model.weights import load_weights, read_config
 from tests.model.test_moe import PLANS
-from tests.model.test_sharded import pipeline_outputs, reference_outputs
+from tests.model.test_sharded import check_plan, reference_outputs
 from tests.model.test_transformer import (hf_greedy, hf_logits, ours_greedy_batched, ours_prefill_all, rel_err,
                                           tiny_prompts)
 
@@ -91,15 +90,8 @@ def test_logits_and_greedy_match_transformers(hf_moe_dir, kind):
 @pytest.mark.parametrize("plan", list(PLANS))
 def test_sharded_equals_unsharded(hf_moe_dir, plan):
     d, _ = hf_moe_dir("qwen3_moe")
-    cfg = read_config(d)
-    want = reference_outputs(ModelShard.from_file(d))
-    pipe = LocalPipeline([LocalStage([ModelShard.from_file(d, s) for s in stage]) for stage in PLANS[plan]])
-    try:
-        got = pipeline_outputs(pipe, cfg.vocab_size)
-    finally:
-        pipe.close()
-    for step, (a, b) in enumerate(zip(got, want)):
-        assert rel_err(a, b) <= 1e-5, f"step {step}"
+    check_plan(PLANS[plan], lambda s: ModelShard.from_file(d, s), reference_outputs(ModelShard.from_file(d)),
+               read_config(d).vocab_size)
 
 
 def test_shared_expert_split_and_reads_only_its_experts(hf_moe_dir):
@@ -111,14 +103,7 @@ def test_shared_expert_split_and_reads_only_its_experts(hf_moe_dir):
     names = [set(load_weights(d, cfg, s)) for s in stage]
     assert {int(n.split(".")[3]) for n in names[1] if ".experts." in n} == {3, 4, 5, 6, 7}
     assert ["layers.0.shared.gate" in n for n in names] == [True, False]
-    want = reference_outputs(ModelShard.from_file(d))
-    pipe = LocalPipeline([LocalStage([ModelShard.from_file(d, s) for s in stage])])
-    try:
-        got = pipeline_outputs(pipe, cfg.vocab_size)
-    finally:
-        pipe.close()
-    for step, (a, b) in enumerate(zip(got, want)):
-        assert rel_err(a, b) <= 1e-5, f"step {step}"
+    check_plan([stage], lambda s: ModelShard.from_file(d, s), reference_outputs(ModelShard.from_file(d)), cfg.vocab_size)
 
 
 @pytest.mark.parametrize("quant, bound", [("native", 1e-3), ("int4", 0.35)])

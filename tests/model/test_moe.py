@@ -13,11 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ollama_distributed.model.shard import ShardSpec
-from ollama_distributed.model.tp_local import LocalPipeline, LocalStage
 from ollama_distributed.model.transformer import ModelShard
 from ollama_distributed.model.weights import load_weights, read_config
 from tests.helpers.tiny_gguf import write_tiny_qwen3moe_gguf
-from tests.model.test_sharded import pipeline_outputs, reference_outputs
+from tests.model.test_sharded import check_plan, reference_outputs
 from tests.model.test_transformer import hf_greedy, hf_logits, ours_greedy_batched, ours_prefill_all, rel_err, tiny_prompts
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -107,15 +106,8 @@ PLANS = {
 @pytest.mark.parametrize("plan", list(PLANS))
 def test_sharded_equals_unsharded(moe_gguf, plan):
     path = moe_gguf()
-    cfg = read_config(path)
-    want = reference_outputs(ModelShard.from_file(path))
-    pipe = LocalPipeline([LocalStage([ModelShard.from_file(path, s) for s in stage]) for stage in PLANS[plan]])
-    try:
-        got = pipeline_outputs(pipe, cfg.vocab_size)
-    finally:
-        pipe.close()
-    for step, (a, b) in enumerate(zip(got, want)):
-        assert rel_err(a, b) <= 1e-5, f"step {step}"
+    check_plan(PLANS[plan], lambda s: ModelShard.from_file(path, s), reference_outputs(ModelShard.from_file(path)),
+               read_config(path).vocab_size)
 
 
 def test_expert_parallel_shard_reads_only_its_experts(moe_gguf):
@@ -187,15 +179,9 @@ def test_planner_profile_counts_the_files_bytes(moe_gguf, dtype):
     chosen = plan(prof, two, Workload(16, 16, context_tokens=64), PlanConfig(strategy="tensor"))
     specs = chosen.shard_specs(read_config(path))[0]
     assert sorted(s.experts for s in specs) == [(0, 4), (4, 8)]
-    pipe = LocalPipeline([LocalStage([ModelShard.from_file(path, s, quant="native", kv_dtype=torch.float32)
-                                      for s in specs])])
-    try:
-        got = pipeline_outputs(pipe, prof.vocab_size)
-    finally:
-        pipe.close()
-    want = reference_outputs(ModelShard.from_file(path, quant="native", kv_dtype=torch.float32))
-    for step, (a, b) in enumerate(zip(got, want)):
-        assert rel_err(a, b) <= 2e-4, f"step {step}"  # (our kernels' activation rounding, test_file_format.py)
+    check_plan([specs], lambda s: ModelShard.from_file(path, s, quant="native", kv_dtype=torch.float32),
+               reference_outputs(ModelShard.from_file(path, quant="native", kv_dtype=torch.float32)), prof.vocab_size,
+               tol=2e-4)  # (our kernels' activation rounding, test_file_format.py)
 
 
 # --- qwen2moe: a shared expert beside the routed ones -----------------------------------------------------------
@@ -234,14 +220,7 @@ def test_shared_expert_sharded_equals_unsharded(qwen2moe_gguf, plan):
     shards = [[ModelShard.from_file(path, s) for s in stage] for stage in PLANS[plan]]
     for stage in shards:
         assert sum(layer.moe.shared is not None for s in stage for layer in s.layers[:1]) == 1
-    want = reference_outputs(ModelShard.from_file(path))
-    pipe = LocalPipeline([LocalStage(stage) for stage in shards])
-    try:
-        got = pipeline_outputs(pipe, cfg.vocab_size)
-    finally:
-        pipe.close()
-    for step, (a, b) in enumerate(zip(got, want)):
-        assert rel_err(a, b) <= 1e-5, f"step {step}"
+    check_plan(shards, lambda shard: shard, reference_outputs(ModelShard.from_file(path)), cfg.vocab_size)
 
 
 @pytest.mark.parametrize("fmt", ["auto", "float32"])

@@ -1,7 +1,12 @@
 """Weights in their GGUF type (model/native.py) against gguf-py's dequantisers: the lossless repacking (dequantise
 equal to gguf-py's exactly), the compiled kernels (AVX-512 VNNI and AVX2 builds, every tile and remainder: M = 1-5,
-16, 17; N not a multiple of 4 or 16) and the portable torch path, column slicing on block boundaries, and the
-gguf-py fallback for the other types."""
+8, 16, 17, 33; N not a multiple of 4 or 16; AMX tiles for batches where the CPU has them) and the portable torch
+path, column slicing on block boundaries, and the gguf-py fallback for the other types.
+
+The AVX-512 build keeps activations in two int8 levels per group of 32 (~15 bits, kernels/common.h) and the AVX2
+build in one int16 level (~16 bits): both are checked against the float32 matmul. An AVX-512 build with ggml's
+numerics (-DOD_ACT_LEVELS=1: one int8 level, Q8_1's d = amax/127, ggml-quants.c quantize_row_q8_1_ref) is checked
+against `ggml_matmul`, that integer scheme emulated in numpy, exact up to float32 accumulation."""
 
 from __future__ import annotations
 
@@ -34,6 +39,45 @@ def gguf_rows(type_name: str, n: int, k: int, seed: int = 0) -> np.ndarray:
 
 def reference(raw: np.ndarray, type_name: str, n: int) -> torch.Tensor:
     return torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[type_name]).reshape(n, -1))
+
+
+def quantize_q8(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (M, K) -> int8 codes (M, G, 32), scales (M, G) and block_q8_1's sums s (M, G), as ggml's Q8_1
+    (quantize_row_q8_1_ref: d = amax / 127, q = round(x / d), the float16 d stored, s = float16(d·Σq)) with the
+    kernel's float32 operations and rounding to nearest even (common.h)."""
+    xg = x.numpy().astype(np.float32).reshape(x.shape[0], -1, 32)
+    d = (np.abs(xg).max(-1) / np.float32(127)).astype(np.float32)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(xg * inv[..., None]), -128, 127).astype(np.int64)
+    s = (d * q.sum(-1).astype(np.float32)).astype(np.float16).astype(np.float32)
+    return q, d.astype(np.float16).astype(np.float32), s
+
+
+def ggml_matmul(raw: np.ndarray, type_name: str, x: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ as the AVX-512 kernel computes it, in float64: per group of 32 (Q6_K: per 16) the exact integer dot product
+    T of W's codes with x's Q8 codes, times d·sc (float32) and x's scale, minus dmin·m times Σ x's quantised values
+    (Q4_1, Q5_1: block_q8_1's s, as ggml_vec_dot_q4_1_q8_1; common.h quantize_activations)."""
+    n, k = raw.shape[0], x.shape[1]
+    size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][0]
+    qw, d, dmin, sc, m = native._unpack(raw.reshape(n, k // size, -1), type_name)
+    g = k // 32
+    qw = qw.reshape(n, g, 32).astype(np.int64)
+    per = g // d.shape[1]  # groups per super-block
+    dg = np.repeat(d.astype(np.float32), per, axis=1)
+    ng = np.repeat(dmin.astype(np.float32), per, axis=1)
+    qx, dx, s81 = quantize_q8(x)
+    if type_name == "Q6_K":  # scales per 16 inputs: (n, G, 2)
+        scale, offset = dg[..., None] * sc.astype(np.float32), ng[..., None] * m.astype(np.float32)
+        t = np.einsum("mghk,nghk->mngh", qx.reshape(-1, g, 2, 16), qw.reshape(n, g, 2, 16))
+        sx = dx[..., None] * qx.reshape(-1, g, 2, 16).sum(-1)  # (M, G, 2)
+        y = (t * (scale[None].astype(np.float64) * dx[:, None, :, None])).sum((2, 3))
+        y -= np.einsum("ngh,mgh->mn", offset.astype(np.float64), sx.astype(np.float32).astype(np.float64))
+    else:
+        scale, offset = (dg * sc.astype(np.float32), ng * m.astype(np.float32)) if sc is not None else (dg, ng)
+        t = np.einsum("mgk,ngk->mng", qx, qw)
+        sx = s81 if type_name in ("Q4_1", "Q5_1") else (dx * qx.sum(-1)).astype(np.float32)
+        y = (t * (scale[None].astype(np.float64) * dx[:, None, :])).sum(2) - sx.astype(np.float64) @ offset.T
+    return torch.from_numpy(y)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,21 +126,44 @@ def test_repacking_is_lossless(type_name):
 
 @pytest.mark.parametrize("type_name", NATIVE_TYPES)
 def test_kernel_matches_dequantised_matmul(type_name, isa):
-    """M = 1 (4-block decode tiles and leftover blocks), 2-5, 16, 17 (tiles of 4 / 2 activation rows and their
-    remainders); N = 37, 70 (a padded last block, threads' ranges); one and several super-blocks."""
+    """M = 1 (4-block decode tiles and leftover blocks), 2-5, 8, 16, 17, 33 (tiles of 4 / 2 activation rows and
+    their remainders; AMX chunks of 16 and a padded last chunk); N = 37, 70 (a padded last block, threads' ranges);
+    one and several super-blocks. Each row's result is the same whatever M (prefill, decode and batches agree)."""
     g = torch.Generator().manual_seed(1)
     for n, k in [(37, 256), (70, 768)] + ([(5, 96)] if type_name in LEGACY else []):
         raw = gguf_rows(type_name, n, k, seed=n + k)
         w = NativeMatrix.from_blocks(raw, type_name, k)
         ref = reference(raw, type_name, n)
-        for m in (1, 2, 3, 4, 5, 16, 17):
+        for m in (1, 2, 3, 4, 5, 8, 16, 17, 33):
             x = torch.randn(m, k, generator=g)
             x[:, 7] *= 100  # an outlier channel, as LLM activations have
             got = w(x)
             assert got.shape == (m, n) and got.dtype == torch.float32 and got.is_contiguous()
-            # activations keep ~15 bits per group of 32 (AVX-512: two int8 levels, AVX2: one int16 level)
-            assert rel_err(got, x.double() @ ref.double().T) <= 1e-3, (n, k, m)
+            if getattr(cpu_kernels.native_ops(), "act_levels", 2) == 1:  # ggml's scheme, exact but for float32 sums
+                assert rel_err(got, ggml_matmul(raw, type_name, x)) <= 2e-6, (n, k, m)
+            else:  # ~15-16 bits per group of 32 (two int8 levels, or one int16 level): 2.1e-4 measured at worst
+                assert rel_err(got, x.double() @ ref.double().T) <= 1e-3, (n, k, m)
+            for i in {0, m // 2, m - 1}:
+                assert torch.equal(w(x[i : i + 1]), got[i : i + 1]), (n, k, m, i)
         assert torch.equal(w.dequantize_rows(torch.tensor([n - 1, 1])), ref[[n - 1, 1]])
+
+
+@pytest.mark.parametrize("type_name", NATIVE_TYPES)
+def test_amx_tiles_equal_vnni_tiles(type_name, isa):
+    """Batches on AMX tiles (CPUs with AMX-INT8) give the VPDPBUSD tiles' values bit for bit."""
+    ops = cpu_kernels.native_ops()
+    if isa != "avx512" or not ops.use_amx(True):
+        pytest.skip("AMX tiles: the AVX-512 build on a CPU with AMX-INT8")
+    raw = gguf_rows(type_name, 70, 768, seed=3)
+    w = NativeMatrix.from_blocks(raw, type_name, 768)
+    x = torch.randn(33, 768, generator=torch.Generator().manual_seed(2))
+    x[:, 7] *= 100
+    try:
+        amx = w(x)
+        ops.use_amx(False)
+        assert torch.equal(amx, w(x))
+    finally:
+        ops.use_amx(True)
 
 
 @pytest.mark.parametrize("type_name", NATIVE_TYPES)

@@ -108,7 +108,9 @@ def slice_weights(full: dict[str, torch.Tensor], cfg: ModelConfig, spec: ShardSp
     return out
 
 
-def check_plan(plan, make_shard, reference: list[torch.Tensor], vocab: int) -> None:
+def check_plan(plan, make_shard, reference: list[torch.Tensor], vocab: int, tol: float = TOL) -> None:
+    """The scenario through LocalPipeline of make_shard(spec) for the plan's specs (plan[stage][rank]) equals
+    `reference` step by step (the unsharded engine's `reference_outputs`)."""
     pipe = LocalPipeline([LocalStage([make_shard(spec) for spec in stage]) for stage in plan])
     try:
         got = pipeline_outputs(pipe, vocab)
@@ -117,7 +119,7 @@ def check_plan(plan, make_shard, reference: list[torch.Tensor], vocab: int) -> N
     assert len(got) == len(reference)
     for step, (a, b) in enumerate(zip(got, reference)):
         assert a.shape == b.shape, f"step {step}"
-        assert rel_err(a, b) <= TOL, f"step {step}: rel err {rel_err(a, b):.2e}"
+        assert rel_err(a, b) <= tol, f"step {step}: rel err {rel_err(a, b):.2e}"
 
 
 # --- tiny model: every shard loaded from the file (partial loading path) -----------------------------------

@@ -16,7 +16,7 @@ import torch
 from ollama_distributed.model.weights import read_config
 from ollama_distributed.runtime.executor import Executor, ExecutorError
 from ollama_distributed.runtime.local_executor import LocalExecutor
-from ollama_distributed.runtime.placement import PlacementError, shard_weight_bytes, uniform_plan
+from ollama_distributed.runtime.placement import PlacementError, shard_specs, shard_weight_bytes, uniform_plan
 from ollama_distributed.runtime.ray_executor import RayExecutor
 
 pytestmark = pytest.mark.slow
@@ -368,14 +368,10 @@ def test_smollm2_tensor_parallel_matches(shape, smollm2_path, smol_ref, ray_clus
 def test_int4_shards_on_ray_match_in_process_int4(shape, tiny_gguf_factory, ray_cluster):
     """Workers load int4 shards (model/quant.py) from a Q4_1 file: the Ray run of a plan gives the tokens and
     logits of the same plan's shards run in this process (same bf16 arithmetic, so equal to float rounding)."""
-    from ollama_distributed.model.shard import ShardSpec
-
     path = tiny_gguf_factory(dtype="q4_1")
     cfg = read_config(path)
     plan = uniform_plan(cfg, SHAPES[shape], "tiny-q4")
-    specs = [[ShardSpec(tuple(st["layers"]), tuple(sh["kv_heads"]), tuple(sh["ffn"]), i == 0,
-                        i == len(plan["stages"]) - 1 and j == 0) for j, sh in enumerate(st["shards"])]
-             for i, st in enumerate(plan["stages"])]
+    specs = [[spec for _, spec, _ in row] for row in shard_specs(plan, cfg)]  # the plan's shards, in process
     local = LocalExecutor.from_plan(path, specs, max_seq_len=256, quant="int4")
     ex = RayExecutor(plan, path, ray_cluster, max_seq_len=256, quant="int4")
     try:
@@ -398,14 +394,10 @@ def test_native_shards_on_ray_match_in_process(shape, tiny_gguf_factory, ray_clu
     """`--dtype auto` shards of a head_dim-32 Q8_0 file decode through the fused step (model/fused_decode.py), whose
     tensor-parallel all-reduce is the worker's collective called back from C++: the Ray run equals the same plan's
     shards in this process."""
-    from ollama_distributed.model.shard import ShardSpec
-
     path = tiny_gguf_factory(vocab=1024, hidden=256, n_heads=8, n_kv_heads=2, ffn=512, dtype="q8_0")
     cfg = read_config(path)
     plan = uniform_plan(cfg, SHAPES[shape], "tiny-q8")
-    specs = [[ShardSpec(tuple(st["layers"]), tuple(sh["kv_heads"]), tuple(sh["ffn"]), i == 0,
-                        i == len(plan["stages"]) - 1 and j == 0) for j, sh in enumerate(st["shards"])]
-             for i, st in enumerate(plan["stages"])]
+    specs = [[spec for _, spec, _ in row] for row in shard_specs(plan, cfg)]  # the plan's shards, in process
     local = LocalExecutor.from_plan(path, specs, max_seq_len=256, quant="native")
     ex = RayExecutor(plan, path, ray_cluster, max_seq_len=256, quant="native")
     try:

@@ -74,10 +74,10 @@ def test_chunk_table_refuses_a_blob_that_does_not_match_its_name(tmp_path, tiny_
 
 
 def test_a_full_disk_is_refused_before_the_first_byte(tmp_path) -> None:
-    table = ChunkTable("ab" * 32, size=1 << 50, data_offset=100, chunk_bytes=CHUNK, hashes=())
+    table = ChunkTable("ab" * 32, size=1 << 50, data_offset=100, chunk_bytes=1 << 40, hashes=())
     cache = SliceCache(table, tmp_path)
     with pytest.raises(WeightFetchError, match=r"node n1: the model slice needs .* GB more in .* GB free"):
-        cache.prepare(1 << 50, "n1")
+        cache.prepare(list(range(1024)), "n1")
     assert not cache.path.exists()
 
 
@@ -210,6 +210,7 @@ def test_node_without_the_file_fetches_its_slice(ray_cluster, nofile_node, model
         ex.close()
     assert tokens == ref_tokens
     assert fetched[0] is None and 0 < fetched[1]["fetched_bytes"] == fetched[1]["slice_bytes"], fetched
+    assert fetched[1]["transport"] == "stream", fetched  # the holder's socket (weight_stream.py), not Ray's objects
     # what the driver predicts from the header before loading (and logs) is what the node fetched
     assert fetched[1]["slice_bytes"] == slice_bytes(model_store, (cfg.n_layers // 2, cfg.n_layers), False, True,
                                                     chunk_bytes=CHUNK)
@@ -309,6 +310,7 @@ def test_interrupted_transfer_resumes(ray_cluster, nofile_node, model_store, nod
     worker = _worker(ray_cluster, NODE)
     info = ray.get(_load(worker, model_store, cfg, holder), timeout=120)
     assert info["weight_bytes"] > 0 and 0 < info["weights_from"]["fetched_bytes"] < info["weights_from"]["slice_bytes"]
+    assert info["weights_from"]["transport"] == "stream", info["weights_from"]
     ray.kill(worker)
     served_again = ray.get(holder.served_bytes.remote()) - served_before
     done = _cached_chunks(node_cache, digest)
@@ -344,7 +346,7 @@ def test_a_flipped_byte_at_the_holder_is_refused(ray_cluster, nofile_node, model
         f.write(bytes([b[0] ^ 0xFF]))
     os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
     worker = _worker(ray_cluster, NODE)
-    with pytest.raises(ray.exceptions.RayError, match="does not match its sha256"):
+    with pytest.raises(ray.exceptions.RayError, match="does not match its xxh3_128 hash"):
         ray.get(_load(worker, blob, cfg, holder), timeout=120)
     assert offset // CHUNK not in _cached_chunks(node_cache, table.digest)
 
@@ -353,6 +355,158 @@ def test_a_flipped_byte_at_the_holder_is_refused(ray_cluster, nofile_node, model
     with pytest.raises(ray.exceptions.RayError, match="corrupt"):
         ray.get(_load(worker, blob, cfg, holder), timeout=120)
     ray.kill(worker)
+
+
+def test_a_cached_chunk_that_changed_on_disk_is_fetched_again(ray_cluster, nofile_node, model_store,
+                                                              node_cache) -> None:
+    """A node loading from its own cache checks the cached chunks against the holder's table again: one byte
+    flipped in a recorded chunk on the node's disk makes that chunk, and only it, be fetched again; the load
+    equals the in-process engine's and the cache holds the holder's bytes again."""
+    import ray
+
+    from ollama_distributed.runtime.weight_fetch import HOLDER_NAME, holder_actor
+
+    cfg = read_config(model_store)
+    digest = hashlib.sha256(model_store.read_bytes()).hexdigest()
+    worker = _worker(ray_cluster, NODE)
+    ray.get(_load(worker, model_store, cfg, holder_actor()), timeout=120)
+    ray.kill(worker)
+    cached = sorted(_cached_chunks(node_cache, digest))
+    victim = cached[len(cached) // 2]
+    with open(node_cache / digest / "model.gguf", "r+b") as f:  # the test shares the node's disk
+        f.seek(victim * CHUNK + 7)
+        b = f.read(1)
+        f.seek(victim * CHUNK + 7)
+        f.write(bytes([b[0] ^ 0x01]))
+    holder = ray.get_actor(HOLDER_NAME)
+    served = ray.get(holder.served_bytes.remote())
+    worker = _worker(ray_cluster, NODE)
+    info = ray.get(_load(worker, model_store, cfg, holder_actor()), timeout=120)
+    ray.kill(worker)
+    got = info["weights_from"]
+    assert got["fetched_bytes"] == CHUNK == ray.get(holder.served_bytes.remote()) - served, got
+    assert got["verify_s"] > 0, got
+    data = model_store.read_bytes()
+    with open(node_cache / digest / "model.gguf", "rb") as f:
+        f.seek(victim * CHUNK)
+        assert f.read(CHUNK) == data[victim * CHUNK:(victim + 1) * CHUNK]
+    assert victim in _cached_chunks(node_cache, digest)
+
+
+def _until_closed(sock) -> bytes:
+    got = b""
+    with contextlib.suppress(ConnectionResetError):  # closed with what we sent unread: a reset
+        while chunk := sock.recv(1 << 16):
+            got += chunk
+    return got
+
+
+def test_the_weight_stream_serves_only_who_knows_the_secret(ray_cluster, model_store) -> None:
+    """The holder's stream (a real holder actor on node0, a real socket on 127.0.0.1): a client that answers the
+    challenge with the secret handed out over Ray reads the file's bytes; one with another secret, or one that
+    does not answer, gets nothing and the connection closed; a file not registered by its table is not served."""
+    import socket
+
+    import ray
+
+    from ollama_distributed.runtime.weight_stream import MAGIC, ChunkStream, Endpoint, StreamRefused
+
+    holder = ray.remote(WeightHolder).options(max_concurrency=8, **_on(ray_cluster, "node0")).remote(CHUNK, 0)
+    table = ray.get(holder.table.remote(str(model_store)))
+    ep = ray.get(holder.endpoint.remote())
+    assert ep.host == "127.0.0.1" and not ep.tls
+    data = model_store.read_bytes()
+    stream = ChunkStream(ep)
+    buf = bytearray(2 * CHUNK)
+    stream.request(table.digest, CHUNK, CHUNK)
+    stream.request(table.digest, 3 * CHUNK, CHUNK)
+    stream.receive_into(memoryview(buf)[:CHUNK])
+    stream.receive_into(memoryview(buf)[CHUNK:])
+    assert bytes(buf) == data[CHUNK:2 * CHUNK] + data[3 * CHUNK:4 * CHUNK]
+    stream.request("0" * 64, 0, 16)  # not a file this holder was asked for
+    with pytest.raises(ConnectionError, match="did not serve"):
+        stream.receive_into(memoryview(bytearray(16)))
+    stream.close()
+
+    with pytest.raises(StreamRefused, match="refused"):
+        ChunkStream(Endpoint(ep.host, ep.port, b"\0" * 32, False))
+    with socket.create_connection((ep.host, ep.port), timeout=30) as raw:  # no answer: a request straight away
+        hello = raw.recv(4)
+        assert hello == MAGIC
+        raw.sendall(table.digest.encode() + (0).to_bytes(8, "big") + CHUNK.to_bytes(8, "big"))
+        got = _until_closed(raw)
+        assert len(got) <= 32  # the rest of the nonce, then closed: not a byte of the file
+        assert data[:16] not in got
+    assert ray.get(holder.served_bytes.remote()) == 2 * CHUNK
+    ray.kill(holder)
+
+
+def test_the_weight_stream_speaks_tls_with_rays_certificates(tmp_path, model_store) -> None:
+    """With RAY_USE_TLS's files (a CA-signed certificate on both sides, as Ray's gRPC), the stream is TLS: a
+    client with the certificate reads the bytes; one speaking plaintext, or TLS without a certificate, does not."""
+    import socket
+    import ssl
+
+    from ollama_distributed.runtime.weight_stream import ChunkServer, ChunkStream, TLSFiles
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", tmp_path / "key.pem",
+                    "-out", tmp_path / "cert.pem", "-days", "1", "-subj", "/CN=ray", "-addext",
+                    "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    tls = TLSFiles(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"), str(tmp_path / "cert.pem"))
+    digest = "ab" * 32
+    server = ChunkServer({digest: str(model_store)}.get, lambda n: None, lambda n: None, "127.0.0.1", tls)
+    try:
+        ep = server.endpoint
+        assert ep.tls
+        stream = ChunkStream(ep, tls)
+        buf = bytearray(CHUNK)
+        stream.request(digest, 0, CHUNK)
+        stream.receive_into(memoryview(buf))
+        stream.close()
+        assert bytes(buf) == model_store.read_bytes()[:CHUNK]
+        with socket.create_connection((ep.host, ep.port), timeout=30) as raw:  # plaintext: no nonce, closed
+            raw.sendall(b"\0" * 64)
+            assert b"ODW1" not in _until_closed(raw)
+        bare = ssl.create_default_context(cafile=tls.ca)
+        bare.check_hostname = False
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            with bare.wrap_socket(socket.create_connection((ep.host, ep.port), timeout=30)) as s:
+                s.recv(1)  # TLS 1.3 reports the missing client certificate on the first read
+                s.sendall(b"\0" * 32)
+                assert s.recv(1)
+    finally:
+        server.close()
+
+
+def test_an_unreachable_stream_falls_back_to_ray(ray_cluster, nofile_node, model_store, node_cache) -> None:
+    """Where the holder's stream cannot be reached, the chunks travel as Ray objects (the holder's `read`) and the
+    load is the same."""
+    import socket
+
+    import ray
+
+    from ollama_distributed.runtime.weight_stream import Endpoint
+
+    class NoStream(WeightHolder):  # its stream endpoint is a port nothing listens on (a firewalled one, say)
+        def endpoint(self) -> Endpoint:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            return Endpoint("127.0.0.1", port, b"\0" * 32, False)
+
+    digest = hashlib.sha256(model_store.read_bytes()).hexdigest()
+    shutil.rmtree(node_cache / digest, ignore_errors=True)
+    holder = ray.remote(NoStream).options(max_concurrency=8, **_on(ray_cluster, "node0")).remote(CHUNK, 0)
+    cfg = read_config(model_store)
+    worker = _worker(ray_cluster, NODE)
+    info = ray.get(_load(worker, model_store, cfg, holder), timeout=120)
+    ray.kill(worker)
+    got = info["weights_from"]
+    assert got["transport"] == "ray" and got["fetched_bytes"] == got["slice_bytes"] > 0, got
+    assert ray.get(holder.served_bytes.remote()) == got["fetched_bytes"]
+    ray.kill(holder)
 
 
 # ---- the planner knows what each node holds (scheduler/load_cost.py) ---------------------------------------------
@@ -549,6 +703,33 @@ def test_a_peer_sending_a_bad_chunk_is_caught_and_the_holder_asked(ray_cluster, 
     from_peer = ray.get(peer.served_bytes.remote()) - peer_served
     assert from_peer > 0 and from_holder == fetched["fetched_bytes"], (from_holder, from_peer, fetched)
     shutil.rmtree(node_cache / digest)  # the flipped cache is not left for other tests
+
+
+def test_a_peer_that_cannot_serve_leaves_its_chunks_to_the_holder(ray_cluster, nofile_node, second_nofile_node,
+                                                                  model_store, node_cache) -> None:
+    """A peer said to hold chunks whose cache is gone by the time it is asked (its stream answers "unknown file",
+    its Ray read fails): the second node's load asks the holder for those chunks instead and completes, every
+    byte of its slice from the holder."""
+    import ray
+
+    from ollama_distributed.runtime.weight_fetch import HOLDER_NAME, Peered, holder_actor, peer_actor
+
+    cfg = read_config(model_store)
+    digest = hashlib.sha256(model_store.read_bytes()).hexdigest()
+    worker = _worker(ray_cluster, NODE)
+    ray.get(_load(worker, model_store, cfg, holder_actor()), timeout=120)
+    ray.kill(worker)
+    cached = frozenset(_cached_chunks(node_cache, digest))
+    shutil.rmtree(node_cache / digest)  # gone after the planner was told
+    ray.get(_clear_cache_on(ray_cluster, NODE2, digest))
+    holder = ray.get_actor(HOLDER_NAME)
+    served = ray.get(holder.served_bytes.remote())
+    worker = _worker(ray_cluster, NODE2)
+    info = ray.get(_load(worker, model_store, cfg, Peered(holder_actor(), ((peer_actor(ray_cluster.node_id(NODE)),
+                                                                             cached),))), timeout=120)
+    ray.kill(worker)
+    got = info["weights_from"]
+    assert got["fetched_bytes"] == got["slice_bytes"] == ray.get(holder.served_bytes.remote()) - served, got
 
 
 def _clear_cache_on(cluster, name: str, digest: str):

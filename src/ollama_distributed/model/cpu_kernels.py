@@ -42,7 +42,9 @@ GROUP = 32  # inputs per scale: GGUF's 4-bit block (the .cpp's kGroup; model/qua
 BLOCK_ROWS = 4  # rows per 512-bit load, one per 128-bit lane (the .cpp's kRows)
 _KERNELS = Path(__file__).with_name("kernels")
 _SOURCES = [str(_KERNELS / "cpu_kernels.cpp"), str(_KERNELS / "native_kernels.cpp")]  # both include common.h
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-mf16c", "-fopenmp"]
+# (-mamx-*: the batch kernel's AMX tiles, used only where the CPU has them: native_kernels.cpp amx_available)
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mamx-tile", "-mamx-int8",
+          "-mfma", "-mf16c", "-fopenmp"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma", "f16c")
 # The AVX2 build: native_kernels.cpp alone, its own module (OD_NATIVE_MODULE), no AVX-512 instruction in it.
 _AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-DOD_NATIVE_MODULE"]

@@ -22,15 +22,16 @@ import torch
 
 from . import cpu_kernels
 from .file_format import Stacked
-from .native import NativeMatrix
+from .native import Q8_1_PARTNERS, NativeMatrix
 
 
 def _parts(w: Any) -> list[tuple] | None:
-    """A weight as the plan's (codes, planes, d, dmin, sc, m, n) parts, or None where it is not NativeMatrix parts."""
+    """A weight as the plan's (codes, planes, d, dmin, sc, m, n, q8_1) parts, or None where it is not NativeMatrix
+    parts (NativeMatrix._kernel_args)."""
     parts = w.parts if isinstance(w, Stacked) else [w]
     if not all(isinstance(p, NativeMatrix) and p.codes.device.type == "cpu" for p in parts):
         return None
-    return [(p.codes, p.planes, p.d, p.dmin, p.sc, p.m, p.out_features) for p in parts]
+    return [(p.codes, p.planes, p.d, p.dmin, p.sc, p.m, p.out_features, p.type_name in Q8_1_PARTNERS) for p in parts]
 
 
 def build(shard: Any) -> Any | None:

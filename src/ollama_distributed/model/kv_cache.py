@@ -147,6 +147,15 @@ class KVCache:
         if slot is not None:
             self._free.append(slot)
 
+    def rewind(self, seq_id: int, n: int) -> None:
+        """Forget seq_id's last n positions (the next write overwrites them). A sliding-window layer's ring slot
+        that held position p - window, overwritten by position p, is not needed again: position p, rewritten,
+        attends to p - window + 1 … p only."""
+        have = self._len.get(seq_id, 0)
+        if not 0 <= n <= have:
+            raise ValueError(f"sequence {seq_id}: cannot rewind {n} of {have} cached positions")
+        self._len[seq_id] = have - n
+
     def seq_ids(self) -> list[int]:
         return list(self._slot)
 

@@ -29,7 +29,9 @@ P = 0, so the kernel loads each half of 4 rows as it multiplies it (4 bit planes
 llama.cpp's Q8_0 speed; bench/README.md).
     d, dmin (N/4, S, 4) float16;  sc, m (N/4, G, 4) int8, Q6_K (N/4, G, 2, 4) with m = sc, empty for legacy types.
 
-Computation: the compiled kernel (model/cpu_kernels.py `native_ops()`: AVX-512 VNNI or AVX2) for CPU tensors;
+Computation: the compiled kernel (model/cpu_kernels.py `native_ops()`: AVX-512 VNNI, with AMX tiles for batches
+where the CPU has them, or AVX2) for CPU tensors, with activations quantised per 32 inputs (AVX-512: two int8
+levels, ~15 bits; AVX2: one int16 level; kernels/common.h);
 elsewhere (CUDA, no compiler, OLLAMA_DISTRIBUTED_CPU_KERNELS=0) the portable path dequantises CHUNK weights' worth
 of rows at a time with torch ops and multiplies them with F.linear, so no whole float32 matrix exists at once.
 """
@@ -52,6 +54,9 @@ K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 BLOCK_INPUTS: dict[str, int] = {t: 256 if t in K_QUANTS else 32 for t in NATIVE_TYPES}
 PLANES: dict[str, int] = {"Q4_0": 0, "Q4_1": 0, "Q4_K": 0, "Q5_0": 1, "Q5_1": 1, "Q5_K": 1, "Q6_K": 2, "Q8_0": 0}
 WHOLE_BYTES = ("Q8_0",)  # 8-bit codes kept as bytes (codes (N/4, G, 128)), not 4 bits + 4 planes
+# Types whose ggml dot-product partner is Q8_1 (ggml-cpu/quants.c ggml_vec_dot_q4_1_q8_1): with one activation level
+# (kernels built with -DOD_ACT_LEVELS=1) their offsets meet the activations' sums rounded as block_q8_1's s.
+Q8_1_PARTNERS = ("Q4_1", "Q5_1")
 GROUP = 32  # inputs per sub-scale and per activation scale
 ROWS = 4  # rows per block of the layout (one per 128-bit lane)
 CHUNK = 1 << 22  # weights dequantised at a time by the portable paths (16 MB of float32)
@@ -177,7 +182,8 @@ class NativeMatrix:
         self.codes, self.planes, self.d, self.dmin, self.sc, self.m = codes, planes, d, dmin, sc, m
         # resolved once: a decode step makes ~7 calls per layer, where µs of Python count
         self._on_cpu = codes.device.type == "cpu"
-        self._kernel_args = (codes, planes, d, dmin, sc, m, out_features)
+        # (the last: Q8_1_PARTNERS, used by a one-level kernel build)
+        self._kernel_args = (codes, planes, d, dmin, sc, m, out_features, type_name in Q8_1_PARTNERS)
 
     @classmethod
     def from_blocks(cls, raw: np.ndarray, type_name: str, in_features: int) -> "NativeMatrix":

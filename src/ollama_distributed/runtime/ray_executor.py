@@ -9,8 +9,9 @@ Each shard then runs a resident step loop (worker.py `serve`) fed through a step
 channel.py: shared memory on this machine, TCP to others): a step costs one message to and one reply from each
 shard, no Ray call; activations move stage to stage, and tensor-parallel partial sums are added, over
 torch.distributed between machines and through shared memory between shards on one machine (shm_comm.py);
-`step_sampled` samples on the last stage and brings back token ids instead of the vocabulary's logits. Ray keeps
-placement, membership and the liveness probes. `transport="calls"` drives the same stages with one Ray call per worker per step (the path before
+`step_sampled` samples on the last stage and brings back token ids instead of the vocabulary's logits, and sends
+the next decode step before the engine has streamed this one's tokens (lookahead.py), so the shards do not wait
+for the driver's turn. Ray keeps placement, membership and the liveness probes. `transport="calls"` drives the same stages with one Ray call per worker per step (the path before
 issue 15), `transport="ray"` chains them through Ray object refs (both kept for the benchmarks).
 
 Failure: a dead actor or node surfaces as ExecutorError naming the shard and node; the executor is then broken
@@ -32,6 +33,7 @@ import time
 import os
 import pickle
 import signal
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,6 +47,8 @@ from .cluster import ClusterHandle
 from .executor import CacheFullError, ExecutorError, ShardLostError
 from .placement import PlacementError, ShardPlacement, place, plan_dict
 from .channel import ChannelClosed
+from .lookahead import Lookahead, Lookaheads
+from .sampled_steps import apply_sampled, sample_entries
 from .step_loop import LOOP_GROUP, LoopEnded, StepLoops, StepTimeoutError
 from .step_timeout import StepTimeout, StepTimer
 
@@ -55,6 +59,9 @@ _EMBED_SEQ = -1  # engine sequence ids are >= 0; embeddings borrow this one for 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _LOCAL_ADDRESSES = {"127.0.0.1", "localhost", "::1"}
 _HEALTH = "health"  # the actors' concurrency group for liveness probes (worker.py ShardWorker.ping)
+# Step-channel messages sent and not yet answered: a step sent ahead (lookahead.py) and frees behind it. Below the
+# rings' 8 slots (channel.py ShmRing.create), so neither side ever blocks in a send while the other does too.
+_MAX_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,8 @@ class RayExecutor:
     timeout_s: longest a load may take, and the longest any step may take (unless step_timeout.ceiling_s).
     step_timeout: when a step's busy shards are probed for a hang (runtime/step_timeout.py; default StepTimeout()).
     reuse: live shards of a failed executor (its `detach_survivors()`) to take over where they fit.
+    lookahead: with the step loops, send the next decode step before the engine asks for it (runtime/lookahead.py);
+      None: on unless OLLAMA_DISTRIBUTED_LOOKAHEAD=0.
     """
 
     def __init__(
@@ -116,6 +125,7 @@ class RayExecutor:
         reuse: Sequence[LiveShard] = (),
         quant: str | None = None,
         kv_cache_type: str | None = None,
+        lookahead: bool | None = None,
     ) -> None:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -157,6 +167,12 @@ class RayExecutor:
         self.shm_paths: list[dict[str, int]] = []  # per shard: hops and sums over shared memory (worker.setup_comm)
         self._loops: StepLoops | None = None  # the "dist" transport's step channels (step_loop.py)
         self._installed: dict[int, int] = {}  # seq id -> id() of the Sampler its last stage holds (step_sampled)
+        self.lookahead = (os.environ.get("OLLAMA_DISTRIBUTED_LOOKAHEAD", "1") != "0") if lookahead is None else lookahead
+        # decode steps sent ahead (runtime/lookahead.py); a one-shard plan's shard feeds a second one back itself
+        self._aheads = Lookaheads(self._post, self._collect_next, self._lengths, self._installed, self.max_seq_len,
+                                  depth=2 if len(self._flat) == 1 else 1)
+        self._pending: deque[tuple[int | None, Lookahead | None, float]] = deque()  # (tokens, ahead, sent at)
+        self._last_reply = 0.0  # when the last reply was collected (a step sent ahead starts after it)
         nodes = cluster.nodes()
         cpus = {n.name: n.cpus for n in nodes}
         self._address = {n.name: n.address for n in nodes}
@@ -344,6 +360,7 @@ class RayExecutor:
     # ---- Executor protocol ------------------------------------------------------------------------------------
     def step(self, seq_ids: list[int], tokens: list[list[int]]) -> torch.Tensor:
         self._check_usable()
+        self._aheads.drop()  # logits were asked for: what was sent ahead is rewound, not reused
         counts = self._check_step(seq_ids, tokens)
         x = self._token_tensor([t for ts in tokens for t in ts])
         t0 = time.perf_counter()
@@ -370,7 +387,8 @@ class RayExecutor:
         self._check_usable()
         self._lengths.pop(seq_id, None)
         self._installed.pop(seq_id, None)
-        self._free_all([seq_id])
+        self._aheads.freed(seq_id)
+        self._free_all([seq_id], wait=False)
 
     def close(self) -> None:
         """Destroy the process groups, then kill every actor (which ends its process)."""
@@ -447,6 +465,16 @@ class RayExecutor:
 
     # ---- introspection ----------------------------------------------------------------------------------------
     @property
+    def lookahead_taken(self) -> int:
+        """Rows whose result came from a step sent ahead (runtime/lookahead.py)."""
+        return self._aheads.taken
+
+    @property
+    def lookahead_rewound(self) -> int:
+        """Rows sent ahead that the engine fed otherwise (rewound on the shards)."""
+        return self._aheads.rewound
+
+    @property
     def reused_shards(self) -> int:
         """Shards taken over from a failed executor instead of started (see `reuse`)."""
         return len(self._reused)
@@ -466,10 +494,12 @@ class RayExecutor:
     def shard_info(self) -> list[dict[str, Any]]:
         """Live per-shard facts asked of each actor: node id, pid, RSS, weight and cache bytes, cached sequences."""
         self._check_usable()
+        self._drain()  # frees sent without waiting are done before the shards are asked
         infos = self._call_all("info")
         return [dict(i, stage=p.stage, index=p.index, node=p.node) for i, p in zip(infos, self._flat)]
 
     def cached_sequences(self) -> set[int]:
+        self._drain()
         return {sid for info in self._call_all("info") for sid in info["cached_seqs"]}
 
     # ---- internals --------------------------------------------------------------------------------------------
@@ -503,34 +533,73 @@ class RayExecutor:
             self._note_decode_stages([r[2] for r in replies])
         return replies[self._out][1]
 
-    def _free_all(self, seq_ids: list[int]) -> None:
+    def _free_all(self, seq_ids: list[int], wait: bool = True) -> None:
         if self._loops is None:
             self._call_all("free", seq_ids)
             return
-        self._exchange(pickle.dumps(("free", seq_ids)), None)
+        msg = pickle.dumps(("free", seq_ids))
+        if wait:
+            self._exchange(msg, None)
+        else:  # answered on the ordered channel; the reply is collected with the next exchange
+            self._post(msg, None)
 
     def _exchange(self, msg: bytes, tokens: int | None) -> list[Any]:
-        """Send `msg` to every shard's loop and wait for each one's reply (failures as in `_get`)."""
+        """Send `msg` to every shard's loop and wait for each one's reply (and first for the replies to messages
+        sent before it); failures as in `_get`."""
+        self._post(msg, tokens)
+        while True:
+            replies = self._collect_next()
+            if not self._pending:
+                return replies
+
+    def _drain(self) -> None:
+        while self._loops is not None and self._pending:
+            self._collect_next()
+
+    def _post(self, msg: bytes, tokens: int | None, ahead: Lookahead | None = None) -> None:
+        """Send `msg` to every shard's loop; its replies are collected in order by `_collect_next`."""
+        while len(self._pending) >= _MAX_IN_FLIGHT:
+            self._collect_next()
         try:
             self._loops.send(msg)
+        except ChannelClosed as exc:
+            self._pending.clear()
+            self._broken = self._describe_failure([], exc)
+            raise ExecutorError(self._broken) from exc
+        self._pending.append((tokens, ahead, time.perf_counter()))
+
+    def _collect_next(self) -> list[Any]:
+        """Every shard's reply to the oldest message not yet answered (a step sent ahead keeps its result)."""
+        tokens, ahead, sent = self._pending.popleft()
+        try:
             interval = self.timer.deadline(tokens) if tokens else self.step_timeout.floor_s
             replies = self._loops.collect(lambda busy, waited: self._check_busy(busy, waited, tokens), interval,
                                           self._ceiling_s)
         except ShardLostError as exc:
+            self._pending.clear()
             self._broken = str(exc)
             raise
         except StepTimeoutError as exc:
+            self._pending.clear()
             self._broken = f"a step did not finish within {self._ceiling_s:.0f} s"
             raise ExecutorError(self._broken) from exc
         except (LoopEnded, ChannelClosed) as exc:
+            self._pending.clear()
             self._broken = self._describe_failure([], getattr(exc, "cause", None) or exc)
             raise ExecutorError(self._broken) from exc
         errors = [(i, r[1]) for i, r in enumerate(replies) if r[0] != "ok"]
         if errors:
             # a shard failing mid-step leaves its peers in a recv/all-reduce: the plan is unusable
+            self._pending.clear()
             i, why = errors[0]
             self._broken = f"a shard failed (stage {self._flat[i].stage} shard {self._flat[i].index}): {why}"
             raise ExecutorError(self._broken)
+        now = time.perf_counter()
+        if ahead is not None:  # queued behind the step before it: its own time starts at that one's reply
+            self.timer.record(len(ahead.seq_ids), now - max(sent, self._last_reply))
+            self._note_decode_stages([r[2] for r in replies])
+            ahead.out = replies[self._out][1]
+        self._last_reply = now
         return replies
 
     def step_sampled(self, seq_ids: list[int], tokens: list[list[int]], samplers: Sequence[Any],
@@ -544,42 +613,44 @@ class RayExecutor:
         so the engine's sampler stays in step and a replay onto a new executor continues its random stream.
         A grammar constraint (model/sampling.py TokenConstraint; it pickles with the tokens it consumed) masks and
         advances on the shard; the driver's copy advances by the returned token, so the copy a replay re-sends is
-        current. Logprobs, when asked, come back with the token. With transport "ray" this samples in the driver."""
+        current. Logprobs, when asked, come back with the token. With transport "ray" this samples in the driver.
+
+        With `lookahead`, the next decode step of these rows is sent before this returns (runtime/lookahead.py),
+        and rows of the next call that it covers take its result."""
         self._check_usable()
         if len(samplers) != len(seq_ids) or len(histories) != len(seq_ids):
             raise ValueError(f"step_sampled: {len(seq_ids)} seq_ids, {len(samplers)} samplers, {len(histories)} histories")
         if self._loops is None:
             logits = self.step(seq_ids, tokens)
             return [None if s is None else s.sample(logits[i], histories[i] or ()) for i, s in enumerate(samplers)]
-        entries: list[Any] = []
-        for sid, s, hist in zip(seq_ids, samplers, histories):
-            if s is None:
-                entries.append(None)
-                continue
-            fresh = self._installed.get(sid) != id(s)
-            window = s.window if s.window > 0 else len(hist or ())
-            recent = list(hist[-window:]) if hist and getattr(s, "_penalise", True) and window else []
-            entries.append((s if fresh else None, recent))
-            self._installed[sid] = id(s)
+        out: list[int | None] = [None] * len(seq_ids)
+        ahead, taken = self._aheads.take(seq_ids, tokens, samplers)
+        rest = [i for i in range(len(seq_ids)) if i not in taken]
+        if rest:
+            pick = lambda xs: [xs[i] for i in rest]  # noqa: E731
+            payload = self._sampled_step(pick(seq_ids), pick(tokens), pick(samplers), pick(histories))
+            apply_sampled(payload, {i: j for j, i in enumerate(rest)}, samplers, out)
+        if taken:
+            apply_sampled(ahead.out, taken, samplers, out)
+        if self.lookahead:
+            self._aheads.send(seq_ids, samplers, histories, out, self.micro_batches if len(self.stages) > 1 else 1)
+        return out
+
+    def _sampled_step(self, seq_ids: list[int], tokens: list[list[int]], samplers: Sequence[Any],
+                      histories: Sequence[Sequence[int] | None]) -> dict[str, Any]:
+        entries = sample_entries(self._installed, seq_ids, samplers, histories)
         counts = self._check_step(seq_ids, tokens)
         x = self._token_tensor([t for ts in tokens for t in ts])
         t0 = time.perf_counter()
         try:
-            out = self._loop_step(seq_ids, counts, x, "logits", entries)
+            payload = self._loop_step(seq_ids, counts, x, "logits", entries)
         except BaseException:
             self._installed.clear()
             raise
         self.timer.record(sum(counts), time.perf_counter() - t0)
         for sid, n in zip(seq_ids, counts):
             self._lengths[sid] = self._lengths.get(sid, 0) + n
-        for row, state in out["states"].items():
-            samplers[row].generator.set_state(torch.from_numpy(state))
-        for row, lp in out.get("logprobs", {}).items():
-            samplers[row].last_logprobs = lp
-        for s, tok in zip(samplers, out["tokens"]):
-            if s is not None and tok is not None and getattr(s, "constraint", None) is not None:
-                s.constraint.advance(tok)  # the driver's copy follows the shard's (what a replay re-sends)
-        return out["tokens"]
+        return payload
 
     def _check_step(self, seq_ids: list[int], tokens: list[list[int]]) -> list[int]:
         if len(seq_ids) != len(tokens):

@@ -5,24 +5,29 @@ a node without the file needs only the file's header and the byte ranges of the 
 whole 10-100 GB. This module moves those ranges:
 
 - The holder (`WeightHolder`, a Ray actor pinned to the node that has the file: the server's) splits the file into
-  fixed chunks and hashes each one (`ChunkTable`, sha256; one sequential pass, kept in a sidecar so a restart
-  reuses it). A content-addressed blob (`sha256-<hex>`, the model store's name) must also match its own name, so
-  a corrupt holder file is refused rather than served.
+  fixed chunks and hashes each one (`ChunkTable`, XXH3-128 per chunk, slice_cache.py `chunk_hash`; one sequential
+  pass, kept in a versioned sidecar so a restart reuses it). A content-addressed blob (`sha256-<hex>`, the model
+  store's name) must also match its own name (sha256 of the whole file, in the same pass), so a corrupt holder
+  file is refused rather than served.
 - The fetcher (`ensure_local`, run by the shard worker before it loads) asks for the chunks covering its tensors,
-  checks each against the holder's table (a mismatch is fetched once more, then refused with the chunk named), and
-  writes them at their own offsets into a sparse copy of the file in a node-local cache keyed by the file's digest
-  (`<cache>/<digest>/model.gguf`, plus `chunks.json`, the verified chunks). The loader then opens that copy like
-  any GGUF: the header is there and every tensor it reads is there; the holes are tensors of other shards. A
-  re-plan, restart or recovery on that node reuses what is cached; an interrupted transfer resumes where it
-  stopped, because only verified chunks are recorded; a full disk is refused before the first byte (and ENOSPC
-  mid-way leaves the chunk unrecorded), never a half-written model taken as whole.
+  receives each straight into its place in a sparse copy of the file in a node-local cache keyed by the file's
+  digest (`<cache>/<digest>/model.gguf`, mapped into memory), checks it against the holder's table (a mismatch is
+  fetched once more, then refused with the chunk named), and hands the loader that copy at once: the header is
+  there and every tensor it reads is there, in the page cache; the holes are tensors of other shards. Making the
+  chunks durable (fsync, then `chunks.json`, the chunks on disk and verified) follows on a thread while the loader
+  reads (slice_cache.py `_Persister`; the load returns once it is done). A re-plan, restart or recovery on that
+  node reuses what is cached, after checking the cached chunks against the table again; an interrupted transfer
+  resumes where it stopped, because only verified chunks that reached the disk are recorded; a full disk is refused
+  before the first byte (the missing chunks' blocks are allocated up front), never a half-written model taken as
+  whole.
 
-Transport: Ray's object store (the holder returns each chunk as bytes; Ray moves them between nodes' object
-stores and pipelines several in flight). Ray's cluster is the trust boundary: whoever can call the holder can
-already run code on every node, so the holder adds no secret of its own; nothing is served on an HTTP port. With
-RAY_AUTH_MODE=token, Ray 2.60 demands the cluster's token on every RPC on this path (the actor calls and the object
-manager's Push/Pull between nodes: a Pull without it is refused, tests/runtime/test_weight_fetch.py); RAY_USE_TLS=1
-encrypts them. The token alone does not encrypt.
+Transport (weight_stream.py): the holder and every SlicePeer serve byte ranges on a TCP port of their node's
+cluster address (`socket.sendfile`), to clients that prove the server's secret by HMAC challenge-response; the
+secret and the address are handed out only over Ray (`endpoint()`), whose RPCs need the cluster's token with
+RAY_AUTH_MODE=token and are encrypted with RAY_USE_TLS=1; with RAY_USE_TLS=1 the stream is TLS too, with Ray's
+certificates. Several ranges are requested ahead on one connection. Where the stream cannot be reached (a
+firewall) or breaks, the chunks travel as Ray objects instead (the source's `read`; Ray's object manager, under the
+same token and TLS). Whatever the transport, a chunk counts only once it matches the holder's table.
 
 Peers: a node whose slice cache holds chunks of the file serves them too (`SlicePeer`, one actor per such node,
 started by the driver when another node is about to fetch); the fetcher asks the holder and the peers holding a
@@ -40,58 +45,32 @@ chunk at each end of a contiguous run (tensors of one layer sit together in llam
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
+import queue
 import re
-import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from ..scheduler.load_cost import FileLayout, TensorExtent, chunks_covering
 from ..scheduler.load_cost import shard_chunks as layout_chunks
 from ..scheduler.load_cost import shard_tensor_names  # noqa: F401 - the fetcher's rule, re-exported for its callers
+from .slice_cache import (CHUNK_HASH, ChunkTable, SliceCache, WeightFetchError, _CacheLock, _chunk_len,  # noqa: F401
+                          _Persister, _persisting, cache_root, chunk_hash, wait_persisted)
+from .weight_stream import ChunkServer, ChunkStream, Endpoint, TLSFiles
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 8 << 20  # verified unit: large enough that per-call overhead is small, small enough to resume cheaply
-COMMIT_BYTES = 64 << 20  # fsync and record the verified chunks this often (a kill re-fetches at most this much)
-COMMIT_S = 1.0  # ... or after this long, on a slow link
 IN_FLIGHT = 8  # chunks requested at once: keeps the link busy while one is verified and written
+TABLE_VERSION = 2  # sidecars of another version (1: sha256 per chunk) are computed again
 _BLOB_NAME = re.compile(r"^sha256[-:]([0-9a-f]{64})$")
-
-
-class WeightFetchError(RuntimeError):
-    """A slice could not be made present on a node; the message names the node, the file and the reason."""
-
-
-def cache_root() -> Path:
-    """Node-local cache of fetched slices (OLLAMA_DISTRIBUTED_SLICE_CACHE, else ~/.cache/ollama-distributed/slices)."""
-    env = os.environ.get("OLLAMA_DISTRIBUTED_SLICE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "ollama-distributed" / "slices"
-
-
-# ---- the holder's side -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ChunkTable:
-    """sha256 of each `chunk_bytes` piece of a file (the last one shorter), the file's own sha256 and size, and
-    where its tensor data starts (everything before is header: metadata and tensor infos)."""
-
-    digest: str
-    size: int
-    data_offset: int
-    chunk_bytes: int
-    hashes: tuple[str, ...]
-
-    def chunk_range(self, index: int) -> tuple[int, int]:
-        start = index * self.chunk_bytes
-        return start, min(start + self.chunk_bytes, self.size)
 
 
 def chunk_table(path: str | Path, chunk_bytes: int = CHUNK_BYTES, sidecar_dir: Path | None = None) -> ChunkTable:
@@ -111,7 +90,7 @@ def chunk_table(path: str | Path, chunk_bytes: int = CHUNK_BYTES, sidecar_dir: P
     with open(p, "rb") as f:
         while block := f.read(chunk_bytes):
             whole.update(block)
-            hashes.append(hashlib.sha256(block).hexdigest())
+            hashes.append(chunk_hash(block))
     digest = whole.hexdigest()
     named = _BLOB_NAME.match(p.name)
     if named and named.group(1) != digest:
@@ -123,7 +102,7 @@ def chunk_table(path: str | Path, chunk_bytes: int = CHUNK_BYTES, sidecar_dir: P
     try:
         sidecar.parent.mkdir(parents=True, exist_ok=True)
         tmp = sidecar.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dict(asdict(table), mtime_ns=st.st_mtime_ns)))
+        tmp.write_text(json.dumps(dict(asdict(table), mtime_ns=st.st_mtime_ns, version=TABLE_VERSION)))
         os.replace(tmp, sidecar)
     except OSError as e:  # a read-only home: the table is recomputed next time
         log.warning("weights: cannot keep the chunk table of %s in %s (%s)", p, sidecar, e)
@@ -140,9 +119,10 @@ def _saved_table(p: Path, chunk_bytes: int, sidecar_dir: Path | None = None) -> 
     try:
         st = p.stat()
         saved = json.loads(_sidecar(p, chunk_bytes, sidecar_dir).read_text())
-        if saved["size"] == st.st_size and saved["mtime_ns"] == st.st_mtime_ns:
+        if (saved.get("version") == TABLE_VERSION and saved["size"] == st.st_size
+                and saved["mtime_ns"] == st.st_mtime_ns):
             return ChunkTable(saved["digest"], saved["size"], saved["data_offset"], saved["chunk_bytes"],
-                              tuple(saved["hashes"]))
+                              tuple(saved["hashes"]), saved["hash_name"])
     except (OSError, ValueError, KeyError):
         pass
     return None
@@ -162,7 +142,10 @@ class WeightHolder:
         self._lock = threading.Lock()
         self._progress: dict[tuple[str, str], dict[str, Any]] = {}
         self._served = 0
+        self._paced = 0  # bytes admitted by the rate cap (ahead of _served while they are being sent)
         self._t0 = time.monotonic()
+        self._files: dict[str, str] = {}  # digest -> path: the files whose table was asked for, served by the stream
+        self._server: ChunkServer | None = None
 
     def table(self, path: str) -> ChunkTable:
         if os.path.isdir(path):
@@ -173,21 +156,41 @@ class WeightHolder:
             key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
             if key not in self._tables:
                 self._tables[key] = chunk_table(path, self.chunk_bytes)
+            self._files[self._tables[key].digest] = path
             return self._tables[key]
+
+    def endpoint(self) -> Endpoint:
+        """Where this holder's stream listens and its secret (started on first use): asked over Ray only."""
+        with self._lock:
+            if self._server is None:
+                self._server = ChunkServer(self._files.get, self._pace, self._count, _node_address(),
+                                           TLSFiles.from_env())
+            return self._server.endpoint
 
     def shard_chunks(self, path: str, layers: tuple[int, int], has_embedding: bool, has_output: bool,
                      experts: tuple[int, int] | None) -> list[int]:
         return shard_chunks(path, layers, has_embedding, has_output, experts, self.chunk_bytes)
 
     def read(self, path: str, start: int, end: int) -> bytes:
+        """The range as bytes: the Ray object-store path, taken when the stream cannot be reached."""
         with open(path, "rb") as f:
             f.seek(start)
             data = f.read(end - start)
-        with self._lock:
-            self._served += len(data)
-            due = self._t0 + self._served / self.max_bytes_per_s if self.max_bytes_per_s > 0 else 0.0
-        time.sleep(max(0.0, due - time.monotonic()))
+        self._pace(len(data))
+        self._count(len(data))
         return data
+
+    def _pace(self, n: int) -> None:
+        if self.max_bytes_per_s <= 0:
+            return
+        with self._lock:
+            self._paced += n
+            due = self._t0 + self._paced / self.max_bytes_per_s
+        time.sleep(max(0.0, due - time.monotonic()))
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self._served += n
 
     def served_bytes(self) -> int:
         return self._served
@@ -200,6 +203,20 @@ class WeightHolder:
 
     def progress(self) -> list[dict[str, Any]]:
         return sorted(self._progress.values(), key=lambda r: (r["model"], r["node"]))
+
+
+def _node_address() -> str:
+    """This node's cluster address (Ray's), where its weight stream listens; 127.0.0.1 outside Ray."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _cached_file(digest: str) -> Path:
+    return cache_root() / digest / "model.gguf"
 
 
 HOLDER_NAME = "ollama-distributed-weights"
@@ -258,14 +275,31 @@ class SlicePeer:
     def __init__(self) -> None:
         self._served = 0
         self._lock = threading.Lock()  # reads run on several of the actor's threads at once
+        self._server: ChunkServer | None = None
 
     def read(self, digest: str, start: int, end: int) -> bytes:
-        with open(cache_root() / digest / "model.gguf", "rb") as f:
+        with open(_cached_file(digest), "rb") as f:
             f.seek(start)
             data = f.read(end - start)
-        with self._lock:
-            self._served += len(data)
+        self._count(len(data))
         return data
+
+    def endpoint(self) -> Endpoint:
+        """This peer's stream (as the holder's, WeightHolder.endpoint), serving its node's slice caches."""
+        with self._lock:
+            if self._server is None:
+                self._server = ChunkServer(self._resolve, lambda n: None, self._count, _node_address(),
+                                           TLSFiles.from_env())
+            return self._server.endpoint
+
+    @staticmethod
+    def _resolve(digest: str) -> str | None:
+        path = _cached_file(digest) if _HEX64.fullmatch(digest) else None  # a digest, never a path
+        return str(path) if path is not None and path.exists() else None
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self._served += n
 
     def served_bytes(self) -> int:
         return self._served
@@ -341,85 +375,6 @@ def slice_bytes(path: str | Path, layers: tuple[int, int], has_embedding: bool, 
     return sum(layout.chunk_len(i) for i in layout_chunks(layout, layers, has_embedding, has_output, experts))
 
 
-class SliceCache:
-    """A node's copy of part of one file: `<root>/<digest>/model.gguf` (sparse, the file's full size) and
-    `chunks.json` (the chunk indices written and verified)."""
-
-    def __init__(self, table: ChunkTable, root: Path | None = None) -> None:
-        self.table = table
-        self.dir = (root or cache_root()) / table.digest
-        self.path = self.dir / "model.gguf"
-        self._record = self.dir / "chunks.json"
-
-    def present(self) -> set[int]:
-        try:
-            saved = json.loads(self._record.read_text())
-        except (OSError, ValueError):
-            return set()
-        if saved.get("chunk_bytes") != self.table.chunk_bytes or not self.path.exists():
-            return set()
-        return set(saved["chunks"])
-
-    def prepare(self, missing_bytes: int, node: str) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.dir).free
-        if missing_bytes > free:
-            raise WeightFetchError(f"node {node}: the model slice needs {missing_bytes / 1e9:.2f} GB more in "
-                                   f"{self.dir}, only {free / 1e9:.2f} GB free (set OLLAMA_DISTRIBUTED_SLICE_CACHE "
-                                   "to a larger disk)")
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        except FileExistsError:
-            return
-        try:
-            os.ftruncate(fd, self.table.size)  # sparse: holes cost no disk
-        finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    @contextlib.contextmanager
-    def writer(self, done: set[int]) -> Iterator[Callable[[int, bytes], None]]:
-        """`put(index, data)` writes a verified chunk at its offset; every COMMIT_BYTES or COMMIT_S, and on leaving
-        (also by an error), the file is fsynced and only then are its chunks added to `done` and the record: a crash or a kill
-        loses at most the chunks since the last commit, and never records a chunk the disk does not hold."""
-        fd = os.open(self.path, os.O_WRONLY)
-        unsaved: list[int] = []
-        last = [time.monotonic()]
-
-        def commit() -> None:
-            last[0] = time.monotonic()
-            if unsaved:
-                os.fsync(fd)
-                done.update(unsaved)
-                unsaved.clear()
-                tmp = self._record.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"chunk_bytes": self.table.chunk_bytes, "chunks": sorted(done)}))
-                os.replace(tmp, self._record)
-
-        def put(index: int, data: bytes) -> None:
-            os.pwrite(fd, data, index * self.table.chunk_bytes)
-            unsaved.append(index)
-            if len(unsaved) * self.table.chunk_bytes >= COMMIT_BYTES or time.monotonic() - last[0] > COMMIT_S:
-                commit()
-
-        try:
-            yield put
-        finally:
-            try:
-                commit()
-            finally:
-                os.close(fd)
-
-
 @dataclass(frozen=True)
 class LocalCopy:
     """Where a shard reads its weights on this node, and what it took to get them there."""
@@ -427,8 +382,10 @@ class LocalCopy:
     path: str
     fetched_bytes: int = 0  # moved over the network for this load
     slice_bytes: int = 0  # the chunks this shard needs (header included); 0 when the node has the file
-    seconds: float = 0.0  # the transfer: from the first chunk asked for to the last written and recorded
+    seconds: float = 0.0  # the transfer: from the first chunk asked for to the last one received and verified
     table_s: float = 0.0  # waiting for the holder's chunk table (its one pass over the file, the first time)
+    verify_s: float = 0.0  # re-checking the chunks this node's cache already held against the table
+    transport: str = ""  # "stream" (weight_stream.py), "ray" (object store: the stream was not reachable), both
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -439,7 +396,11 @@ def ensure_local(model_path: str, layers: tuple[int, int], has_embedding: bool, 
                  experts: tuple[int, int] | None = None) -> LocalCopy:
     """A path on this node holding every byte this shard reads of `model_path`: the file itself where this node
     has it, else the slice cache, completed from `holder` (a WeightHolder actor handle). `experts`: the MoE
-    experts [start, end) the shard holds (None: all)."""
+    experts [start, end) the shard holds (None: all).
+
+    Chunks the cache already held are checked against the table again (cheap with the fast hash; `verify_s`) and
+    fetched again if they changed. Fetched chunks land in the page cache through a mapping of the cache file, where
+    the loader reads them; their fsync and record follow on a thread (wait_persisted)."""
     import ray
 
     if os.path.exists(model_path):
@@ -455,76 +416,232 @@ def ensure_local(model_path: str, layers: tuple[int, int], has_embedding: bool, 
     need: list[int] = ray.get(holder.shard_chunks.remote(model_path, layers, has_embedding, has_output, experts))
     t0 = time.perf_counter()
     cache = SliceCache(table, cache_dir)
-    with cache.locked():  # shards of one node that share the file fetch it one after another, each its own part
+    lock: _CacheLock | None = cache.lock()
+    try:
         done = cache.present()
+        verify_s, cached = 0.0, [i for i in need if i in done]
+        if cached:
+            tv = time.perf_counter()
+            bad = cache.verify(cached)
+            verify_s = time.perf_counter() - tv
+            if bad:
+                log.warning("weights: %d cached chunk(s) of %s on node %s changed on disk; fetching them again",
+                            len(bad), Path(model_path).name, node)
+                done -= bad
+                cache.record(done)
         missing = [i for i in need if i not in done]
         total = sum(_chunk_len(table, i) for i in need)
         fetched = sum(_chunk_len(table, i) for i in missing)
-        cache.prepare(fetched, node)
+        cache.prepare(missing, node)
+        t0 += verify_s  # the transfer's clock starts after the re-check
+        transport = ""
         if missing:
-            _fetch(cache, missing, holder, model_path, node, done, base=total - fetched, total=total, peers=peers)
+            persister = _Persister(cache, done, lock)
+            lock = None  # the persister releases it once the last chunk is recorded
+            _persisting.append(persister)
+            try:
+                transport = _fetch(cache, missing, holder, model_path, node, persister,
+                                   base=total - fetched, total=total, peers=peers)
+            finally:
+                persister.close()
         else:
             holder.report.remote(node, Path(model_path).name, total, total, 0.0, "cached")
-    return LocalCopy(str(cache.path), fetched, total, time.perf_counter() - t0, t0 - t_table)
+    finally:
+        if lock is not None:
+            lock.release()
+    return LocalCopy(str(cache.path), fetched, total, time.perf_counter() - t0, t0 - verify_s - t_table, verify_s,
+                     transport)
 
 
-def _chunk_len(table: ChunkTable, index: int) -> int:
-    start, end = table.chunk_range(index)
-    return end - start
+class _Puller:
+    """Fetches a list of chunks from one source (the holder or a SlicePeer) into `view` (the cache file's mapping),
+    on its own thread: over the source's stream (weight_stream.py), IN_FLIGHT ranges requested ahead on one
+    connection; where the stream cannot be reached or breaks, the rest over Ray (the source's `read`). Each chunk
+    is hashed where it landed; `(index, ok, transport)` goes to `events`, then None when the list is done. A peer
+    that fails both ways reports its remaining chunks as not ok (the holder is asked for them); a holder that does
+    puts the exception."""
 
+    def __init__(self, source: Any, key: str, indices: list[int], table: ChunkTable, mm: mmap.mmap,
+                 view: memoryview, events: queue.Queue, tls: TLSFiles | None, is_peer: bool = False) -> None:
+        self.source, self.key, self.indices, self.table = source, key, indices, table
+        self.mm, self.view, self.events, self.tls, self.is_peer = mm, view, events, tls, is_peer
+        self.reported: set[int] = set()
+        self.stream: ChunkStream | None = None
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="weight-fetch", daemon=True)
+        self.thread.start()
 
-def _fetch(cache: SliceCache, indices: list[int], holder: Any, model_path: str, node: str, done: set[int],
-           base: int, total: int, peers: tuple[tuple[Any, frozenset[int]], ...] = ()) -> None:
-    """Fetch, verify and write `indices`, IN_FLIGHT at a time; a chunk whose hash does not match is asked for once
-    more (of the holder), then refused. A chunk that peers hold (SlicePeer: nodes that fetched it before) is asked
-    of the holder and those peers in turn, so the holder's link carries only a share of it; every chunk is checked
-    against the holder's table whoever sent it."""
-    import ray
+    def stop(self) -> None:
+        self.stopped = True
+        if self.stream is not None:
+            self.stream.close()  # unblocks a receive
 
-    table, name = cache.table, Path(model_path).name
-    got, t0, last_report = 0, time.perf_counter(), 0.0
-    queue = list(indices)
-    retried: set[int] = set()
-    pending: dict[Any, int] = {}
-    turn = 0
-    with cache.writer(done) as put:
-        while queue or pending:
-            while queue and len(pending) < IN_FLIGHT:
-                i = queue.pop(0)
-                start, end = table.chunk_range(i)
-                sources = [None] + [p for p, held in peers if i in held] if i not in retried else [None]
-                source = sources[turn % len(sources)]
-                turn += 1
-                ref = (holder.read.remote(model_path, start, end) if source is None
-                       else source.read.remote(table.digest, start, end))
-                pending[ref] = i
+    def _run(self) -> None:
+        import ray
+
+        try:
+            rest = self.indices
+            try:
+                endpoint = ray.get(self.source.endpoint.remote(), timeout=30)
+                self.stream = ChunkStream(endpoint, self.tls)
+            except (OSError, ray.exceptions.RayError) as exc:
+                log.warning("weights: the weight stream is not reachable (%s); chunks travel over Ray", exc)
+            if self.stream is not None:
+                try:
+                    rest = self._over_stream(self.stream)
+                finally:
+                    self.stream.close()
+            if rest and not self.stopped:
+                self._over_ray(rest)
+        except BaseException as exc:  # noqa: BLE001 - handed to the fetching thread, which raises it
+            if not self.is_peer:
+                self.events.put(exc)
+            else:
+                log.warning("weights: a peer failed to serve chunks (%s); the holder is asked for them", exc)
+                for i in self.indices:
+                    if i not in self.reported:
+                        self.events.put((i, False, ""))
+        finally:
+            self.events.put(None)
+
+    def _put(self, i: int, ok: bool, how: str) -> None:
+        self.reported.add(i)
+        self.events.put((i, ok, how))
+
+    def _over_stream(self, stream: ChunkStream) -> list[int]:
+        """Receive the chunks; returns those not received when the stream broke (to fetch over Ray)."""
+        digest, indices, sent = self.table.digest, self.indices, 0
+        for k, i in enumerate(indices):
+            if self.stopped:
+                return []
+            try:
+                while sent < len(indices) and sent - k < IN_FLIGHT:
+                    start, end = self.table.chunk_range(indices[sent])
+                    stream.request(digest, start, end - start)
+                    sent += 1
+                start, end = self.table.chunk_range(i)
+                _populate(self.mm, start, end)
+                part = self.view[start:end]
+                try:
+                    stream.receive_into(part)
+                    ok = chunk_hash(part) == self.table.hashes[i]
+                finally:
+                    part.release()
+            except OSError as exc:
+                if self.stopped:
+                    return []
+                log.warning("weights: the weight stream broke after %d of %d chunks (%s); the rest over Ray", k,
+                            len(indices), exc)
+                return indices[k:]
+            self._put(i, ok, "stream")
+        return []
+
+    def _over_ray(self, indices: list[int]) -> None:
+        import ray
+
+        queue_, pending = list(indices), {}
+        while (queue_ or pending) and not self.stopped:
+            while queue_ and len(pending) < IN_FLIGHT:
+                i = queue_.pop(0)
+                start, end = self.table.chunk_range(i)
+                pending[self.source.read.remote(self.key, start, end)] = i
             ready, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ready[0])
             data = ray.get(ready[0])
-            if hashlib.sha256(data).hexdigest() != table.hashes[i]:
-                if i in retried:
-                    raise WeightFetchError(
-                        f"node {node}: chunk {i} of {model_path} (bytes {table.chunk_range(i)[0]}-"
-                        f"{table.chunk_range(i)[1]}) does not match its sha256 from the holder's table twice: the "
-                        "holder's file changed or is corrupt; refused")
-                log.warning("weights: chunk %d of %s failed verification; fetching it again", i, name)
-                retried.add(i)
-                queue.insert(0, i)
-                continue
-            try:
-                put(i, data)
-            except OSError as e:
-                raise WeightFetchError(f"node {node}: cannot write the model slice to {cache.path}: "
-                                       f"{e.strerror}") from None
-            got += len(data)
-            now = time.perf_counter()
-            if now - last_report > 0.5 or not (queue or pending):
-                rate = got / max(now - t0, 1e-6)
-                state = "done" if not (queue or pending) else "fetching"
-                holder.report.remote(node, name, base + got, total, rate, state)
-                log.info("weights: node %s %s %.0f/%.0f MB at %.0f MB/s", node, name, (base + got) / 1e6,
-                         total / 1e6, rate / 1e6)
-                last_report = now
+            start, end = self.table.chunk_range(i)
+            ok = len(data) == end - start and chunk_hash(data) == self.table.hashes[i]
+            if ok:
+                self.view[start:end] = data
+            self._put(i, ok, "ray")
+
+
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14; Python's mmap names it from 3.13
+_populate_ok = True
+
+
+def _populate(mm: mmap.mmap, start: int, end: int) -> None:
+    """Fault the range's pages in with one call before a chunk is received into them, instead of one page fault
+    per 4 KiB inside the receive (twice the landing rate on a tmpfs cache here; bench/README.md). Skipped where the
+    kernel lacks it."""
+    global _populate_ok
+    if _populate_ok:
+        page = mmap.PAGESIZE
+        lo = start - start % page
+        try:
+            mm.madvise(_MADV_POPULATE_WRITE, lo, end - lo)
+        except (OSError, ValueError):
+            _populate_ok = False
+
+
+def _fetch(cache: SliceCache, indices: list[int], holder: Any, model_path: str, node: str, persister: _Persister,
+           base: int, total: int, peers: tuple[tuple[Any, frozenset[int]], ...] = ()) -> str:
+    """Fetch and verify `indices` into the cache file's mapping (one _Puller per source), handing each verified
+    chunk to `persister`. A chunk that peers hold (SlicePeer: nodes that fetched it before) is asked of the holder
+    and those peers in turn, so the holder's link carries only a share of it; every chunk is checked against the
+    holder's table whoever sent it, and one that does not match is asked of the holder once more, then refused.
+    Returns the transports used."""
+    table, name = cache.table, Path(model_path).name
+    tls = TLSFiles.from_env()
+    sources: list[tuple[Any, str]] = [(holder, model_path)] + [(p, table.digest) for p, _ in peers]
+    work: dict[int, list[int]] = {}
+    for turn, i in enumerate(indices):
+        holding = [0] + [k + 1 for k, (_, held) in enumerate(peers) if i in held]
+        work.setdefault(holding[turn % len(holding)], []).append(i)
+    got, t0, last_report = 0, time.perf_counter(), 0.0
+    retried: set[int] = set()
+    transports: set[str] = set()
+    fd = os.open(cache.path, os.O_RDWR)
+    mm = mmap.mmap(fd, table.size)
+    view = memoryview(mm)
+    pullers: list[_Puller] = []
+    try:
+        while work:
+            events: queue.Queue = queue.Queue()
+            pullers = [_Puller(*sources[s], idx, table, mm, view, events, tls, is_peer=s > 0)
+                       for s, idx in sorted(work.items())]
+            running, failed = len(pullers), []
+            while running:
+                ev = events.get()
+                if ev is None:
+                    running -= 1
+                    continue
+                if isinstance(ev, BaseException):
+                    raise WeightFetchError(f"node {node}: fetching {name} failed: {ev}") from ev
+                i, ok, how = ev
+                if not ok:
+                    if i in retried:
+                        raise WeightFetchError(
+                            f"node {node}: chunk {i} of {model_path} (bytes {table.chunk_range(i)[0]}-"
+                            f"{table.chunk_range(i)[1]}) does not match its {table.hash_name} hash from the holder's "
+                            "table twice: the holder's file changed or is corrupt; refused")
+                    log.warning("weights: chunk %d of %s failed verification; fetching it again", i, name)
+                    failed.append(i)
+                    continue
+                transports.add(how)
+                persister.add(i)
+                got += _chunk_len(table, i)
+                now = time.perf_counter()
+                if now - last_report > 0.5 or got == total - base:
+                    rate = got / max(now - t0, 1e-6)
+                    holder.report.remote(node, name, base + got, total, rate,
+                                         "done" if got == total - base else "fetching")
+                    log.info("weights: node %s %s %.0f/%.0f MB at %.0f MB/s", node, name, (base + got) / 1e6,
+                             total / 1e6, rate / 1e6)
+                    last_report = now
+            retried.update(failed)
+            work = {0: failed} if failed else {}  # the second try of a chunk goes to the holder
+    finally:
+        for p in pullers:
+            p.stop()
+        for p in pullers:
+            p.thread.join(timeout=30)
+        view.release()
+        try:
+            mm.close()  # the pages stay in the page cache (the loader reads them there) and reach the disk by fsync
+        except BufferError:  # a puller still holds a slice (stuck): the mapping goes with it
+            pass
+        os.close(fd)
+    return "+".join(sorted(transports))
 
 
 # ---- what the planner is told (scheduler/load_cost.py) ------------------------------------------------------------
@@ -615,7 +732,9 @@ def weight_sources(model_path: str | Path, cluster: Any, spec: Any, timeout_s: f
 def _prefetch_shard(model_path: str, layers: tuple[int, int], has_embedding: bool, has_output: bool,
                     experts: tuple[int, int] | None, holder: Any, node: str) -> dict[str, Any]:
     """Run on a node: make its slice for one shard present (ensure_local), without loading it."""
-    return ensure_local(model_path, layers, has_embedding, has_output, holder, node, experts=experts).to_dict()
+    copy = ensure_local(model_path, layers, has_embedding, has_output, holder, node, experts=experts)
+    wait_persisted()  # staged means on disk and recorded: a plan made next finds the chunks
+    return copy.to_dict()
 
 
 def prefetch(model_path: str | Path, plans: Iterable[Any], cluster: Any, poll_s: float = 0.5

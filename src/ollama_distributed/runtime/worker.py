@@ -161,7 +161,7 @@ class ShardWorker:
         from ..model.quant import kv_cache_dtype, weight_format
         from ..model.transformer import ModelShard
         from ..model.weights import drop_file_pages, load_weights, read_config
-        from .weight_fetch import ensure_local
+        from .weight_fetch import ensure_local, wait_persisted
 
         t0 = time.perf_counter()
         self.spec = ShardSpec(
@@ -181,6 +181,7 @@ class ShardWorker:
         if quant and self.device.type != "cpu":
             raise ValueError(f"--dtype {dtype} runs on CPU workers only (its kernels are CPU ones; use float16 on GPUs)")
         weights = load_weights(model_path, cfg, self.spec, torch_dtype, quant)
+        wait_persisted()  # a fetched slice reaches the disk while the weights are read; loaded means recorded too
         if self.device.type == "cuda":
             weights = {k: v.to(self.device) for k, v in weights.items()}
             # After loading (the GGUF reader builds host tensors): the KV cache, RoPE tables and index tensors
@@ -257,6 +258,7 @@ class ShardWorker:
 
         self._close_channel()
         self._samplers: dict[int, Any] = {}
+        self._fed_back: dict[int, int] = {}  # seq id -> the token it last sampled here (a step fed back uses it)
         if spec["kind"] == "shm":
             r, w = spec["req"], spec["rep"]
             self._req = ShmRing.attach(r["path"], r["slots"], r["slot_bytes"])
@@ -292,6 +294,12 @@ class ShardWorker:
                     elif kind == "free":
                         self.free(msg[1])
                         reply = ("ok", None, 0.0)
+                    elif kind == "rewind":  # steps sent ahead that the engine did not take (lookahead.py)
+                        for sid, n in msg[1].items():
+                            self.cache.rewind(sid, n)
+                            self._samplers.pop(sid, None)
+                            self._fed_back.pop(sid, None)
+                        reply = ("ok", None, 0.0)
                     else:
                         raise ValueError(f"unknown step message {kind!r}")
                 except Exception as exc:  # noqa: BLE001 - reported to the driver, which gives the plan up
@@ -306,6 +314,9 @@ class ShardWorker:
     def _serve_step(self, seq_ids: list[int], counts: list[int], tokens: list[int] | None, output: str,
                     micro_batches: int, sample: list[Any] | None) -> tuple[str, Any, float]:
         first = self.comm.layout.is_first_stage
+        if tokens is None and first:  # a step sent ahead of the last one's answer: fed with its samples, here
+            tokens = [self._fed_back[sid] for sid in seq_ids]
+            sample = [None if e is None else (e[0], [*e[1], t]) for e, t in zip(sample, tokens)]
         x = torch.tensor(tokens, dtype=torch.int64) if first else None
         out, fwd_ms = self.step(seq_ids, counts, x, output, micro_batches)
         if out is None:
@@ -332,6 +343,7 @@ class ShardWorker:
                 self._samplers[sid] = sampler
             s = self._samplers[sid]
             toks.append(s.sample(logits[row], recent))  # a grammar constraint masks, then advances, here
+            self._fed_back[sid] = toks[-1]
             if not s.options.is_greedy:
                 states[row] = s.generator.get_state().numpy()
             if getattr(s, "top_logprobs", None) is not None:
@@ -413,6 +425,7 @@ class ShardWorker:
         for sid in seq_ids:
             self.cache.free(sid)
             getattr(self, "_samplers", {}).pop(sid, None)
+            getattr(self, "_fed_back", {}).pop(sid, None)
 
     # ---- liveness and reuse ------------------------------------------------------------------------------
     def ping(self) -> int:

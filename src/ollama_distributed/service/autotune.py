@@ -43,15 +43,26 @@ def decode_trial(executor: Any, steps: int) -> tuple[float, ...]:
     return tuple(out)
 
 
-def candidates(inputs: Any, k: int) -> list[Any]:
-    """The k best-predicted distinct layouts over every strategy (fewer when fewer are feasible)."""
+def candidates(inputs: Any, k: int, sources: Any | None = None) -> list[Any]:
+    """The k best-predicted distinct layouts over every strategy (fewer when fewer are feasible). sources: which
+    nodes hold the model's weights (scheduler/load_cost.py WeightSources); each candidate then prefers them among
+    layouts within the load tolerance and carries its load costs, as every other plan does (scheduler.plan)."""
     from ..scheduler.calibration import autotune_candidates
     from ..scheduler.config import PlanConfig
+    from ..scheduler.load_cost import prefer_holders
     from ..scheduler.planner import plan_candidates
 
     profile, spec, workload = inputs
-    _, results = plan_candidates(profile, spec, workload, PlanConfig(strategy="auto"))
-    return autotune_candidates(results, k)
+    config = PlanConfig(strategy="auto")
+    cm, results = plan_candidates(profile, spec, workload, config)
+    cands = autotune_candidates(results, k)
+    if sources is None:
+        return cands
+    distinct: dict[Any, Any] = {}
+    for p in cands:  # two layouts may become one once both move to the holders
+        p = prefer_holders(p, cm, sources, config.load_tolerance)
+        distinct.setdefault(p.stages, p)
+    return list(distinct.values())
 
 
 def autotune(name: str, plans: list[Any], build: Callable[[Any], Any], steps: int,

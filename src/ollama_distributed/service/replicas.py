@@ -180,7 +180,11 @@ def place_model(manager: Any, name: str, path: Path) -> list[Any]:
     plans, inputs = plan_on(path, cluster, keep, s.strategy, manager.torch_dtype(), s.max_replicas, s.kv_cache_type)
     build = manager.builder(path)
     if len(plans) == 1 and s.autotune and s.strategy == "auto":
-        cands = tuning.candidates(inputs, s.autotune_candidates)
+        from ..runtime.recovery import weight_sources_for
+
+        # the candidates carry load costs and prefer holders as plan_on's plans do (its nodes already answered)
+        sources = weight_sources_for(path, cluster, cluster.measure(), keep)
+        cands = tuning.candidates(inputs, s.autotune_candidates, sources)
         if len(cands) > 1:
             return [tuning.autotune(name, cands, build, s.autotune_steps, manager.learning)[0]]
         log.info("autotune of %s skipped: one feasible layout", name)

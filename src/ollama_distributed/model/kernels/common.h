@@ -1,5 +1,5 @@
 // What cpu_kernels.cpp and native_kernels.cpp share: the spinning thread pool and `parallel`, and (AVX-512 builds)
-// the two-level int8 activation quantisation. Everything here is `inline` in a named namespace, not in an anonymous
+// the int8 activation quantisation. Everything here is `inline` in a named namespace, not in an anonymous
 // one, so that the pool's function-local statics exist once per process, not once per source file.
 #pragma once
 
@@ -42,7 +42,6 @@ namespace od {
 
 constexpr int64_t kGroup = 32;  // inputs per activation scale: GGUF's legacy block (QK4_0 in ggml-common.h)
 constexpr int64_t kRows = 4;    // weight rows per block: one per 128-bit lane
-constexpr int kLevels = 2;      // int8 levels per activation group (see quantize_activations)
 
 // Whether OpenMP's idle threads sleep (OMP_WAIT_POLICY=PASSIVE; libgomp reads it once, at start-up).
 inline bool openmp_sleeps() {
@@ -141,44 +140,59 @@ void parallel(int64_t n, bool worth, const F& fn) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-// x ≈ dx·(q1 + q2/256) per group: the int8 codes of x, then those of what they missed (x − dx·q1, at most dx/2,
-// in steps of dx/256). One level of int8 per group loses the small inputs of any group that holds an outlier
-// (LLM activations have a few channels 100x the rest): on SmolLM2, greedy agreement with fp32 fell from 98.8 % to
-// 93.4 % with one level (the logits' max relative error from 0.027 to 0.18). With two, x keeps ~15 bits per
-// group, and since the second scale is exactly the first / 256 both levels share one integer sum (256·s1 + s2).
-// Out: q (M·G, 2, 32) int8, dx (M·G) = the level-2 step dx/256, sx (M·G) = Σ x per group, and where `sx_half` is
+// Activations in int8 per group of 32, in LEVELS levels: x ≈ dx·q (LEVELS = 1), or x ≈ dx·(256·q1 + q2) (LEVELS = 2:
+// the codes of x, then those of what they missed, x − 256·dx·q1, at most 128·dx, in steps of dx).
+//
+// LEVELS = 1 is ggml's own activation quantisation for these types: the weight type's dot-product partner,
+// Q8_1 (ggml-quants.c quantize_row_q8_1_ref: d = amax/127, q = round(x/d), s = d·Σq) for Q4_0/Q4_1/Q5_x, Q8_0's
+// (the same d and q) for Q8_0, and Q8_K for the K-quants, whose one scale per 256 inputs we refine to one per 32
+// (never coarser than ggml's): one VPDPBUSD per 16 weights of 4 rows, as llama.cpp. The native kernels build it
+// with -DOD_ACT_LEVELS=1 (native_kernels.cpp); it is not the default: their greedy text then followed neither
+// llama.cpp's nor transformers' on 2-3 of 5 prompts (bench/README.md, issue 13).
+// LEVELS = 2 (the default, and q4_matmul's) keeps ~15 bits per group (one level loses the small inputs of a group
+// that holds an outlier: on SmolLM2 greedy agreement with fp32, teacher-forced, was 98.8 % with two levels and
+// 93.4 % with one). Both levels share one integer sum (256·s1 + s2) since the second scale is exactly the first / 256.
+// Rounding is to nearest even (the default MXCSR mode, as ggml's AVX paths' _mm256_round_ps), saturating to int8
+// (only LEVELS = 2's +128 in level 2 clips, by 1).
+// Out: q (M·G, LEVELS, 32) int8, dx (M·G) = the finest step, sx (M·G) = Σ x per group, and where `sx_half` is
 // given, (M·G, 2) = Σ x over inputs 0..15 and 16..31 of each group (Q6_K's scales are per 16). The sums are those
-// of the quantised x (step · Σ (256·q1 + q2)), as ggml-quants.c quantize_row_q8_1_ref's s = d·Σqs: a weight's
-// offset term (−dmin·m·Σx) then cancels against its code term (d·sc·Σq·x) exactly, and the result's error is
-// Σ w·(x̃ − x). With the exact float Σx instead, the error is Σ d·q·(x̃ − x): 3-5x larger for biased codes
-// (Q4_0's q − 8, Q8_0's q + 128), measured on random weights.
+// of the quantised x (step · Σ codes, as quantize_row_q8_1_ref's s = d·Σqs): a weight's offset term (−dmin·m·Σx)
+// then cancels against its code term (d·sc·Σq·x) exactly, and the result's error is Σ w·(x̃ − x). With the exact
+// float Σx instead, the error is Σ d·q·(x̃ − x): 3-5x larger for biased codes (Q4_0's q − 8, Q8_0's q + 128).
+// Where `sx_q8_1` is given (LEVELS = 1), also (M·G) = block_q8_1's s, float16(d·Σq) with d before its rounding:
+// what ggml's Q4_1 / Q5_1 dot products multiply the weights' m by (ggml_vec_dot_q4_1_q8_1).
+template <int LEVELS>
 inline void quantize_activations(const float* x, int64_t M, int64_t K, int8_t* q, float* dx, float* sx,
-                                 float* sx_half = nullptr) {
+                                 float* sx_half = nullptr, float* sx_q8_1 = nullptr) {
   const int64_t ng = K / kGroup;
   for (int64_t i = 0; i < M * ng; ++i) {
     const float* p = x + i * kGroup;
     __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
     float scale = amax / 127.f;
-    dx[i] = scale / 256.f;
-    int32_t sum_a = 0, sum_b = 0;  // Σ (256·q1 + q2) over inputs 0..15 and 16..31
-    for (int level = 0; level < kLevels; ++level) {
+    // one level: the scale as ggml stores it, float16 (block_q8_0 / block_q8_1 d), the codes from the exact one
+    dx[i] = LEVELS == 2 ? scale / 256.f : _cvtsh_ss(_cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT));
+    int32_t sum_a = 0, sum_b = 0;  // Σ codes (LEVELS = 2: Σ (256·q1 + q2)) over inputs 0..15 and 16..31
+    for (int level = 0; level < LEVELS; ++level) {
       const __m512 inv = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
-      // round to nearest even (the default MXCSR mode), saturating to int8 (only +128 in level 2 clips, by 1)
       const __m512i lo = _mm512_set1_epi32(-128), hi = _mm512_set1_epi32(127);
       const __m512i qa = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), lo), hi);
       const __m512i qb = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv)), lo), hi);
-      int8_t* out = q + (i * kLevels + level) * kGroup;
+      int8_t* out = q + (i * LEVELS + level) * kGroup;
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(qa));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtepi32_epi8(qb));
       sum_a = sum_a * 256 + _mm512_reduce_add_epi32(qa);
       sum_b = sum_b * 256 + _mm512_reduce_add_epi32(qb);
-      const __m512 vs = _mm512_set1_ps(scale);
-      a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(qa), vs, a);  // the remainder for the next level
-      b = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(qb), vs, b);
-      scale /= 256.f;
+      if (LEVELS > 1) {
+        const __m512 vs = _mm512_set1_ps(scale);
+        a = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(qa), vs, a);  // the remainder for the next level
+        b = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(qb), vs, b);
+        scale /= 256.f;
+      }
     }
     sx[i] = dx[i] * static_cast<float>(sum_a + sum_b);
+    if (sx_q8_1 != nullptr)
+      sx_q8_1[i] = _cvtsh_ss(_cvtss_sh(amax / 127.f * static_cast<float>(sum_a + sum_b), _MM_FROUND_TO_NEAREST_INT));
     if (sx_half != nullptr) {
       sx_half[2 * i] = dx[i] * static_cast<float>(sum_a);
       sx_half[2 * i + 1] = dx[i] * static_cast<float>(sum_b);
@@ -208,11 +222,13 @@ struct NativeWeights {
   int64_t ld;              // the output's row stride (n, or more when parts share an output)
   int64_t planes_count;    // P, or 8 for whole-byte codes
   bool half;               // Q6_K's per-16 scales
+  bool q8_1;               // Q4_1, Q5_1: offsets times the activations' Σ as ggml rounds it (quantize_activations)
 };
 
 // Checks a NativeMatrix's tensors (native.py's layout) and resolves them; the tensors must outlive the result.
 NativeWeights native_weights(const at::Tensor& codes, const at::Tensor& planes, const at::Tensor& d,
-                             const at::Tensor& dmin, const at::Tensor& sc, const at::Tensor& m, int64_t n);
+                             const at::Tensor& dmin, const at::Tensor& sc, const at::Tensor& m, int64_t n,
+                             bool q8_1 = false);
 
 // y[:, c_p : c_p + n_p] = x W_pᵀ for the parts p of an output-row concatenation (c_p = n_0 + … + n_(p−1); y's row
 // stride ldy): x (M, K) float32 quantised once for all parts, and one parallel pass over all parts' row blocks.

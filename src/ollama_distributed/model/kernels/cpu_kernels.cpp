@@ -26,11 +26,10 @@
 namespace {
 
 using od::kGroup;
-using od::kLevels;
+constexpr int kLevels = 2;  // int8 levels per activation group (common.h quantize_activations)
 using od::kRows;
 using od::lane_sums;
 using od::parallel;
-using od::quantize_activations;
 
 struct Operands {
   const uint8_t* codes;  // (N/4, G, 64)
@@ -124,7 +123,7 @@ torch::Tensor q4_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor d, t
   pybind11::gil_scoped_release no_gil;  // other Python threads (the server, other shards) run meanwhile
   std::vector<int8_t> xq(M * K * kLevels);
   std::vector<float> dx(M * ng), sx(M * ng);
-  quantize_activations(x.data_ptr<float>(), M, K, xq.data(), dx.data(), sx.data());
+  od::quantize_activations<kLevels>(x.data_ptr<float>(), M, K, xq.data(), dx.data(), sx.data());
   auto y = torch::empty({M, N}, x.options());
   const Operands o{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
                    reinterpret_cast<const uint16_t*>(m.data_ptr<at::Half>()), xq.data(), dx.data(), sx.data(),
@@ -545,16 +544,17 @@ class DecodePlan {
     return t.data_ptr<float>();
   }
 
-  // (codes, planes, d, dmin, sc, m, n) per part, rows adding up to `rows`, `cols` inputs each
+  // (codes, planes, d, dmin, sc, m, n[, q8_1]) per part, rows adding up to `rows`, `cols` inputs each
   std::vector<od::NativeWeights> parts(const pybind11::list& list, int64_t rows, int64_t cols) {
     std::vector<od::NativeWeights> out;
     int64_t total = 0;
     for (const auto& item : list) {
       const auto t = item.cast<pybind11::tuple>();
-      TORCH_CHECK(t.size() == 7, "a part is (codes, planes, d, dmin, sc, m, n)");
+      TORCH_CHECK(t.size() == 7 || t.size() == 8, "a part is (codes, planes, d, dmin, sc, m, n[, q8_1])");
       std::vector<torch::Tensor> ts;
       for (int i = 0; i < 6; ++i) ts.push_back(t[i].cast<torch::Tensor>());
-      out.push_back(od::native_weights(ts[0], ts[1], ts[2], ts[3], ts[4], ts[5], t[6].cast<int64_t>()));
+      out.push_back(od::native_weights(ts[0], ts[1], ts[2], ts[3], ts[4], ts[5], t[6].cast<int64_t>(),
+                                       t.size() == 8 && t[7].cast<bool>()));
       TORCH_CHECK(out.back().ng * kGroup == cols, "a part has ", out.back().ng * kGroup, " inputs, expected ", cols);
       total += out.back().n;
       keep_.insert(keep_.end(), ts.begin(), ts.end());

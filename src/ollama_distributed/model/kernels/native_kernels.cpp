@@ -15,11 +15,15 @@
 // planes (P = kBytes below): each half of 4 rows is one load, where merging 4 bit planes took ~14 instructions per
 // group and held Q8_0 at ~0.55x llama.cpp's speed.
 //
-// AVX-512 VNNI (the default build): as q4_matmul, activations in two int8 levels per group (x ≈ dx·(256·q1 + q2),
-// quantize_activations in common.h), integer group sums on VPDPBUSD, scales and offsets in float:
-//   y[n] = Σ_g d·sc·dx_g·Σ_k q·(256·q1 + q2)  −  Σ_g dmin·m·Σ_k x        (Σ_k x in float, per half for Q6_K)
-// llama.cpp quantises activations to the weight type's dot-product partner (Q8_0/Q8_1 per 32, Q8_K per 256 in
-// ggml-quants.c quantize_row_q8_K) with one int8 level; two levels keep ~15 bits (see common.h).
+// AVX-512 VNNI (the default build): activations in two int8 levels per group of 32 (x ≈ dx·xq, xq = 256·q1 + q2,
+// ~15 bits; common.h quantize_activations), integer group totals on VPDPBUSD, or for batches of 8 rows or more on
+// AMX tiles (TDPBUSD) where the CPU has them; scales and offsets in float:
+//   y[n] = Σ_g d·sc·dx_g·Σ_k q·xq  −  Σ_g dmin·m·sx_g        (sx_g = dx_g·Σ_k xq, per half for Q6_K)
+// Built with -DOD_ACT_LEVELS=1, one int8 level as ggml quantises activations for these types (Q8_1: dx = amax/127
+// stored as float16, ggml-quants.c quantize_row_q8_1_ref; Q8_0's is the same; the K-quants' Q8_K has one scale per
+// 256 where this keeps one per 32): half the integer work, llama.cpp's accuracy, not the default (bench/README.md,
+// issue 13: greedy text). Every tile computes a row the same way, so a row's value does not depend on M or on the
+// path (see `tile`).
 //
 // AVX2 (a separate build, -DOD_NATIVE_MODULE, for x86 CPUs without AVX-512): the same layout and math with
 // activations in one int16 level per group (x ≈ dx·q16, 16 bits) and VPMADDWD on codes widened to int16. Why
@@ -29,7 +33,11 @@
 // FMA-ing would take 16 conversions and 16 FMAs per 128 weights against 8 VPMADDWD.)
 #include "common.h"
 
+#include <cpuid.h>
+#include <sys/syscall.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -82,119 +90,386 @@ inline void store4(float* y, __m128 v, int64_t valid) {
 #if defined(__AVX512VNNI__)
 constexpr const char* kIsa = "avx512_vnni";
 
-struct Activations {  // quantize_activations' output
-  std::vector<int8_t> q;
-  std::vector<float> dx, sx, sx_half;
+// int8 levels per activation group (common.h quantize_activations): 2 (~15 bits) by default; -DOD_ACT_LEVELS=1 builds
+// ggml's numerics (Q8_1 / Q8_0 activations: half the integer work, llama.cpp's accuracy; bench/README.md, issue 13).
+#ifndef OD_ACT_LEVELS
+#define OD_ACT_LEVELS 2
+#endif
+constexpr int kAct = OD_ACT_LEVELS;
+static_assert(kAct == 1 || kAct == 2, "one or two activation levels");
+
+struct Activations {  // quantize_activations<kAct>'s output (common.h)
+  std::vector<int8_t> q;  // (M·G, kAct, 32)
+  std::vector<float> dx, sx, sx_half, sx_q8_1;
+  // AMX operands (amx_blocks), where `chunks` > 0: the activations in chunks of 16 rows (the last zero-padded)
+  int64_t chunks = 0;
+  std::vector<int8_t> bt;  // (chunks, G, kAct, 8, 16, 4): a B tile per group and level, row k4, bytes 4t.. = q[t, 4k4..]
+  std::vector<float> tdx, tsx, tsx_q8_1;  // (chunks, G, 16) dx; (chunks, G, H, 16) sx (H = 2: sx_half); sx_q8_1
 };
 
+// AMX int8 tiles (TDPBUSD) where the CPU has them and Linux grants the process their state; OLLAMA_DISTRIBUTED_AMX=0
+// (read once) or use_amx(False) turns them off. Batches of at least kAmxMin rows take them (amx_blocks).
+constexpr int64_t kAmxMin = 8;
+std::atomic<bool> amx_on{true};
+
+bool amx_available() {
+  static const bool ok = [] {
+    const char* env = std::getenv("OLLAMA_DISTRIBUTED_AMX");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;  // TILE, INT8
+    // Linux gives a process the 8 KB tile state only on request (Documentation/arch/x86/xstate.rst):
+    // arch_prctl(ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18), once, for all its threads.
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+}
+
 Activations quantize(const float* x, int64_t M, int64_t K, bool halves) {
-  Activations a{std::vector<int8_t>(M * K * kLevels), std::vector<float>(M * K / kGroup),
-                std::vector<float>(M * K / kGroup), std::vector<float>(halves ? 2 * M * K / kGroup : 0)};
-  quantize_activations(x, M, K, a.q.data(), a.dx.data(), a.sx.data(), halves ? a.sx_half.data() : nullptr);
+  const int64_t ng = K / kGroup;
+  Activations a{std::vector<int8_t>(M * K * kAct), std::vector<float>(M * ng), std::vector<float>(M * ng),
+                std::vector<float>(halves ? 2 * M * ng : 0), std::vector<float>(kAct == 1 ? M * ng : 0)};
+  quantize_activations<kAct>(x, M, K, a.q.data(), a.dx.data(), a.sx.data(), halves ? a.sx_half.data() : nullptr,
+                             kAct == 1 ? a.sx_q8_1.data() : nullptr);
+  if (M >= kAmxMin && amx_on.load(std::memory_order_relaxed) && amx_available()) {
+    const int64_t H = halves ? 2 : 1;
+    a.chunks = (M + 15) / 16;
+    a.bt.assign(a.chunks * ng * kAct * 512, 0);
+    a.tdx.assign(a.chunks * ng * 16, 0.f);
+    a.tsx.assign(a.chunks * ng * H * 16, 0.f);
+    a.tsx_q8_1.assign(kAct == 1 ? a.chunks * ng * 16 : 0, 0.f);
+    for (int64_t row = 0; row < M; ++row) {
+      const int64_t c = row / 16, t = row % 16;
+      for (int64_t g = 0; g < ng; ++g) {
+        const int64_t r = row * ng + g, cg = c * ng + g;
+        for (int64_t l = 0; l < kAct; ++l)
+          for (int64_t k4 = 0; k4 < 8; ++k4)
+            std::memcpy(&a.bt[(cg * kAct + l) * 512 + k4 * 64 + 4 * t], &a.q[(r * kAct + l) * kGroup + 4 * k4], 4);
+        a.tdx[cg * 16 + t] = a.dx[r];
+        if (kAct == 1) a.tsx_q8_1[cg * 16 + t] = a.sx_q8_1[r];
+        for (int64_t h = 0; h < H; ++h) a.tsx[(cg * H + h) * 16 + t] = halves ? a.sx_half[2 * r + h] : a.sx[r];
+      }
+    }
+  }
   return a;
 }
 
-// NT activation rows from t0 times NB row blocks from b0 (as q4_matmul's tile: registers for every accumulator,
-// NB > 1 for independent FMA chains). P extra bit planes; SUB: K-quant sub-scales; HALF: Q6_K's per-16 scales.
-//
-// Integer range: each int32 element sums 8 products (4 inputs of 0..15 and 4 of 16..31; 4 with HALF) of a code and
-// a two-level activation, |q·(256·q1 + q2)| ≤ 255·32640 for 8-bit codes: 8 of them are 6.7e7 < 2^31. Above 2^24
-// (8-bit codes only; 4-bit: 3.9e6, 6-bit per half: 8.2e6) the conversion to float rounds that partial sum to 24
-// bits, a relative 6e-8: far below the activations' own 2^-15 step.
-template <int P, bool SUB, bool HALF, int NT, int NB>
-inline void tile(const Weights& w, const Activations& a, float* y, int64_t t0, int64_t b0) {
-  constexpr int H = HALF ? 2 : 1;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  __m512 acc[NT][NB];
-  __m128 off[NT][NB];
-  for (int i = 0; i < NT; ++i)
-    for (int j = 0; j < NB; ++j) {
-      acc[i][j] = _mm512_setzero_ps();
-      off[i][j] = _mm_setzero_ps();
-    }
-  for (int64_t g = 0; g < w.ng; ++g) {
-    __m512i lo[NB], hi[NB];
-    __m512 scale[NB][H];
-    __m128 offset[NB][H];
-    for (int j = 0; j < NB; ++j) {
-      const int64_t at = (b0 + j) * w.ng + g;
-      if constexpr (P == kBytes) {
-        _mm_prefetch(reinterpret_cast<const char*>(w.codes + (at + kAhead) * 128), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(w.codes + (at + kAhead) * 128 + 64), _MM_HINT_T0);
-        lo[j] = _mm512_loadu_si512(w.codes + at * 128);
-        hi[j] = _mm512_loadu_si512(w.codes + at * 128 + 64);
-      } else {
-        _mm_prefetch(reinterpret_cast<const char*>(w.codes + (at + kAhead) * 64), _MM_HINT_T0);
-        const __m512i c = _mm512_loadu_si512(w.codes + at * 64);
-        lo[j] = _mm512_and_si512(c, low4);                        // inputs 0..15 of each row
-        hi[j] = _mm512_and_si512(_mm512_srli_epi16(c, 4), low4);  // inputs 16..31
-      }
-      for (int p = 0; p < (P == kBytes ? 0 : P); ++p) {  // bit 4+p where the plane's mask says so (clear: add = or)
-        const uint64_t* bits = w.planes + (at * P + p) * 2;
-        const __m512i v = _mm512_set1_epi8(static_cast<char>(16 << p));
-        lo[j] = _mm512_mask_add_epi8(lo[j], _cvtu64_mask64(bits[0]), lo[j], v);
-        hi[j] = _mm512_mask_add_epi8(hi[j], _cvtu64_mask64(bits[1]), hi[j], v);
-      }
-      __m128 s4[H];
-      group_scales<SUB, H>(w, b0 + j, g, s4, offset[j]);
-      for (int h = 0; h < H; ++h) scale[j][h] = _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(s4[h]));
-    }
-    for (int i = 0; i < NT; ++i) {
-      const int64_t r = (t0 + i) * w.ng + g;
-      const int8_t* xg = a.q.data() + r * kLevels * kGroup;
-      const __m512i xa1 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xg)));
-      const __m512i xb1 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xg + 16)));
-      const __m512i xa2 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xg + 32)));
-      const __m512i xb2 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xg + 48)));
-      const __m512 step = _mm512_set1_ps(a.dx[r]);
-      for (int j = 0; j < NB; ++j) {
-        const __m512i zero = _mm512_setzero_si512();
-        if constexpr (HALF) {  // the two halves have their own scales: two sums
-          __m512i sl = _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, lo[j], xa1), 8);
-          __m512i sh = _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, hi[j], xb1), 8);
-          sl = _mm512_dpbusd_epi32(sl, lo[j], xa2);
-          sh = _mm512_dpbusd_epi32(sh, hi[j], xb2);
-          acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sl), _mm512_mul_ps(scale[j][0], step), acc[i][j]);
-          acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sh), _mm512_mul_ps(scale[j][1], step), acc[i][j]);
-          off[i][j] = _mm_fmadd_ps(offset[j][0], _mm_set1_ps(a.sx_half[2 * r]), off[i][j]);
-          off[i][j] = _mm_fmadd_ps(offset[j][1], _mm_set1_ps(a.sx_half[2 * r + 1]), off[i][j]);
-        } else {
-          __m512i s = _mm512_dpbusd_epi32(zero, lo[j], xa1);
-          s = _mm512_slli_epi32(_mm512_dpbusd_epi32(s, hi[j], xb1), 8);  // level 1 counts 256 level-2 steps
-          s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s, lo[j], xa2), hi[j], xb2);
-          acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(scale[j][0], step), acc[i][j]);
-          off[i][j] = _mm_fmadd_ps(offset[j][0], _mm_set1_ps(a.sx[r]), off[i][j]);
-        }
-      }
-    }
-  }
-  for (int i = 0; i < NT; ++i)
-    for (int j = 0; j < NB; ++j)
-      store4(y + (t0 + i) * w.ld + (b0 + j) * kRows, _mm_sub_ps(lane_sums(acc[i][j]), off[i][j]),
-             w.n - (b0 + j) * kRows);
+// Every tile below computes each output row the same way, so a row's result does not depend on the tile that
+// computed it (M, the row's position, the thread split): per group g in order, with the group's integer dot product
+// T = Σ_k q·xq (exact in int32 and in float: |T| ≤ 255·127·32 < 2^24),
+//   acc = fma(float(T), fl(d·sc · dx), acc);  acc = fma(−dmin·m, sx, acc)    (Q6_K: both T first, then both sx)
+// and y = acc. So prefill, decode, batched decode and tensor-parallel shards give a sequence the same values. (One
+// accumulator: the offset cancels the biased codes' share group by group, so the running sum stays near y.)
+
+// Lanes' elements: e = 4r + j holds row r of block j ("by lane"); by_row() reorders them to row 4j + r and back.
+inline __m512i by_row() { return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15); }
+
+inline int64_t load64(const void* p) {
+  int64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
 }
 
-// All M activation rows against row blocks [b0, b1).
-template <int P, bool SUB, bool HALF>
-void blocks(const Weights& w, const Activations& a, float* y, int64_t M, int64_t b0, int64_t b1) {
-  if (M == 1) {  // decode: four blocks (16 rows) at a time share the activation loads
-    int64_t b = b0;
-    for (; b + 4 <= b1; b += 4) tile<P, SUB, HALF, 1, 4>(w, a, y, 0, b);
-    for (; b < b1; ++b) tile<P, SUB, HALF, 1, 1>(w, a, y, 0, b);
-    return;
+inline int32_t load32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// The group totals of 4 blocks' VPDPBUSD sums (lane r, element e: partial e of row r) -> lane r, element j: row r of
+// block j (integer adds: exact in any order).
+inline __m512i totals4(const __m512i (&s)[4]) {
+  const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(s[0], s[1]), _mm512_unpackhi_epi32(s[0], s[1]));
+  const __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2], s[3]), _mm512_unpackhi_epi32(s[2], s[3]));
+  return _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+}
+
+// One block's totals: every element of lane r = row r's.
+inline __m512i totals1(__m512i s) {
+  s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_BADC));
+  return _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_CDAB));
+}
+
+// The codes of group g of block `blk`: lo = inputs 0..15, hi = 16..31 of each row (one lane per row).
+template <int P>
+inline void load_codes(const Weights& w, int64_t blk, int64_t g, __m512i& lo, __m512i& hi) {
+  const int64_t at = blk * w.ng + g;
+  if constexpr (P == kBytes) {
+    _mm_prefetch(reinterpret_cast<const char*>(w.codes + (at + kAhead) * 128), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w.codes + (at + kAhead) * 128 + 64), _MM_HINT_T0);
+    lo = _mm512_loadu_si512(w.codes + at * 128);
+    hi = _mm512_loadu_si512(w.codes + at * 128 + 64);
+  } else {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    _mm_prefetch(reinterpret_cast<const char*>(w.codes + (at + kAhead) * 64), _MM_HINT_T0);
+    const __m512i c = _mm512_loadu_si512(w.codes + at * 64);
+    lo = _mm512_and_si512(c, low4);
+    hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), low4);
   }
-  for (int64_t b = b0; b < b1; ++b) {  // batches: four activation rows share each block's unpacked weights
-    int64_t t = 0;
-    for (; t + 4 <= M; t += 4) tile<P, SUB, HALF, 4, 1>(w, a, y, t, b);
-    switch (M - t) {
-      case 3: tile<P, SUB, HALF, 3, 1>(w, a, y, t, b); break;
-      case 2: tile<P, SUB, HALF, 2, 1>(w, a, y, t, b); break;
-      case 1: tile<P, SUB, HALF, 1, 1>(w, a, y, t, b); break;
-      default: break;
+  for (int p = 0; p < (P == kBytes ? 0 : P); ++p) {  // bit 4+p where the plane's mask says so (clear: add = or)
+    const uint64_t* bits = w.planes + (at * P + p) * 2;
+    const __m512i v = _mm512_set1_epi8(static_cast<char>(16 << p));
+    lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(bits[0]), lo, v);
+    hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(bits[1]), hi, v);
+  }
+}
+
+// d·sc and dmin·m of 4 blocks' 16 rows from b0 for group g (per half h when H = 2), by lane (see by_row).
+template <bool SUB, int H>
+inline void scales4(const Weights& w, int64_t b0, int64_t g, __m512 (&scale)[H], __m512 (&offset)[H]) {
+  const int64_t s = SUB ? g / 8 : g, stride = w.ns * kRows;
+  auto f16x16 = [&](const uint16_t* base) {
+    const uint16_t* p = base + (b0 * w.ns + s) * kRows;
+    const __m256i v = _mm256_set_epi64x(load64(p + 3 * stride), load64(p + 2 * stride), load64(p + stride), load64(p));
+    return _mm512_permutexvar_ps(by_row(), _mm512_cvtph_ps(v));
+  };
+  const __m512 d16 = f16x16(w.d), n16 = f16x16(w.dmin);
+  for (int h = 0; h < H; ++h) {
+    if constexpr (SUB) {
+      auto i8x16 = [&](const int8_t* base) {
+        const int64_t gs = w.ng * H * kRows, at = (b0 * w.ng + g) * H * kRows + h * kRows;
+        const __m128i v = _mm_set_epi32(load32(base + at + 3 * gs), load32(base + at + 2 * gs),
+                                        load32(base + at + gs), load32(base + at));
+        return _mm512_permutexvar_ps(by_row(), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)));
+      };
+      scale[h] = _mm512_mul_ps(d16, i8x16(w.sc));
+      offset[h] = _mm512_mul_ps(n16, i8x16(w.m));
+    } else {
+      scale[h] = d16;
+      offset[h] = n16;
     }
   }
 }
+
+// The same for one block: every element of lane r = row r's.
+template <bool SUB, int H>
+inline void scales1(const Weights& w, int64_t blk, int64_t g, __m512 (&scale)[H], __m512 (&offset)[H]) {
+  const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  __m128 s4[H], o4[H];
+  group_scales<SUB, H>(w, blk, g, s4, o4);
+  for (int h = 0; h < H; ++h) {
+    scale[h] = _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(s4[h]));
+    offset[h] = _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(o4[h]));
+  }
+}
+
+// NT activation rows from t0 times NB = 4 row blocks from b0 (16 rows, one accumulator register per activation row),
+// or NB = 1 block (the leftover blocks; each lane's 4 elements compute its row's value alike). P extra bit planes;
+// SUB: K-quant sub-scales; HALF: Q6_K's per-16 scales. Per group and activation row: 2 VPDPBUSD per block and level
+// (and a shift with two levels), 6 integer ops to total 16 rows, one conversion and two FMAs.
+template <int P, bool SUB, bool HALF, int NT, int NB>
+inline void tile(const Weights& w, const Activations& a, float* y, int64_t t0, int64_t b0) {
+  static_assert(NB == 1 || NB == 4, "tiles of 1 or 4 row blocks");
+  constexpr int H = HALF ? 2 : 1;
+  __m512 acc[NT];
+  for (int i = 0; i < NT; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < w.ng; ++g) {
+    __m512i lo[NB], hi[NB];
+    for (int j = 0; j < NB; ++j) load_codes<P>(w, b0 + j, g, lo[j], hi[j]);
+    __m512 scale[H], offset[H];
+    if constexpr (NB == 4) scales4<SUB, H>(w, b0, g, scale, offset);
+    else scales1<SUB, H>(w, b0, g, scale, offset);
+    for (int i = 0; i < NT; ++i) {
+      const int64_t r = (t0 + i) * w.ng + g;
+      const int8_t* xg = a.q.data() + r * kAct * kGroup;
+      const __m512i xa = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xg)));
+      const __m512i xb = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xg + 16)));
+      // level 2 (kAct = 2): the remainders, 1/256 of level 1's step; T = 256·T1 + T2 exactly in int32
+      const __m512i xa2 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xg + (kAct - 1) * 32)));
+      const __m512i xb2 = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xg + (kAct - 1) * 32 + 16)));
+      const __m512 step = _mm512_set1_ps(a.dx[r]);
+      const __m512i zero = _mm512_setzero_si512();
+      auto total = [&](const __m512i (&s)[NB]) {
+        if constexpr (NB == 4) return totals4(s);
+        else return totals1(s[0]);
+      };
+      if constexpr (HALF) {  // the two halves have their own scales: two totals
+        __m512i sl[NB], sh[NB];
+        for (int j = 0; j < NB; ++j) {
+          sl[j] = _mm512_dpbusd_epi32(zero, lo[j], xa);
+          sh[j] = _mm512_dpbusd_epi32(zero, hi[j], xb);
+          if constexpr (kAct == 2) {
+            sl[j] = _mm512_dpbusd_epi32(_mm512_slli_epi32(sl[j], 8), lo[j], xa2);
+            sh[j] = _mm512_dpbusd_epi32(_mm512_slli_epi32(sh[j], 8), hi[j], xb2);
+          }
+        }
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total(sl)), _mm512_mul_ps(scale[0], step), acc[i]);
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total(sh)), _mm512_mul_ps(scale[HALF ? 1 : 0], step), acc[i]);
+        acc[i] = _mm512_fnmadd_ps(offset[0], _mm512_set1_ps(a.sx_half[2 * r]), acc[i]);
+        acc[i] = _mm512_fnmadd_ps(offset[HALF ? 1 : 0], _mm512_set1_ps(a.sx_half[2 * r + 1]), acc[i]);
+      } else {
+        __m512i s[NB];
+        for (int j = 0; j < NB; ++j) {
+          s[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[j], xa), hi[j], xb);
+          if constexpr (kAct == 2)
+            s[j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(s[j], 8), lo[j], xa2), hi[j], xb2);
+        }
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total(s)), _mm512_mul_ps(scale[0], step), acc[i]);
+        acc[i] = _mm512_fnmadd_ps(offset[0], _mm512_set1_ps(kAct == 1 && w.q8_1 ? a.sx_q8_1[r] : a.sx[r]), acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < NT; ++i) {
+    float* out = y + (t0 + i) * w.ld + b0 * kRows;
+    const __m512 v = acc[i];
+    if constexpr (NB == 4) {
+      const int64_t valid = std::min<int64_t>(16, w.n - b0 * kRows);
+      _mm512_mask_storeu_ps(out, static_cast<__mmask16>((1u << valid) - 1), _mm512_permutexvar_ps(by_row(), v));
+    } else {
+      const __m512i first = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+      store4(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(first, v)), w.n - b0 * kRows);
+    }
+  }
+}
+
+// All M activation rows against row blocks [b0, b1): four blocks (16 rows) at a time share each activation load,
+// and up to four activation rows share each group's unpacked codes.
+template <int P, bool SUB, bool HALF, int NB>
+void rows_of(const Weights& w, const Activations& a, float* y, int64_t M, int64_t b) {
+  int64_t t = 0;
+  for (; t + 4 <= M; t += 4) tile<P, SUB, HALF, 4, NB>(w, a, y, t, b);
+  switch (M - t) {
+    case 3: tile<P, SUB, HALF, 3, NB>(w, a, y, t, b); break;
+    case 2: tile<P, SUB, HALF, 2, NB>(w, a, y, t, b); break;
+    case 1: tile<P, SUB, HALF, 1, NB>(w, a, y, t, b); break;
+    default: break;
+  }
+}
+
+template <int P, bool SUB, bool HALF>
+void amx_blocks(const Weights& w, const Activations& a, float* y, int64_t M, int64_t b0, int64_t b1);
+
+template <int P, bool SUB, bool HALF>
+void blocks(const Weights& w, const Activations& a, float* y, int64_t M, int64_t b0, int64_t b1) {
+  if (a.chunks > 0) return amx_blocks<P, SUB, HALF>(w, a, y, M, b0, b1);
+  int64_t b = b0;
+  for (; b + 4 <= b1; b += 4) rows_of<P, SUB, HALF, 4>(w, a, y, M, b);
+  for (; b < b1; ++b) rows_of<P, SUB, HALF, 1>(w, a, y, M, b);
+}
+
+// All M activation rows against row blocks [b0, b1) on AMX (Intel's Advanced Matrix Extensions: 8 tile registers
+// of up to 16 rows × 64 bytes; TDPBUSD C += A·B over u8 A and s8 B in int32): per group, 4 row blocks' codes become
+// an A tile of 16 weight rows × 32 inputs, the activations' B tile (Activations::bt) holds 16 activation rows, and
+// one TDPBUSD gives all 256 group totals T, exact as VPDPBUSD's. The scales then apply per (weight row, activation
+// row) as in `tile`, in the same order with the same roundings, so every value equals the VPDPBUSD path's bit for
+// bit (tests/model/test_native.py checks). Q6_K's halves: two A tiles of 16 inputs and two C tiles.
+// What 16 rows cost here per group and 16 weight rows: 1 TDPBUSD (16 × 16 × 32 products) and ~5 vector
+// instructions per weight row for the scales, against 16 × ~20 on VPDPBUSD. (llama.cpp's ggml-cpu/amx/mmq.cpp
+// multiplies its quantised types on TDPBUSD the same way, per 32-input block with float scales after.)
+struct TileConfig {  // the LDTILECFG operand (Intel SDM vol. 2, LDTILECFG): palette 1
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tile registers (macros: the intrinsics paste the register's number into their assembly)
+#define kC 0
+#define kAlo 1
+#define kBlo 2
+#define kAhi 3
+#define kBhi 4
+#define kC2 5
+#define kA 6
+#define kB 7
+
+template <int P, bool SUB, bool HALF>
+void amx_blocks(const Weights& w, const Activations& a, float* y, int64_t M, int64_t b0, int64_t b1) {
+  constexpr int H = HALF ? 2 : 1;
+  TileConfig cfg;
+  auto shape = [&](int t, int rows, int colsb) { cfg.rows[t] = static_cast<uint8_t>(rows); cfg.colsb[t] = static_cast<uint16_t>(colsb); };
+  shape(kC, 16, 64);  // 16 weight rows × 16 activation rows of int32
+  shape(kC2, 16, 64);
+  shape(kA, 16, 32);  // 16 weight rows × 32 codes
+  shape(kB, 8, 64);   // 32 inputs / 4 × 16 activation rows × 4
+  shape(kAlo, 16, 16);
+  shape(kAhi, 16, 16);
+  shape(kBlo, 4, 64);
+  shape(kBhi, 4, 64);
+  _tile_loadconfig(&cfg);
+  alignas(64) uint8_t abuf[2][16 * 32];
+  alignas(64) int32_t cbuf[kAct][2][16 * 16];  // [level][half]
+  alignas(64) float scale[H][16], offset[H][16], out[16][16];
+  const __m512i rows01 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), rows23 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  for (int64_t b = b0; b < b1; b += 4) {
+    const int64_t nbk = std::min<int64_t>(4, b1 - b);
+    for (int64_t c = 0; c < a.chunks; ++c) {
+      __m512 acc[16];
+      for (int n = 0; n < 16; ++n) acc[n] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < w.ng; ++g) {
+        for (int j = 0; j < 4; ++j) {
+          __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+          __m128 s4[H], o4[H];
+          if (j < nbk) {
+            load_codes<P>(w, b + j, g, lo, hi);
+            group_scales<SUB, H>(w, b + j, g, s4, o4);
+          } else {
+            for (int h = 0; h < H; ++h) s4[h] = o4[h] = _mm_setzero_ps();
+          }
+          for (int h = 0; h < H; ++h) {
+            _mm_store_ps(scale[h] + 4 * j, s4[h]);
+            _mm_store_ps(offset[h] + 4 * j, o4[h]);
+          }
+          if constexpr (HALF) {  // lane r = row 4j + r's 16 codes: the A tiles' rows as they lie
+            _mm512_store_si512(abuf[0] + 64 * j, lo);
+            _mm512_store_si512(abuf[1] + 64 * j, hi);
+          } else {  // row 4j + r = lo's lane r, then hi's
+            _mm512_store_si512(abuf[0] + 128 * j, _mm512_permutex2var_epi64(lo, rows01, hi));
+            _mm512_store_si512(abuf[0] + 128 * j + 64, _mm512_permutex2var_epi64(lo, rows23, hi));
+          }
+        }
+        const int64_t cg = c * w.ng + g;
+        if constexpr (HALF) {
+          _tile_loadd(kAlo, abuf[0], 16);
+          _tile_loadd(kAhi, abuf[1], 16);
+        } else {
+          _tile_loadd(kA, abuf[0], 32);
+        }
+        for (int l = 0; l < kAct; ++l) {
+          const int8_t* bt = a.bt.data() + (cg * kAct + l) * 512;
+          if constexpr (HALF) {
+            _tile_zero(kC);
+            _tile_zero(kC2);
+            _tile_loadd(kBlo, bt, 64);
+            _tile_loadd(kBhi, bt + 256, 64);
+            _tile_dpbusd(kC, kAlo, kBlo);
+            _tile_dpbusd(kC2, kAhi, kBhi);
+            _tile_stored(kC, cbuf[l][0], 64);
+            _tile_stored(kC2, cbuf[l][1], 64);
+          } else {
+            _tile_zero(kC);
+            _tile_loadd(kB, bt, 64);
+            _tile_dpbusd(kC, kA, kB);
+            _tile_stored(kC, cbuf[l][0], 64);
+          }
+        }
+        const __m512 step = _mm512_loadu_ps(a.tdx.data() + cg * 16);
+        const float* sums = kAct == 1 && w.q8_1 ? a.tsx_q8_1.data() + cg * 16 : a.tsx.data() + cg * H * 16;
+        for (int n = 0; n < 16; ++n) {
+          for (int h = 0; h < H; ++h) {
+            __m512i t = _mm512_load_si512(cbuf[0][h] + 16 * n);
+            if constexpr (kAct == 2) t = _mm512_add_epi32(_mm512_slli_epi32(t, 8), _mm512_load_si512(cbuf[kAct - 1][h] + 16 * n));
+            acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(_mm512_set1_ps(scale[h][n]), step), acc[n]);
+          }
+          for (int h = 0; h < H; ++h)
+            acc[n] = _mm512_fnmadd_ps(_mm512_set1_ps(offset[h][n]), _mm512_loadu_ps(sums + h * 16), acc[n]);
+        }
+      }
+      for (int n = 0; n < 16; ++n) _mm512_store_ps(out[n], acc[n]);
+      const int64_t rows = std::min<int64_t>(16, w.n - b * kRows), tokens = std::min<int64_t>(16, M - 16 * c);
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t n = 0; n < rows; ++n) y[(16 * c + t) * w.ld + b * kRows + n] = out[n][t];
+    }
+  }
+  _tile_release();
+}
+#undef kC
+#undef kAlo
+#undef kBlo
+#undef kAhi
+#undef kBhi
+#undef kC2
+#undef kA
+#undef kB
 
 #else  // AVX2 + FMA + F16C
 constexpr const char* kIsa = "avx2";
@@ -354,7 +629,8 @@ BlocksFn pick(int64_t planes, bool sub, bool half) {
 }
 
 Weights check_weights(const torch::Tensor& codes, const torch::Tensor& planes, const torch::Tensor& d,
-                      const torch::Tensor& dmin, const torch::Tensor& sc, const torch::Tensor& m, int64_t n) {
+                      const torch::Tensor& dmin, const torch::Tensor& sc, const torch::Tensor& m, int64_t n,
+                      bool q8_1) {
   TORCH_CHECK(codes.dim() == 3 && (codes.size(2) == 64 || codes.size(2) == 128) && codes.scalar_type() == torch::kUInt8 &&
               codes.is_contiguous(), "codes: contiguous uint8 (N/4, G, 64), or (N/4, G, 128) whole bytes");
   const int64_t nb = codes.size(0), ng = codes.size(1);
@@ -379,7 +655,8 @@ Weights check_weights(const torch::Tensor& codes, const torch::Tensor& planes, c
   return Weights{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint64_t*>(planes.data_ptr<int64_t>()),
                  reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
                  reinterpret_cast<const uint16_t*>(dmin.data_ptr<at::Half>()),
-                 sub ? sc.data_ptr<int8_t>() : nullptr, sub ? m.data_ptr<int8_t>() : nullptr, ng, ns, n, n, P, half};
+                 sub ? sc.data_ptr<int8_t>() : nullptr, sub ? m.data_ptr<int8_t>() : nullptr, ng, ns, n, n, P, half,
+                 q8_1 && !sub};
 }
 
 // Row blocks [b0, b1) of every part, with M activation rows quantised once (`a`).
@@ -399,9 +676,9 @@ void part_blocks(const Weights* parts, int64_t count, const Activations& a, floa
 }
 
 torch::Tensor qmatmul(torch::Tensor x, torch::Tensor codes, torch::Tensor planes, torch::Tensor d, torch::Tensor dmin,
-                      torch::Tensor sc, torch::Tensor m, int64_t n) {
+                      torch::Tensor sc, torch::Tensor m, int64_t n, bool q8_1) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 (M, K)");
-  const Weights w = check_weights(codes, planes, d, dmin, sc, m, n);
+  const Weights w = check_weights(codes, planes, d, dmin, sc, m, n, q8_1);
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K == w.ng * kGroup, "x has ", K, " columns, weights ", w.ng * kGroup);
   auto y = torch::empty({M, n}, x.options());
@@ -415,9 +692,9 @@ torch::Tensor qmatmul(torch::Tensor x, torch::Tensor codes, torch::Tensor planes
 // Rows `idx` of W as float32 (embedding lookups), each weight as (d·sc)·q − dmin·m in float32: the same operations
 // as gguf-py's dequantize_blocks (and ggml-quants.c dequantize_row_*), so the values are identical to theirs.
 torch::Tensor dequant_rows(torch::Tensor idx, torch::Tensor codes, torch::Tensor planes, torch::Tensor d,
-                           torch::Tensor dmin, torch::Tensor sc, torch::Tensor m, int64_t n) {
+                           torch::Tensor dmin, torch::Tensor sc, torch::Tensor m, int64_t n, bool /*q8_1*/) {
   TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == torch::kInt64 && idx.is_contiguous(), "idx: contiguous int64 (L,)");
-  const Weights w = check_weights(codes, planes, d, dmin, sc, m, n);
+  const Weights w = check_weights(codes, planes, d, dmin, sc, m, n, false);
   const int64_t L = idx.size(0), K = w.ng * kGroup, P = w.planes_count == kBytes ? 0 : w.planes_count, H = sc.dim() == 4 ? 2 : 1;
   const bool bytes = w.planes_count == kBytes;
   const int64_t* ip = idx.data_ptr<int64_t>();
@@ -453,8 +730,8 @@ torch::Tensor dequant_rows(torch::Tensor idx, torch::Tensor codes, torch::Tensor
 }  // namespace
 
 NativeWeights native_weights(const at::Tensor& codes, const at::Tensor& planes, const at::Tensor& d,
-                             const at::Tensor& dmin, const at::Tensor& sc, const at::Tensor& m, int64_t n) {
-  return check_weights(codes, planes, d, dmin, sc, m, n);
+                             const at::Tensor& dmin, const at::Tensor& sc, const at::Tensor& m, int64_t n, bool q8_1) {
+  return check_weights(codes, planes, d, dmin, sc, m, n, q8_1);
 }
 
 void native_matmul(const NativeWeights* parts, int64_t count, const float* x, int64_t M, float* y, int64_t ldy) {
@@ -473,9 +750,18 @@ void native_matmul(const NativeWeights* parts, int64_t count, const float* x, in
 }
 
 void register_native(pybind11::module_& mod) {
-  mod.def("qmatmul", &qmatmul, "Y = X W^T, W in native.py's layout of a GGUF type (codes, planes, d, dmin, sc, m), n rows");
-  mod.def("dequant_rows", &dequant_rows, "rows idx of W as float32");
+  namespace py = pybind11;
+  mod.def("qmatmul", &qmatmul, "Y = X W^T, W in native.py's layout of a GGUF type (codes, planes, d, dmin, sc, m), n rows; "
+          "q8_1: Q4_1/Q5_1 (offsets times ggml's block_q8_1 s)", py::arg("x"), py::arg("codes"), py::arg("planes"),
+          py::arg("d"), py::arg("dmin"), py::arg("sc"), py::arg("m"), py::arg("n"), py::arg("q8_1") = false);
+  mod.def("dequant_rows", &dequant_rows, "rows idx of W as float32", py::arg("idx"), py::arg("codes"), py::arg("planes"),
+          py::arg("d"), py::arg("dmin"), py::arg("sc"), py::arg("m"), py::arg("n"), py::arg("q8_1") = false);
   mod.attr("native_isa") = kIsa;
+#if defined(__AVX512VNNI__)
+  mod.attr("act_levels") = kAct;
+  // use_amx(on) -> whether batches now run on AMX tiles (tests and benches compare both paths)
+  mod.def("use_amx", [](bool on) { amx_on = on; return on && amx_available(); }, "AMX tiles for batches on/off");
+#endif
 }
 
 }  // namespace od
