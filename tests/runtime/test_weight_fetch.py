@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -258,6 +259,21 @@ def _load(worker, path: Path, cfg, holder):
     return worker.load.remote(str(path), spec, "auto", 64, None, holder)
 
 
+def _fetched_once(cluster, model_store: Path, node_cache: Path) -> tuple[Any, str, set[int]]:
+    """Load the second stage once on the node without the file (its slice lands in its cache), end that worker;
+    (config, file digest, cached chunks)."""
+    import ray
+
+    from ollama_distributed.runtime.weight_fetch import holder_actor
+
+    cfg = read_config(model_store)
+    digest = hashlib.sha256(model_store.read_bytes()).hexdigest()
+    worker = _worker(cluster, NODE)
+    ray.get(_load(worker, model_store, cfg, holder_actor()), timeout=120)
+    ray.kill(worker)
+    return cfg, digest, _cached_chunks(node_cache, digest)
+
+
 def test_expert_parallel_shard_fetches_only_its_experts(ray_cluster, nofile_node, model_store) -> None:
     """A qwen3moe plan with experts split 3 + 5 over node0 and the node without the file: the node fetches only its
     experts' runs of each stacked expert tensor, and the plan's greedy tokens equal the in-process engine's."""
@@ -366,12 +382,8 @@ def test_a_cached_chunk_that_changed_on_disk_is_fetched_again(ray_cluster, nofil
 
     from ollama_distributed.runtime.weight_fetch import HOLDER_NAME, holder_actor
 
-    cfg = read_config(model_store)
-    digest = hashlib.sha256(model_store.read_bytes()).hexdigest()
-    worker = _worker(ray_cluster, NODE)
-    ray.get(_load(worker, model_store, cfg, holder_actor()), timeout=120)
-    ray.kill(worker)
-    cached = sorted(_cached_chunks(node_cache, digest))
+    cfg, digest, cached = _fetched_once(ray_cluster, model_store, node_cache)
+    cached = sorted(cached)
     victim = cached[len(cached) // 2]
     with open(node_cache / digest / "model.gguf", "r+b") as f:  # the test shares the node's disk
         f.seek(victim * CHUNK + 7)
@@ -714,12 +726,8 @@ def test_a_peer_that_cannot_serve_leaves_its_chunks_to_the_holder(ray_cluster, n
 
     from ollama_distributed.runtime.weight_fetch import HOLDER_NAME, Peered, holder_actor, peer_actor
 
-    cfg = read_config(model_store)
-    digest = hashlib.sha256(model_store.read_bytes()).hexdigest()
-    worker = _worker(ray_cluster, NODE)
-    ray.get(_load(worker, model_store, cfg, holder_actor()), timeout=120)
-    ray.kill(worker)
-    cached = frozenset(_cached_chunks(node_cache, digest))
+    cfg, digest, cached = _fetched_once(ray_cluster, model_store, node_cache)
+    cached = frozenset(cached)
     shutil.rmtree(node_cache / digest)  # gone after the planner was told
     ray.get(_clear_cache_on(ray_cluster, NODE2, digest))
     holder = ray.get_actor(HOLDER_NAME)
