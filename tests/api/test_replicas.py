@@ -84,7 +84,11 @@ def test_fast_replica_serves_the_larger_share_outputs_identical(replica_server, 
     served0 = [r["served"] for r in before["engine"]["replicas"]]
 
     def one(i: int) -> tuple[str, str]:
-        time.sleep(0.05 * i)  # requests arrive over time, so the router sees speeds and queues evolve
+        # the first 4 arrive together, so the fast replica is busy when the second comes and the router must use
+        # the slow one (unmeasured, assumed as fast as the known one); the rest arrive over time, so it sees speeds
+        # and queues evolve. (Staggered from the first, a fast replica that finishes each request within the 50 ms
+        # gap takes them all: the slow one is never measured.)
+        time.sleep(0.05 * max(0, i - 3))
         p = PROMPTS[i % len(PROMPTS)]
         return p, _generate(srv.url, p)["response"]
 
