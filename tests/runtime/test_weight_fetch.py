@@ -274,6 +274,17 @@ def _fetched_once(cluster, model_store: Path, node_cache: Path) -> tuple[Any, st
     return cfg, digest, _cached_chunks(node_cache, digest)
 
 
+def _second_stage_on_node2(cluster, cfg, model_store: Path) -> tuple[list[int], dict[str, Any]]:
+    """A PP=2 plan with its second stage on the second node without the file: its greedy tokens and what that
+    stage's node fetched (placement's weights_fetched)."""
+    ex = RayExecutor(uniform_plan(cfg, [["node0"], [NODE2]], "tiny"), model_store, cluster, max_seq_len=64)
+    try:
+        tokens, _ = _greedy(ex, [1, 17, 42, 99, 7], 8)
+        return tokens, ex.placement()["stages"][1]["shards"][0]["weights_fetched"]
+    finally:
+        ex.close()
+
+
 def test_expert_parallel_shard_fetches_only_its_experts(ray_cluster, nofile_node, model_store) -> None:
     """A qwen3moe plan with experts split 3 + 5 over node0 and the node without the file: the node fetches only its
     experts' runs of each stacked expert tensor, and the plan's greedy tokens equal the in-process engine's."""
@@ -651,23 +662,15 @@ def test_a_node_that_fetched_a_slice_serves_it_to_the_next(ray_cluster, nofile_n
     the in-process engine's."""
     import ray
 
-    from ollama_distributed.runtime.weight_fetch import HOLDER_NAME, holder_actor, peer_actor
+    from ollama_distributed.runtime.weight_fetch import HOLDER_NAME, peer_actor
 
-    cfg = read_config(model_store)
-    worker = _worker(ray_cluster, NODE)
-    ray.get(_load(worker, model_store, cfg, holder_actor()), timeout=120)  # the first node holds the slice
-    ray.kill(worker)
+    cfg, _, _ = _fetched_once(ray_cluster, model_store, node_cache)  # the first node holds the slice
     ref = LocalExecutor(model_store, max_seq_len=64)
     ref_tokens, _ = _greedy(ref, [1, 17, 42, 99, 7], 8)
     ref.close()
     holder = ray.get_actor(HOLDER_NAME)
     served = ray.get(holder.served_bytes.remote())
-    ex = RayExecutor(uniform_plan(cfg, [["node0"], [NODE2]], "tiny"), model_store, ray_cluster, max_seq_len=64)
-    try:
-        tokens, _ = _greedy(ex, [1, 17, 42, 99, 7], 8)
-        fetched = ex.placement()["stages"][1]["shards"][0]["weights_fetched"]
-    finally:
-        ex.close()
+    tokens, fetched = _second_stage_on_node2(ray_cluster, cfg, model_store)
     assert tokens == ref_tokens
     from_holder = ray.get(holder.served_bytes.remote()) - served
     from_peer = ray.get(peer_actor(ray_cluster.node_id(NODE)).served_bytes.remote())
@@ -683,14 +686,9 @@ def test_a_peer_sending_a_bad_chunk_is_caught_and_the_holder_asked(ray_cluster, 
     equals the in-process engine's, its cache byte for byte the holder's file."""
     import ray
 
-    from ollama_distributed.runtime.weight_fetch import HOLDER_NAME, holder_actor, peer_actor
+    from ollama_distributed.runtime.weight_fetch import HOLDER_NAME, peer_actor
 
-    cfg = read_config(model_store)
-    digest = hashlib.sha256(model_store.read_bytes()).hexdigest()
-    worker = _worker(ray_cluster, NODE)
-    ray.get(_load(worker, model_store, cfg, holder_actor()), timeout=120)
-    ray.kill(worker)
-    cached = _cached_chunks(node_cache, digest)
+    cfg, digest, cached = _fetched_once(ray_cluster, model_store, node_cache)
     with open(node_cache / digest / "model.gguf", "r+b") as f:  # the test shares the node's disk
         for i in cached:
             f.seek(i * CHUNK)
@@ -704,12 +702,7 @@ def test_a_peer_sending_a_bad_chunk_is_caught_and_the_holder_asked(ray_cluster, 
     holder = ray.get_actor(HOLDER_NAME)
     peer = peer_actor(ray_cluster.node_id(NODE))
     served, peer_served = ray.get(holder.served_bytes.remote()), ray.get(peer.served_bytes.remote())
-    ex = RayExecutor(uniform_plan(cfg, [["node0"], [NODE2]], "tiny"), model_store, ray_cluster, max_seq_len=64)
-    try:
-        tokens, _ = _greedy(ex, [1, 17, 42, 99, 7], 8)
-        fetched = ex.placement()["stages"][1]["shards"][0]["weights_fetched"]
-    finally:
-        ex.close()
+    tokens, fetched = _second_stage_on_node2(ray_cluster, cfg, model_store)
     assert tokens == ref_tokens
     from_holder = ray.get(holder.served_bytes.remote()) - served
     from_peer = ray.get(peer.served_bytes.remote()) - peer_served
