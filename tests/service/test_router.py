@@ -71,6 +71,23 @@ def test_equal_replicas_share_and_full_replica_is_skipped(tiny_gguf: Path) -> No
         router.close()
 
 
+def test_idle_unmeasured_replica_wins_the_tie(tiny_gguf: Path) -> None:
+    """Requests that each finish before the next arrives: the measured replica is idle every time, its score
+    ties with the unmeasured one's (whose speed is the measured mean), and the unmeasured one is tried first."""
+    tok = Tokenizer.from_gguf(tiny_gguf)
+    engines = [InferenceEngine(LocalExecutor(tiny_gguf), tok, name=n) for n in ("a", "b")]
+    router = ReplicaRouter(engines, RouterConfig(sample_s=0.01))
+    try:
+        router.submit(_req(tok, PROMPTS[0], 16)).result(timeout=60)
+        first = router.stats()["replicas"]
+        assert [s["served"] for s in first] == [1, 0]  # neither measured: index order
+        assert first[0]["ema_tokens_per_s"] is not None and first[1]["ema_tokens_per_s"] is None, first
+        router.submit(_req(tok, PROMPTS[1], 16)).result(timeout=60)
+        assert [s["served"] for s in router.stats()["replicas"]] == [1, 1]
+    finally:
+        router.close()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_replicas_on_a_real_cluster_one_slowed(tiny_gguf: Path, ray_cluster) -> None:

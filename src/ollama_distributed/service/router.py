@@ -10,7 +10,8 @@ outstanding_work: the work of the replica's live requests in decode-token equiva
   latter weighted by `prefill_weight` (a prefilled token costs a fraction of a decoded one: it shares a GEMM).
 speed: the replica's measured throughput in tokens/s, an exponential moving average (`alpha`) of tokens emitted
   per second over intervals of at least `sample_s` during which it had work. A replica not measured yet is
-  assumed as fast as the mean of the measured ones (1 token/s when none is), so new replicas get traffic.
+  assumed as fast as the mean of the measured ones (1 token/s when none is), and wins a tie, so new replicas
+  get traffic.
 This is "least outstanding requests" load balancing (Envoy's LEAST_REQUEST, NGINX's least_conn) with the request
 count replaced by token work and divided by speed, so a replica half as fast gets about half the share.
 
@@ -252,10 +253,12 @@ class ReplicaRouter:
         with self._lock:
             known = [r.ema_tps for r in self.replicas if r.ema_tps]
             prior = sum(known) / len(known) if known else 1.0
-            scored = [((r.outstanding(self.router_config.prefill_weight) + w) / (r.ema_tps or prior), r.index, r)
-                      for r in self.replicas]
-        scored.sort(key=lambda x: (x[0], x[1]))
-        return [r for _, _, r in scored]
+            # on a tie (idle replicas, one not measured yet: its speed is the prior), the unmeasured one first, so
+            # it is measured even when the known one finishes each request before the next arrives
+            scored = [((r.outstanding(self.router_config.prefill_weight) + w) / (r.ema_tps or prior),
+                       r.ema_tps is not None, r.index, r) for r in self.replicas]
+        scored.sort(key=lambda x: x[:3])
+        return [x[3] for x in scored]
 
     def _track(self, rep: ReplicaState, handle: Any, request: Any, work: tuple[int, float]) -> None:
         with self._lock:
