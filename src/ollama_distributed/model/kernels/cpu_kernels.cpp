@@ -259,6 +259,13 @@ void attend_group(const float* qs, const E* kh, const E* vh, int64_t T, int64_t 
   constexpr int64_t D = 16 * CH;
   int64_t j = 0;
   for (; j + kMax <= G; j += kMax) attend_heads<E, CH, kMax>(qs + j * D, kh, vh, T, p, out + j * D);
+  // the rest together too (SmolLM2's G = 3 < kMax = 4 went one head at a time: its keys read three times)
+  if constexpr (kMax >= 4) {
+    if (G - j == 3) return attend_heads<E, CH, 3>(qs + j * D, kh, vh, T, p, out + j * D);
+  }
+  if constexpr (kMax >= 3) {
+    if (G - j == 2) return attend_heads<E, CH, 2>(qs + j * D, kh, vh, T, p, out + j * D);
+  }
   for (; j < G; ++j) attend_heads<E, CH, 1>(qs + j * D, kh, vh, T, p, out + j * D);
 }
 
