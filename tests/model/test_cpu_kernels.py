@@ -58,13 +58,14 @@ def test_rms_norm_matches_torch(m):
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads,kv,hd", [(9, 3, 64), (8, 4, 64), (12, 2, 64), (14, 2, 64), (8, 2, 128)])
 def test_attend_cached_matches_sdpa_per_sequence(cache_dtype, heads, kv, hd):
-    """Sequences of 1, 7 and 400 cached positions in scattered slots of one layer's cache (400 keys x 3 queries
-    x 64 dims takes the multi-threaded branch), in a float32 or float16 cache (Ollama's default KV type).
+    """Sequences of 1, 7 and 405 cached positions in scattered slots of one layer's cache (405 keys x 3 queries
+    x 64 dims takes the multi-threaded branch; keys 16 at a time, then 5 one by one), in a float32 or float16 cache
+    (Ollama's default KV type).
     Query heads per KV head: 3 (SmolLM2), 2, 6 and 7 (a group of 4 heads, then the rest together), 4 at 128 dims."""
     g = torch.Generator().manual_seed(5)
     cache_k = torch.randn(6, kv, 512, hd, generator=g).to(cache_dtype)  # (slots, kv, capacity, hd): one layer
     cache_v = torch.randn(6, kv, 512, hd, generator=g).to(cache_dtype)
-    slots, lengths = torch.tensor([4, 0, 2]), torch.tensor([1, 7, 400])
+    slots, lengths = torch.tensor([4, 0, 2]), torch.tensor([1, 7, 405])
     q = torch.randn(3, heads, hd, generator=g)
     got = cpu_kernels.ops().attend_cached(q, cache_k, cache_v, slots, lengths)
     for b, (slot, n) in enumerate(zip(slots.tolist(), lengths.tolist())):
