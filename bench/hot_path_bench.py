@@ -30,9 +30,7 @@ import argparse
 import json
 import logging
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -172,12 +170,6 @@ def hop_slope(cluster, tokens: int) -> dict:
 
 # ---- through the API ------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict, timeout: float = 600) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -185,37 +177,17 @@ def _post(url: str, body: dict, timeout: float = 600) -> dict:
 
 
 def api_tok_s(args: list[str], env: dict, tokens: int, rounds: int) -> list[float]:
-    port = _free_port()
-    home = tempfile.mkdtemp(prefix="od-bench-")
-    cmd = [sys.executable, "-m", "ollama_distributed.cli", "serve", "--port", str(port), "--log-level", "warning",
-           *args]
-    proc = subprocess.Popen(cmd, env={**os.environ, "HOME": home, **env}, stdout=subprocess.DEVNULL,
-                            stderr=open(Path(home) / "serve.log", "w"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                urllib.request.urlopen(url + "/api/version", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{' '.join(args)}: server did not start (see {home}/serve.log)")
-                time.sleep(0.5)
+    from serve_proc import serving
+
+    with serving(args, env) as srv:
         body = {"model": "smollm2:135m", "prompt": "Once upon a time", "raw": True, "stream": False,
                 "options": {"temperature": 0, "num_predict": tokens}}
-        _post(url + "/api/generate", body)  # load + warm up
+        _post(srv.url + "/api/generate", body)  # load + warm up
         rates = []
         for _ in range(rounds):
-            r = _post(url + "/api/generate", body)
+            r = _post(srv.url + "/api/generate", body)
             rates.append((r["eval_count"] - 1) / (r["eval_duration"] / 1e9) if r["eval_count"] > 1 else 0.0)
         return rates
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def api_part(tokens: int, rounds: int, passes: int) -> dict:

@@ -25,10 +25,8 @@ import ctypes
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -139,62 +137,32 @@ def run_llama(path: Path, threads: int, tokens: int) -> dict:
 
 
 # --- ours, through the API ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tree_rss(pid: int) -> int:
     p = psutil.Process(pid)
     return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)])
 
 
 def run_ours(path: Path, threads: int, tokens: int, dtype: str, src: str | None = None) -> dict:
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, OLLAMA_HOST=f"127.0.0.1:{port}", OLLAMA_DISTRIBUTED_MODELS=tmp,
-                   OLLAMA_MODELS=str(Path(tmp) / "none"))
-        if src is not None:  # another checkout's package first on the path
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
-        cmd = [sys.executable, "-m", "ollama_distributed.cli", "serve", "--dtype", dtype]
-        log = open(Path(tmp) / "server.log", "wb")  # (a pipe nobody reads would block the server once full)
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(url + "/", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("server did not start")
-                time.sleep(0.2)
-            r = httpx.post(url + "/api/create", json={"model": "m", "from": str(path), "stream": False}, timeout=300)
+    from serve_proc import serving
+
+    with serving(["--dtype", dtype], src=src, timeout_s=120) as srv:
+        r = httpx.post(srv.url + "/api/create", json={"model": "m", "from": str(path), "stream": False}, timeout=300)
+        r.raise_for_status()
+        time.sleep(1.0)
+        before = tree_rss(srv.proc.pid)
+        opts = {"temperature": 0, "num_thread": threads, "num_ctx": 2048}
+
+        def generate(prompt: str, n: int) -> dict:
+            body = {"model": "m", "prompt": prompt, "raw": True, "stream": False, "options": {**opts, "num_predict": n}}
+            r = httpx.post(srv.url + "/api/generate", json=body, timeout=600)
             r.raise_for_status()
-            time.sleep(1.0)
-            before = tree_rss(proc.pid)
-            opts = {"temperature": 0, "num_thread": threads, "num_ctx": 2048}
+            return r.json()
 
-            def generate(prompt: str, n: int) -> dict:
-                body = {"model": "m", "prompt": prompt, "raw": True, "stream": False, "options": {**opts, "num_predict": n}}
-                r = httpx.post(url + "/api/generate", json=body, timeout=600)
-                r.raise_for_status()
-                return r.json()
-
-            texts = {p: generate(p, TEXT_TOKENS)["response"] for p in PROMPTS}  # (the first loads the model)
-            out = generate(LONG_PROMPT, tokens)
-            return {"decode_tps": out["eval_count"] / (out["eval_duration"] / 1e9),
-                    "prefill_s": out["prompt_eval_duration"] / 1e9, "texts": texts,
-                    "rss_growth_mib": (tree_rss(proc.pid) - before) / 2**20}
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        texts = {p: generate(p, TEXT_TOKENS)["response"] for p in PROMPTS}  # (the first loads the model)
+        out = generate(LONG_PROMPT, tokens)
+        return {"decode_tps": out["eval_count"] / (out["eval_duration"] / 1e9),
+                "prefill_s": out["prompt_eval_duration"] / 1e9, "texts": texts,
+                "rss_growth_mib": (tree_rss(srv.proc.pid) - before) / 2**20}
 
 
 def transformers_texts(path: Path) -> dict[str, str]:

@@ -16,12 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,26 +35,6 @@ SCHEMA = {"type": "object", "required": ["store", "items"], "additionalPropertie
 def _prompt(i: int) -> str:
     return (f"<|im_start|>user\nList the groceries of shop number {i} with prices, as JSON.<|im_end|>\n"
             "<|im_start|>assistant\n")
-
-
-def _start_server() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmp = tempfile.mkdtemp(prefix="structured-bench-")
-    env = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{port}", "OLLAMA_DISTRIBUTED_MODELS": tmp,
-           "OLLAMA_MODELS": os.path.join(tmp, "none"), "OLLAMA_NUM_PARALLEL": "16", "OLLAMA_MAX_QUEUE": "64"}
-    proc = subprocess.Popen([sys.executable, "-c", "from ollama_distributed.cli import main; main()", "serve",
-                             "--port", str(port), "--log-level", "warning"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
 
 
 def _one(url: str, i: int, tokens: int, constrained: bool) -> dict:
@@ -144,12 +119,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    proc, url = _start_server()
-    try:
-        api_rounds(url, args.tokens, args.rounds)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    from serve_proc import serving
+
+    with serving(env={"OLLAMA_NUM_PARALLEL": "16", "OLLAMA_MAX_QUEUE": "64"}) as srv:
+        api_rounds(srv.url, args.tokens, args.rounds)
     mask_share(args.tokens)
 
 

@@ -364,29 +364,40 @@ def test_smollm2_tensor_parallel_matches(shape, smollm2_path, smol_ref, ray_clus
         ex.close()
 
 
-@pytest.mark.parametrize("shape", ["pp2", "tp2"])
-def test_int4_shards_on_ray_match_in_process_int4(shape, tiny_gguf_factory, ray_cluster):
-    """Workers load int4 shards (model/quant.py) from a Q4_1 file: the Ray run of a plan gives the tokens and
-    logits of the same plan's shards run in this process (same bf16 arithmetic, so equal to float rounding)."""
-    path = tiny_gguf_factory(dtype="q4_1")
+def _same_plan_in_process(path, cluster, shape: str, name: str, quant: str, check=None) -> list[list]:
+    """The Ray run of `shape`'s plan over `path` gives the greedy tokens and logits (1e-3) of the same plan's shards
+    run in this process with the same weight format; check(ex, local), where given, inspects both first. Returns
+    the in-process shards (per stage)."""
     cfg = read_config(path)
-    plan = uniform_plan(cfg, SHAPES[shape], "tiny-q4")
+    plan = uniform_plan(cfg, SHAPES[shape], name)
     specs = [[spec for _, spec, _ in row] for row in shard_specs(plan, cfg)]  # the plan's shards, in process
-    local = LocalExecutor.from_plan(path, specs, max_seq_len=256, quant="int4")
-    ex = RayExecutor(plan, path, ray_cluster, max_seq_len=256, quant="int4")
+    local = LocalExecutor.from_plan(path, specs, max_seq_len=256, quant=quant)
+    ex = RayExecutor(plan, path, cluster, max_seq_len=256, quant=quant)
     try:
-        # each worker holds its int4 shard: the same bytes as the in-process shards of the same plan
-        assert sorted(i["weight_bytes"] for i in ex.shard_info()) == sorted(
-            sh.weight_bytes() for stage in local.stages for sh in stage)
+        if check is not None:
+            check(ex, local)
         for i, p in enumerate(PROMPTS[:2]):
             toks, logits = greedy(ex, i, p, 6)
             ref_toks, ref_logits = greedy(local, i, p, 6)
             assert toks == ref_toks
             for a, b in zip(logits, ref_logits):
                 assert_close(a, b, tol=1e-3)
+        return local.stages
     finally:
         ex.close()
         local.close()
+
+
+@pytest.mark.parametrize("shape", ["pp2", "tp2"])
+def test_int4_shards_on_ray_match_in_process_int4(shape, tiny_gguf_factory, ray_cluster):
+    """Workers load int4 shards (model/quant.py) from a Q4_1 file: the Ray run of a plan gives the tokens and
+    logits of the same plan's shards run in this process (same bf16 arithmetic, so equal to float rounding)."""
+
+    def same_bytes(ex, local) -> None:  # each worker holds its int4 shard: the bytes of the in-process shard
+        assert sorted(i["weight_bytes"] for i in ex.shard_info()) == sorted(
+            sh.weight_bytes() for stage in local.stages for sh in stage)
+
+    _same_plan_in_process(tiny_gguf_factory(dtype="q4_1"), ray_cluster, shape, "tiny-q4", "int4", same_bytes)
 
 
 @pytest.mark.parametrize("shape", ["tp2", "hybrid2x2"])
@@ -395,19 +406,5 @@ def test_native_shards_on_ray_match_in_process(shape, tiny_gguf_factory, ray_clu
     tensor-parallel all-reduce is the worker's collective called back from C++: the Ray run equals the same plan's
     shards in this process."""
     path = tiny_gguf_factory(vocab=1024, hidden=256, n_heads=8, n_kv_heads=2, ffn=512, dtype="q8_0")
-    cfg = read_config(path)
-    plan = uniform_plan(cfg, SHAPES[shape], "tiny-q8")
-    specs = [[spec for _, spec, _ in row] for row in shard_specs(plan, cfg)]  # the plan's shards, in process
-    local = LocalExecutor.from_plan(path, specs, max_seq_len=256, quant="native")
-    ex = RayExecutor(plan, path, ray_cluster, max_seq_len=256, quant="native")
-    try:
-        for i, p in enumerate(PROMPTS[:2]):
-            toks, logits = greedy(ex, i, p, 6)
-            ref_toks, ref_logits = greedy(local, i, p, 6)
-            assert toks == ref_toks
-            for a, b in zip(logits, ref_logits):
-                assert_close(a, b, tol=1e-3)
-        assert all(sh._decode_plan for stage in local.stages for sh in stage)
-    finally:
-        ex.close()
-        local.close()
+    stages = _same_plan_in_process(path, ray_cluster, shape, "tiny-q8", "native")
+    assert all(sh._decode_plan for stage in stages for sh in stage)

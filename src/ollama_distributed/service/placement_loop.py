@@ -86,7 +86,7 @@ def use_new_capacity(manager: Any, runner: Any) -> str | None:
         used = {n for r in runner.live_replicas for n in r.nodes()}
         keep = usable_nodes(cluster, health.backed_off() | used)
         try:
-            plans, _ = plan_on(path, cluster, keep, s.strategy, manager.torch_dtype(), 1, s.kv_cache_type)
+            plans = plan_on(path, cluster, keep, s.strategy, manager.torch_dtype(), 1, s.kv_cache_type).plans
         except InfeasiblePlanError as exc:
             log.info("%s: no extra replica on %s: %s", name, keep, exc)
             break
@@ -104,7 +104,7 @@ def use_new_capacity(manager: Any, runner: Any) -> str | None:
     replica = live[0]
     keep = usable_nodes(cluster, health.backed_off())
     try:
-        plans, inputs = plan_on(path, cluster, keep, s.strategy, manager.torch_dtype(), 1, s.kv_cache_type)
+        plans, inputs, _ = plan_on(path, cluster, keep, s.strategy, manager.torch_dtype(), 1, s.kv_cache_type)
         current = PartitionPlan.from_dict(replica.placement())
         cur_ms, new_ms = predicted_ms(current, inputs), predicted_ms(plans[0], inputs)
     except Exception as exc:  # noqa: BLE001 - e.g. a node of the running plan is backed off: nothing to compare
@@ -162,8 +162,8 @@ def request_replan(manager: Any, runner: Any, exclude: set[str]) -> Any:
     if manager.learning is None or len(live) != 1 or live[0].recovery is None:
         raise ValueError(f"{runner.name}: re-planning applies to a single copy on the cluster")
     keep = usable_nodes(manager.cluster(), manager.node_health().backed_off() | set(exclude))
-    plans, inputs = plan_on(runner.entry.model_path, manager.cluster(), keep, s.strategy, manager.torch_dtype(), 1,
-                            s.kv_cache_type)
+    plans, inputs, _ = plan_on(runner.entry.model_path, manager.cluster(), keep, s.strategy, manager.torch_dtype(),
+                               1, s.kv_cache_type)
     new = plans[0]
     reason = (f"re-plan requested{' without ' + ', '.join(sorted(exclude)) if exclude else ''}: {new.strategy} "
               f"{new.plan_id} on {', '.join(sorted(set(new.nodes)))}")

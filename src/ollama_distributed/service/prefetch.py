@@ -33,8 +33,8 @@ def prefetch_status(manager: Any, entry: Any) -> Iterator[dict[str, Any]]:
     s = manager.settings
     cluster = manager.cluster()
     try:
-        plans, _ = plan_on(entry.model_path, cluster, usable_nodes(cluster, manager.node_health().backed_off()),
-                           s.strategy, manager.torch_dtype(), s.max_replicas, s.kv_cache_type)
+        plans = plan_on(entry.model_path, cluster, usable_nodes(cluster, manager.node_health().backed_off()),
+                        s.strategy, manager.torch_dtype(), s.max_replicas, s.kv_cache_type).plans
     except Exception as exc:  # noqa: BLE001 - the model is pulled; where it runs is decided (or refused) at its load
         log.warning("pull %s: no plan to stage its weights on: %s", entry.name.display, exc)
         return

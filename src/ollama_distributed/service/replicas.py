@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from .live_executor import LiveExecutor
 from .router import ReplicaRouter, SlowedExecutor
@@ -133,10 +133,19 @@ def usable_nodes(cluster: Any, exclude: Iterable[str] = ()) -> list[str]:
     return [n.name for n in cluster.nodes() if n.name not in skip]
 
 
+class Planned(NamedTuple):
+    """plan_on's answer: the replica plans, the planning inputs (profile, spec, workload) and the weight sources
+    they were made with (what each node would fetch; runtime/recovery.py weight_sources_for)."""
+
+    plans: list[Any]
+    inputs: Any
+    sources: Any
+
+
 def plan_on(model_path: str | Path, cluster: Any, keep: Iterable[str], strategy: str, dtype: Any,
-            max_replicas: int = 1, kv_cache_type: str | None = None) -> tuple[list[Any], Any]:
-    """Replica plans (scheduler plan_replicas) on the nodes `keep` of `cluster`, and the planning inputs
-    (profile, spec, workload), for weight format `dtype` and its KV cache type (None: the format's default).
+            max_replicas: int = 1, kv_cache_type: str | None = None) -> Planned:
+    """Replica plans (scheduler plan_replicas) on the nodes `keep` of `cluster`, with the planning inputs for
+    weight format `dtype` and its KV cache type (None: the format's default) and the nodes' weight sources.
     Raises scheduler InfeasiblePlanError when not even one copy fits."""
     from ..runtime.recovery import planning_inputs, weight_sources_for
     from ..scheduler.config import PlanConfig
@@ -150,7 +159,7 @@ def plan_on(model_path: str | Path, cluster: Any, keep: Iterable[str], strategy:
     inputs = planning_inputs(model_path, measurement, keep, dtype, kv_cache_type)
     sources = weight_sources_for(model_path, cluster, measurement, keep)  # what each node fetches; holders preferred
     plans = plan_replicas(*inputs, PlanConfig(strategy=strategy), max_replicas, sources)
-    return plans, inputs
+    return Planned(plans, inputs, sources)
 
 
 def predicted_ms(plan: Any, inputs: Any) -> float:
@@ -177,13 +186,11 @@ def place_model(manager: Any, name: str, path: Path) -> list[Any]:
     s = manager.settings
     cluster = manager.cluster()
     keep = usable_nodes(cluster, manager.node_health().backed_off())
-    plans, inputs = plan_on(path, cluster, keep, s.strategy, manager.torch_dtype(), s.max_replicas, s.kv_cache_type)
+    plans, inputs, sources = plan_on(path, cluster, keep, s.strategy, manager.torch_dtype(), s.max_replicas,
+                                     s.kv_cache_type)
     build = manager.builder(path)
     if len(plans) == 1 and s.autotune and s.strategy == "auto":
-        from ..runtime.recovery import weight_sources_for
-
-        # the candidates carry load costs and prefer holders as plan_on's plans do (its nodes already answered)
-        sources = weight_sources_for(path, cluster, cluster.measure(), keep)
+        # the candidates carry load costs and prefer holders, as plan_on's plans do
         cands = tuning.candidates(inputs, s.autotune_candidates, sources)
         if len(cands) > 1:
             return [tuning.autotune(name, cands, build, s.autotune_steps, manager.learning)[0]]
