@@ -24,7 +24,7 @@ import httpx
 class Server:
     proc: subprocess.Popen
     url: str
-    home: Path  # the store and the log (serve.log)
+    home: Path  # the model store and the log (serve.log)
 
 
 def free_port() -> int:
@@ -39,7 +39,9 @@ def serving(args: Sequence[str] = (), env: dict[str, str] | None = None, src: st
     """`serve *args` with `env` over this environment; `src`: another checkout's package first on the path."""
     port = free_port()
     home = Path(tempfile.mkdtemp(prefix="od-bench-"))
-    full = {**os.environ, "HOME": str(home), "OLLAMA_HOST": f"127.0.0.1:{port}",
+    # (HOME stays: a fresh one would recompile the CPU kernels in every server, whose compiler processes then
+    # count in native_bench's memory figures)
+    full = {**os.environ, "OLLAMA_HOST": f"127.0.0.1:{port}",
             "OLLAMA_DISTRIBUTED_MODELS": str(home / "models"), "OLLAMA_MODELS": str(home / "none"), **(env or {})}
     if src is not None:
         full["PYTHONPATH"] = os.pathsep.join(filter(None, [src, full.get("PYTHONPATH")]))
