@@ -459,14 +459,11 @@ void amx_blocks(const Weights& w, const Activations& a, float* y, int64_t M, int
             _tile_loadd(1, abuf[s][1], 16);
             OD_AMX_HALF_LEVEL(4, 5, 0)
             if constexpr (kAct == 2) { OD_AMX_HALF_LEVEL(6, 7, 512) }
-            for (int l = 0; l < kAct; ++l) {  // tile numbers are literals: level 0 in 4/5, level 1 in 6/7
-              if (l == 0) {
-                _tile_stored(4, cbuf[0][0], 64);
-                _tile_stored(5, cbuf[0][1], 64);
-              } else {
-                _tile_stored(6, cbuf[kAct - 1][0], 64);
-                _tile_stored(7, cbuf[kAct - 1][1], 64);
-              }
+            _tile_stored(4, cbuf[0][0], 64);
+            _tile_stored(5, cbuf[0][1], 64);
+            if constexpr (kAct == 2) {
+              _tile_stored(6, cbuf[kAct - 1][0], 64);
+              _tile_stored(7, cbuf[kAct - 1][1], 64);
             }
             finish(g, s);
           } else if (s == 0) {
