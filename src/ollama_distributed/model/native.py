@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from . import cpu_kernels
+from . import cpu_kernels, hugepages
 
 NATIVE_TYPES: tuple[str, ...] = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
@@ -168,9 +168,9 @@ def _by_block(a: np.ndarray, nb: int) -> torch.Tensor:
 
 
 def _torch(a: np.ndarray) -> torch.Tensor:
-    """A contiguous copy in torch's own memory: its CPU allocator aligns to 64 bytes, numpy's to 16, and the
-    kernel's 64-byte loads of codes across two cache lines would cost a split load each."""
-    return torch.from_numpy(a).clone(memory_format=torch.contiguous_format)  # one copy, strided or not
+    """A contiguous copy aligned to 64 bytes (numpy aligns to 16, and the kernel's 64-byte loads of codes across
+    two cache lines would cost a split load each), on 2 MiB pages where it is large enough (model/hugepages.py)."""
+    return hugepages.to_torch(a)
 
 
 class NativeMatrix:
