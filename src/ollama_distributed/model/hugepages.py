@@ -52,7 +52,10 @@ class _Arena:
                 mm = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
                 whole = np.frombuffer(mm, dtype=np.uint8)  # (holds the mapping until no view of it is left)
                 start = -whole.ctypes.data % HUGE  # a multiple of the 4 KiB page the mapping starts on
-                mm.madvise(mmap.MADV_HUGEPAGE, start, size)
+                try:
+                    mm.madvise(mmap.MADV_HUGEPAGE, start, size)
+                except OSError:  # a kernel without transparent huge pages: 4 KiB pages, as torch's would be
+                    pass
                 self._chunk, self._off, self._end = weakref.ref(whole), start, start + size
             out = whole[self._off : self._off + nbytes]
             self._off += -(-nbytes // _ALIGN) * _ALIGN
