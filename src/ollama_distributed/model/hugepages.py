@@ -10,7 +10,8 @@ grants them to nothing else). Measured on SmolLM2 Q4_1 (bench/README.md): one se
 
 How: a bump allocator over 32 MiB chunks (one mapping each, aligned to 2 MiB; allocations 64-byte aligned, as
 torch's CPU allocator, for the kernels' 64-byte loads). Tensors are views of their chunk, and the chunk is
-unmapped when its last tensor goes (the allocator holds it only weakly), so an unloaded model returns its memory.
+unmapped when its last tensor goes (the allocator holds it only weakly), so an unloaded model returns its memory
+(where two models' tensors share a chunk, it goes with the last of them: at most one chunk held longer).
 Untouched pages of a chunk are never resident; the resident waste is at most one 2 MiB page per chunk.
 Arrays under 64 KiB, platforms without MADV_HUGEPAGE, and OLLAMA_DISTRIBUTED_HUGEPAGES=0 keep torch's allocator.
 """
