@@ -297,8 +297,7 @@ class ShardWorker:
                     elif kind == "rewind":  # steps sent ahead that the engine did not take (lookahead.py)
                         for sid, n in msg[1].items():
                             self.cache.rewind(sid, n)
-                            self._samplers.pop(sid, None)
-                            self._fed_back.pop(sid, None)
+                            self._forget_sampling(sid)
                         reply = ("ok", None, 0.0)
                     else:
                         raise ValueError(f"unknown step message {kind!r}")
@@ -424,8 +423,13 @@ class ShardWorker:
     def free(self, seq_ids: list[int]) -> None:
         for sid in seq_ids:
             self.cache.free(sid)
-            getattr(self, "_samplers", {}).pop(sid, None)
-            getattr(self, "_fed_back", {}).pop(sid, None)
+            self._forget_sampling(sid)
+
+    def _forget_sampling(self, sid: int) -> None:
+        """Drop the sequence's Sampler copy and fed-back token (the driver re-sends the sampler when it next
+        samples; the step loop's state exists only once a channel is open)."""
+        getattr(self, "_samplers", {}).pop(sid, None)
+        getattr(self, "_fed_back", {}).pop(sid, None)
 
     # ---- liveness and reuse ------------------------------------------------------------------------------
     def ping(self) -> int:

@@ -140,6 +140,11 @@ void parallel(int64_t n, bool worth, const F& fn) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+// The 4 x 4 transpose of 16 lanes: element e = 4r + j <-> element 4j + r (its own inverse). The native kernels'
+// blocks hold row r of block j at 4r + j ("by lane") and reorder to row 4j + r with it; decode attention's
+// reduce16 undoes its tree's order with it.
+inline __m512i by_row() { return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15); }
+
 // Activations in int8 per group of 32, in LEVELS levels: x ≈ dx·q (LEVELS = 1), or x ≈ dx·(256·q1 + q2) (LEVELS = 2:
 // the codes of x, then those of what they missed, x − 256·dx·q1, at most 128·dx, in steps of dx).
 //

@@ -224,7 +224,18 @@ inline __m512 reduce16(const float (*v)[16]) {
   const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(s[0], s[1], _MM_SHUFFLE(2, 0, 2, 0)),
                                  _mm512_shuffle_ps(s[0], s[1], _MM_SHUFFLE(3, 1, 3, 1)));
   // element 4i + j holds vector 4j + i's sum (a 4 x 4 transpose): undo it
-  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r);
+  return _mm512_permutexvar_ps(od::by_row(), r);
+}
+
+// Position t's q·k products of NG heads, lane-wise (acc[j]: head j's 16 partial sums, not yet reduced).
+template <class E, int CH, int NG>
+inline void qk_partials(const float* qs, const E* kt, __m512 (&acc)[NG]) {
+  constexpr int64_t D = 16 * CH;
+  for (int c = 0; c < CH; ++c) {
+    const __m512 k = load16(kt + 16 * c);
+    for (int j = 0; j < NG; ++j)
+      acc[j] = c == 0 ? _mm512_mul_ps(_mm512_loadu_ps(qs + j * D), k) : _mm512_fmadd_ps(_mm512_loadu_ps(qs + j * D + 16 * c), k, acc[j]);
+  }
 }
 
 template <class E, int CH, int NG>
@@ -239,13 +250,8 @@ void attend_heads(const float* qs, const E* kh, const E* vh, int64_t T, float* p
     for (int j = 0; j < NG; ++j) mxv[j] = _mm512_set1_ps(-INFINITY);
     for (; t + 16 <= T; t += 16) {
       for (int i = 0; i < 16; ++i) {
-        const E* kt = kh + (t + i) * D;
         __m512 acc[NG];
-        for (int c = 0; c < CH; ++c) {
-          const __m512 k = load16(kt + 16 * c);
-          for (int j = 0; j < NG; ++j)
-            acc[j] = c == 0 ? _mm512_mul_ps(_mm512_loadu_ps(qs + j * D), k) : _mm512_fmadd_ps(_mm512_loadu_ps(qs + j * D + 16 * c), k, acc[j]);
-        }
+        qk_partials<E, CH, NG>(qs, kh + (t + i) * D, acc);
         for (int j = 0; j < NG; ++j) _mm512_store_ps(part[j][i], acc[j]);
       }
       for (int j = 0; j < NG; ++j) {
@@ -257,13 +263,8 @@ void attend_heads(const float* qs, const E* kh, const E* vh, int64_t T, float* p
     for (int j = 0; j < NG; ++j) mx[j] = _mm512_reduce_max_ps(mxv[j]);
   }
   for (; t < T; ++t) {
-    const E* kt = kh + t * D;
     __m512 acc[NG];
-    for (int c = 0; c < CH; ++c) {
-      const __m512 k = load16(kt + 16 * c);
-      for (int j = 0; j < NG; ++j)
-        acc[j] = c == 0 ? _mm512_mul_ps(_mm512_loadu_ps(qs + j * D), k) : _mm512_fmadd_ps(_mm512_loadu_ps(qs + j * D + 16 * c), k, acc[j]);
-    }
+    qk_partials<E, CH, NG>(qs, kh + t * D, acc);
     for (int j = 0; j < NG; ++j) {
       p[j * T + t] = _mm512_reduce_add_ps(acc[j]);
       mx[j] = std::max(mx[j], p[j * T + t]);

@@ -161,9 +161,6 @@ Activations quantize(const float* x, int64_t M, int64_t K, bool halves) {
 // and y = acc. So prefill, decode, batched decode and tensor-parallel shards give a sequence the same values. (One
 // accumulator: the offset cancels the biased codes' share group by group, so the running sum stays near y.)
 
-// Lanes' elements: e = 4r + j holds row r of block j ("by lane"); by_row() reorders them to row 4j + r and back.
-inline __m512i by_row() { return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15); }
-
 inline int64_t load64(const void* p) {
   int64_t v;
   std::memcpy(&v, p, 8);
