@@ -7,15 +7,18 @@ Two parts, each side by side in one run:
              in-process LocalExecutor with 1 thread (the reference),
              single / pp2 / tp2 over three data paths: "calls" (before issue 15: one Ray call per worker per
              step, logits shipped to the driver and sampled there), "gloo" (resident step loops fed through
-             shared memory, the last stage samples; activations and tensor-parallel sums still over gloo on
-             loopback: OLLAMA_DISTRIBUTED_SHM_COMM=0) and "shm" (the same with activations and sums between
-             co-located shards in shared memory, runtime/shm_comm.py: the default);
+             shared memory, the last stage samples; activations, tensor-parallel sums and fed-back tokens still
+             over gloo on loopback: OLLAMA_DISTRIBUTED_SHM_COMM=0), "relay" (shared memory, one step sent ahead
+             whose tokens the driver relays to stage 0: OLLAMA_DISTRIBUTED_LOOKAHEAD=1) and "shm" (the default:
+             activations, sums and the output rank's tokens fed straight to stage 0 in shared memory,
+             runtime/shm_comm.py, two steps ahead);
            and the per-hop cost: slope of decode ms/token over 0..3 stage hops of a 4-layer tiny model
            (~1 ms of compute), per data path.
   api      decode tok/s through /api/generate (eval_count / eval_duration, greedy, 64 tokens) of real
            `ollama-distributed serve` processes: --local-nodes 1 --strategy single; --local-nodes 2 with
-           --node-memory below the model (a forced 2-stage pipeline); --local-nodes 2 --strategy tensor (each
-           also with OLLAMA_DISTRIBUTED_LOOKAHEAD=0: no decode step sent ahead, runtime/lookahead.py); and the
+           --node-memory below the model (a forced 2-stage pipeline); --local-nodes 2 --strategy tensor (single
+           also with OLLAMA_DISTRIBUTED_LOOKAHEAD=0: no decode step sent ahead, runtime/lookahead.py; the other two
+           also with OLLAMA_DISTRIBUTED_LOOKAHEAD=1: the driver relays each token to stage 0); and the
            in-process server (no Ray) limited to 1 thread (OMP_NUM_THREADS=1), each as a ratio to the last (and
            to the in-process server with 2); every setup once per pass, `--passes` passes.
 
@@ -85,10 +88,10 @@ def runtime_part(tokens: int, rounds: int) -> dict:
     cluster = ClusterHandle.start_local(6, "6GiB")
     res: dict = {}
     try:
-        # each data path on two nodes of its own: the same shapes
+        # each data path on two nodes of its own (the fourth shares the first's): the same shapes
         exs = {}
         for i, path_name in enumerate(PATHS):
-            on = {"node0": f"node{2 * i}", "node1": f"node{2 * i + 1}"}
+            on = {"node0": f"node{2 * (i % 3)}", "node1": f"node{2 * (i % 3) + 1}"}
             for shape in SHAPES:
                 exs[(shape, path_name)] = _executor(path_name, uniform_plan(
                     cfg, [[on[n] for n in row] for row in SHAPES[shape]], "smollm2"), path, cluster, dtype=dtype,
@@ -101,9 +104,12 @@ def runtime_part(tokens: int, rounds: int) -> dict:
             for k, v in row.items():
                 samples.setdefault(k, []).append(v)
             print(f"round {r}: " + " ".join(f"{k} {v:.1f}" for k, v in row.items()), file=sys.stderr, flush=True)
+        transfers = {tr: transfer_ms(exs[("pp2", tr)]) for tr in PATHS if tr != "calls"}
         for ex in exs.values():
             ex.close()
         res = {k: statistics.median(v) for k, v in samples.items()}
+        for tr, (hop, back) in transfers.items():
+            res[f"pp2_hop_ms_{tr}"], res[f"pp2_back_ms_{tr}"] = hop, back
         res.update(hop_slope(cluster, tokens))
     finally:
         local.close()
@@ -120,25 +126,60 @@ def runtime_part(tokens: int, rounds: int) -> dict:
           + ", ".join(f"{p} {res[f'per_hop_ms_{p}']:.3f} ms" for p in PATHS))
     print("one hop (tiny model, 2 stages minus 1, a core per stage): "
           + ", ".join(f"{p} {res[f'one_hop_ms_{p}']:.3f} ms" for p in PATHS))
+    print("pp2, from the shards' clocks (median of the last decode steps): the hop (stage 0's output computed -> "
+          "stage 1's input ready) / the token back (sampled on stage 1 -> stage 0's next input ready): "
+          + ", ".join(f"{p} {res[f'pp2_hop_ms_{p}']:.3f} / {res[f'pp2_back_ms_{p}']:.3f} ms"
+                      for p in PATHS if p != "calls"))
     return res
 
 
-PATHS = ("calls", "gloo", "shm")
+def transfer_ms(ex, last: int = 40) -> tuple[float, float]:
+    """A two-stage executor's last decode steps, timed on its shards' own clocks (worker.py `timeline`: one
+    CLOCK_MONOTONIC for every process of this host): the median hop (stage 0's "out" to the first "in" of stage 1
+    after it) and token back (stage 1's "sampled" to the first "in" of stage 0 after it). Matched by time, not by
+    index: a step sent ahead may still be running on one stage when the timelines are read."""
+    import bisect
+
+    import ray
+
+    first, second = ray.get([w.recent_steps.remote() for w in ex._workers])
+
+    def gaps(src: list, dst: list) -> float:
+        out = []
+        for a in src:
+            j = bisect.bisect_left(dst, a)
+            if j < len(dst):
+                out.append(dst[j] - a)
+        return statistics.median(out[-last:]) * 1e3
+
+    def times(tl: list, kind: str) -> list:
+        return [t for k, t in tl if k == kind]
+
+    return gaps(times(first, "out"), times(second, "in")), gaps(times(second, "sampled"), times(first, "in"))
+
+
+PATHS = ("calls", "gloo", "relay", "shm")
+# what each data path sets while its executor starts (the driver reads these there): "relay" is the default path
+# with one step sent ahead, whose tokens the driver relays to stage 0 (the path before the output rank fed them)
+PATH_ENV = {"calls": {"OLLAMA_DISTRIBUTED_SHM_COMM": "1"}, "gloo": {"OLLAMA_DISTRIBUTED_SHM_COMM": "0"},
+            "relay": {"OLLAMA_DISTRIBUTED_SHM_COMM": "1", "OLLAMA_DISTRIBUTED_LOOKAHEAD": "1"},
+            "shm": {"OLLAMA_DISTRIBUTED_SHM_COMM": "1"}}
 
 
 def _executor(path_name: str, plan, model, cluster, **kw):
-    """A RayExecutor on one of the data paths (PATHS; the driver reads OLLAMA_DISTRIBUTED_SHM_COMM at start)."""
+    """A RayExecutor on one of the data paths (PATHS)."""
     from ollama_distributed.runtime.ray_executor import RayExecutor
 
-    before = os.environ.get("OLLAMA_DISTRIBUTED_SHM_COMM")
-    os.environ["OLLAMA_DISTRIBUTED_SHM_COMM"] = "0" if path_name == "gloo" else "1"
+    before = {k: os.environ.get(k) for k in PATH_ENV[path_name]}
+    os.environ.update(PATH_ENV[path_name])
     try:
         return RayExecutor(plan, model, cluster, transport="calls" if path_name == "calls" else "dist", **kw)
     finally:
-        if before is None:
-            del os.environ["OLLAMA_DISTRIBUTED_SHM_COMM"]
-        else:
-            os.environ["OLLAMA_DISTRIBUTED_SHM_COMM"] = before
+        for k, v in before.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 def hop_slope(cluster, tokens: int) -> dict:
@@ -199,14 +240,15 @@ def api_part(tokens: int, rounds: int, passes: int) -> dict:
     pp2 = ["--local-nodes", "2", "--node-memory", below, "--strategy", "pipeline"]
     tp2 = ["--local-nodes", "2", "--strategy", "tensor"]
     single = ["--local-nodes", "1", "--strategy", "single"]
-    off = {"OLLAMA_DISTRIBUTED_LOOKAHEAD": "0"}  # no step sent ahead (runtime/lookahead.py): the last stop's path
+    off = {"OLLAMA_DISTRIBUTED_LOOKAHEAD": "0"}  # no step sent ahead (runtime/lookahead.py)
+    relay = {"OLLAMA_DISTRIBUTED_LOOKAHEAD": "1"}  # one step ahead, its tokens relayed to stage 0 by the driver
     setups = {
         "in-process, 2 threads": ([], {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}),
         "ray single (1 node), no lookahead": (single, off),
         "ray single (1 node)": (single, {}),
-        f"pipeline 2 stages (--node-memory {below}), no lookahead": (pp2, off),
+        f"pipeline 2 stages (--node-memory {below}), relay": (pp2, relay),
         f"pipeline 2 stages (--node-memory {below})": (pp2, {}),
-        "tensor 2-way, no lookahead": (tp2, off),
+        "tensor 2-way, relay": (tp2, relay),
         "tensor 2-way": (tp2, {}),
         "in-process, 1 thread": ([], {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
     }

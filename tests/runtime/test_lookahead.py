@@ -123,16 +123,21 @@ class _Remote:
         self.ex.free(sid)
 
 
-# (plan, (rows taken, rows rewound)). pp2: taken A in calls 2, 3, 5, 6 and B in 3, 4; rewound A once (fed 1000);
-# B after its free: none. single (one shard: a second step goes ahead, fed back on the shard): the same taken, and
-# rewound A's second step when B joins, then in call 4 A twice and B once (the step after the one A missed).
-SCRIPTED = {"single": ([["node1"]], (6, 4)), "pp2": ([["node1"], ["node2"]], (6, 1))}
+# Two steps go ahead, the second fed on the shards with what the first samples (the output rank keeps its samples
+# and sends them to stage 0's other ranks): (rows taken, rows rewound) are, on every plan shape, A in calls 2, 3,
+# 5, 6 and B in 3, 4 taken; rewound A's second step when B joins, then in call 4 A twice (fed 1000) and B once (the
+# step after the one A missed). "-gloo": the feed (and every hop and sum) over gloo, as across machines.
+COUNTS = (6, 4)
+SCRIPTED = {"single": [["node1"]], "pp2": [["node1"], ["node2"]], "tp2": [["node1", "node2"]],
+            "hybrid2x2": [["node0", "node1"], ["node2", "node3"]]}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(SCRIPTED))
-def test_steps_sent_ahead_give_the_in_process_tokens(name, tiny_gguf, ray_cluster):
-    shape, counts = SCRIPTED[name]
+@pytest.mark.parametrize("name", [*SCRIPTED, "pp2-gloo", "hybrid2x2-gloo"])
+def test_steps_sent_ahead_give_the_in_process_tokens(name, tiny_gguf, ray_cluster, monkeypatch):
+    if name.endswith("-gloo"):
+        monkeypatch.setenv("OLLAMA_DISTRIBUTED_SHM_COMM", "0")
+    shape = SCRIPTED[name.removesuffix("-gloo")]
     local = _Local(tiny_gguf)
     want = _script(local)
     local.ex.close()
@@ -141,7 +146,7 @@ def test_steps_sent_ahead_give_the_in_process_tokens(name, tiny_gguf, ray_cluste
         assert ex.lookahead
         got = _script(_Remote(ex))
         assert got == want
-        assert (ex.lookahead_taken, ex.lookahead_rewound) == counts
+        assert (ex.lookahead_taken, ex.lookahead_rewound) == COUNTS
         ex.free(0)
         assert ex.cached_sequences() == set()
     finally:
@@ -149,7 +154,7 @@ def test_steps_sent_ahead_give_the_in_process_tokens(name, tiny_gguf, ray_cluste
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(SCRIPTED))
+@pytest.mark.parametrize("name", ["single", "pp2", "tp2"])
 def test_engine_on_ray_with_lookahead_equals_in_process_engine(name, tiny_gguf, ray_cluster):
     """Requests that join, end (num_predict 1 … 30), chunk their prompts and sample with penalties, through the
     engine on one shard and on a 2-stage pipeline: every request's tokens and text equal the in-process engine's,
@@ -170,7 +175,7 @@ def test_engine_on_ray_with_lookahead_equals_in_process_engine(name, tiny_gguf, 
         want = [local.generate(r) for r in reqs]
     finally:
         local.close()
-    ex = RayExecutor(uniform_plan(read_config(tiny_gguf), SCRIPTED[name][0], "tiny"), tiny_gguf, ray_cluster,
+    ex = RayExecutor(uniform_plan(read_config(tiny_gguf), SCRIPTED[name], "tiny"), tiny_gguf, ray_cluster,
                      max_seq_len=256)
     eng = InferenceEngine(ex, tok, max_batch=8)
     try:

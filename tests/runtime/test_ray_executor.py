@@ -68,10 +68,11 @@ def tiny_ref(tiny_gguf):
     ex.close()
 
 
-# Every node of the test cluster is on this host, so each stage-to-stage hop and each multi-shard stage's sum runs
-# over shared memory (runtime/shm_comm.py): (hops, ranks summing there). "-gloo": the same plan with shared memory
-# off, i.e. the path shards on different machines take.
-SHM_PATHS = {"pp2": (1, 0), "pp3": (2, 0), "tp2": (0, 2), "tp3": (0, 3), "hybrid2x2": (2, 4)}
+# Every node of the test cluster is on this host, so each stage-to-stage hop, each multi-shard stage's sum and each
+# feed of sampled tokens from the output rank to stage 0 runs over shared memory (runtime/shm_comm.py): (hops,
+# ranks summing there, feeds). "-gloo": the same plan with shared memory off, i.e. the path shards on different
+# machines take.
+SHM_PATHS = {"pp2": (1, 0, 1), "pp3": (2, 0, 1), "tp2": (0, 2, 1), "tp3": (0, 3, 2), "hybrid2x2": (2, 4, 2)}
 
 
 @pytest.mark.parametrize("shape", [*SHAPES, "pp2-gloo", "hybrid2x2-gloo"])
@@ -85,9 +86,10 @@ def test_tiny_plans_match_single_process(shape, tiny_gguf, tiny_ref, ray_cluster
     try:
         assert isinstance(ex, Executor)
         check_placement(ex, ray_cluster)
-        hops, summing = (0, 0) if gloo else SHM_PATHS[shape]
+        hops, summing, feeds = (0, 0, 0) if gloo else SHM_PATHS[shape]
         assert sum(p["hops_out"] for p in ex.shm_paths) == sum(p["hops_in"] for p in ex.shm_paths) == hops
         assert sum(p["all_reduce"] for p in ex.shm_paths) == summing
+        assert sum(p["feeds_out"] for p in ex.shm_paths) == sum(p["feeds_in"] for p in ex.shm_paths) == feeds
         for i, p in enumerate(PROMPTS[:2]):
             toks, logits = greedy(ex, i, p, 6)
             ref_toks, ref_logits = tiny_ref[i]

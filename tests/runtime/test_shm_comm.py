@@ -118,17 +118,19 @@ def test_pid_alive():
     assert not pid_alive(p.pid)
 
 
-@pytest.mark.parametrize("stage_ranks,send_to,hosts,edges,stages", [
-    # 2 stages on one host: the hop, no sums
-    (((0,), (1,)), {0: (1,), 1: ()}, ["a", "a"], [(0, 1)], []),
+@pytest.mark.parametrize("stage_ranks,send_to,hosts,edges,stages,feeds", [
+    # 2 stages on one host: the hop, the feed back from the last stage to the first, no sums
+    (((0,), (1,)), {0: (1,), 1: ()}, ["a", "a"], [(0, 1)], [], [(1, 0)]),
     # 2 stages on two hosts: nothing
-    (((0,), (1,)), {0: (1,), 1: ()}, ["a", "b"], [], []),
-    # 2-way TP on one host: its sum
-    (((0, 1),), {0: (), 1: ()}, ["a", "a"], [], [0]),
-    # 2-way TP over two hosts feeding a stage on the first: one hop of two, no sum
-    (((0, 1), (2,)), {0: (2,), 1: ()}, ["a", "b", "a"], [(0, 2)], []),
-    # PP x TP, each stage on its own host: sums inside, hops across stay on gloo
-    (((0, 1), (2, 3)), {0: (2,), 1: (3,), 2: (), 3: ()}, ["a", "a", "b", "b"], [], [0, 1]),
+    (((0,), (1,)), {0: (1,), 1: ()}, ["a", "b"], [], [], []),
+    # 2-way TP on one host: its sum; the output rank 0 feeds rank 1
+    (((0, 1),), {0: (), 1: ()}, ["a", "a"], [], [0], [(0, 1)]),
+    # 2-way TP over two hosts feeding a stage on the first: one hop of two, no sum, the feed to rank 0 only
+    (((0, 1), (2,)), {0: (2,), 1: ()}, ["a", "b", "a"], [(0, 2)], [], [(2, 0)]),
+    # PP x TP, each stage on its own host: sums inside, hops and feeds across stay on gloo
+    (((0, 1), (2, 3)), {0: (2,), 1: (3,), 2: (), 3: ()}, ["a", "a", "b", "b"], [], [0, 1], []),
+    # one shard: nothing to feed
+    (((0,),), {0: ()}, ["a"], [], [], []),
 ])
-def test_colocated(stage_ranks, send_to, hosts, edges, stages):
-    assert colocated(stage_ranks, send_to, hosts) == (edges, stages)
+def test_colocated(stage_ranks, send_to, hosts, edges, stages, feeds):
+    assert colocated(stage_ranks, send_to, hosts) == (edges, stages, feeds)

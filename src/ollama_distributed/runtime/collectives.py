@@ -6,8 +6,13 @@ all shards hold the same residual stream after each all-reduce, so any of them c
 of stage s+1 takes its input from shard j mod p_s of stage s, which spreads the sends over the senders when the
 stages have different widths (e.g. 2-way TP feeding 3-way TP).
 
+The output rank (the last stage's first shard) samples. In a step fed back (runtime/lookahead.py: sent before the
+step it follows has answered) it sends what it sampled straight to stage 0's ranks (`send_feed` / `recv_feed`),
+so the driver is not on the token's path from the last stage to the first.
+
 Between ranks on one machine, the driver may hand PlanComm shared-memory paths (runtime/shm_comm.py): a ring per
-stage-to-stage edge and a segment per stage whose shards share the host; those hops and sums then skip gloo.
+stage-to-stage edge, one per feed edge, and a segment per stage whose shards share the host; those hops, feeds and
+sums then skip gloo.
 
 Backend: gloo (CPU tensors, TCP) unless every shard has a GPU, then NCCL. A GPU shard in a gloo world stages its
 tensors through host memory. Collectives over a group of one return
@@ -21,9 +26,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+
+FEED_TAG = 7  # gloo tag of the fed-back tokens, apart from the hidden states' (tag 0) between the same two ranks
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,23 @@ class RankLayout:
     @property
     def is_last_stage(self) -> bool:
         return self.stage == self.n_stages - 1
+
+    @property
+    def output_rank(self) -> int:
+        """The rank that holds the output head and samples (the last stage's first shard: placement.py)."""
+        return self.stage_ranks[-1][0]
+
+    @property
+    def feed_to(self) -> tuple[int, ...]:
+        """Ranks this one sends its sampled tokens to for a step fed back (runtime/lookahead.py): from the output
+        rank to every other rank of stage 0, which embed them; empty elsewhere."""
+        return tuple(r for r in self.stage_ranks[0] if r != self.rank) if self.rank == self.output_rank else ()
+
+    @property
+    def feed_from(self) -> int | None:
+        """The rank whose sampled tokens this one embeds in a step fed back: the output rank, for the ranks of
+        stage 0 other than itself; else None."""
+        return self.output_rank if self.is_first_stage and self.rank != self.output_rank else None
 
 
 def plan_layout(stage_sizes: list[int]) -> list[RankLayout]:
@@ -108,8 +133,9 @@ class PlanComm:
     def __init__(self, layout: RankLayout, master_addr: str, master_port: int, backend: str = "gloo",
                  timeout_s: float = 120.0, node_ip: str = "127.0.0.1", shm: dict | None = None) -> None:
         """shm: the shared-memory paths the driver set up for the ranks on this rank's host (runtime/shm_comm.py):
-        {"peers": {rank: pid}, "send": {dst rank: ring spec}, "recv": ring spec | None, "reduce": segment spec |
-        None}; those hops and this stage's sum then bypass gloo."""
+        {"peers": {rank: pid}, "send": {dst rank: ring spec}, "recv": ring spec | None, "feed_send": {dst rank: ring
+        spec}, "feed_recv": ring spec | None, "reduce": segment spec | None}; those hops, feeds and this stage's sum
+        then bypass gloo."""
         import torch.distributed as dist
 
         self.layout = layout
@@ -133,6 +159,8 @@ class PlanComm:
         self._pending: list = []
         self._hop_out: dict[int, Any] = {}
         self._hop_in: Any = None
+        self._feed_out: dict[int, Any] = {}
+        self._feed_in: Any = None
         self._reduce: Any = None
         if shm:
             self._attach_shm(shm)
@@ -147,6 +175,11 @@ class PlanComm:
         if shm.get("recv"):
             spec = shm["recv"]
             self._hop_in = ShmRing.attach(spec["path"], spec["slots"], spec["slot_bytes"])
+        for dst, spec in shm.get("feed_send", {}).items():
+            self._feed_out[int(dst)] = ShmRing.attach(spec["path"], spec["slots"], spec["slot_bytes"])
+        if shm.get("feed_recv"):
+            spec = shm["feed_recv"]
+            self._feed_in = ShmRing.attach(spec["path"], spec["slots"], spec["slot_bytes"])
         if shm.get("reduce"):
             members = self.layout.stage_ranks[self.layout.stage]
             self._reduce = ShmAllReduce.attach(shm["reduce"], members.index(self.layout.rank), self._check)
@@ -155,6 +188,7 @@ class PlanComm:
     def shm_paths(self) -> dict[str, int]:
         """How many of this rank's hops and sums run over shared memory (for status and tests)."""
         return {"hops_out": len(self._hop_out), "hops_in": int(self._hop_in is not None),
+                "feeds_out": len(self._feed_out), "feeds_in": int(self._feed_in is not None),
                 "all_reduce": int(self._reduce is not None)}
 
     # -- tensor parallel ----------------------------------------------------------------------------------------
@@ -193,7 +227,8 @@ class PlanComm:
         meanwhile); `flush()` waits for all outstanding sends."""
         import torch.distributed as dist
 
-        t = t.to(self.device).contiguous()  # gloo sends host tensors; NCCL device tensors
+        if t.device != self.device or not t.is_contiguous():  # gloo sends host tensors; NCCL device tensors
+            t = t.to(self.device).contiguous()
         for dst in self.layout.send_to:
             if dst in self._hop_out:  # copied into the ring now; waits only while the ring is full
                 from .shm_comm import send_tensor
@@ -201,6 +236,38 @@ class PlanComm:
                 send_tensor(self._hop_out[dst], t, self._check)
                 continue
             self._pending.append((dist.isend(t, dst=dst), t))  # keep t alive until the send completes
+
+    # -- tokens fed back from the output rank to stage 0 -------------------------------------------------------
+    def send_feed(self, tokens: list[int]) -> None:
+        """Send the tokens the output rank sampled for a step's rows to stage 0's other ranks (`feed_to`); every
+        one of them takes them with `recv_feed` in the same step. Started without waiting, like `send_hidden`.
+        Shared memory takes the numpy array as it is (no torch call: see shm_comm.py on cold calls)."""
+        if not self.layout.feed_to:
+            return
+        import torch.distributed as dist
+
+        arr = np.array(tokens, dtype=np.int64)
+        for dst in self.layout.feed_to:
+            if dst in self._feed_out:
+                self._feed_out[dst].send(arr, check=self._check)
+                continue
+            t = torch.from_numpy(arr)
+            self._pending.append((dist.isend(t, dst=dst, tag=FEED_TAG), t))
+
+    def recv_feed(self, n: int) -> list[int]:
+        """The output rank's `n` sampled tokens for this step's rows."""
+        import torch.distributed as dist
+
+        src = self.layout.feed_from
+        assert src is not None, "only stage 0's ranks other than the output rank are fed"
+        arr = np.empty(n, dtype=np.int64)
+        if self._feed_in is not None:
+            got = self._feed_in.recv_into(arr, check=self._check)
+            if got != arr.nbytes:
+                raise RuntimeError(f"feed of {got} bytes, expected {arr.nbytes} for {n} tokens")
+        else:
+            dist.recv(torch.from_numpy(arr), src=src, tag=FEED_TAG)
+        return arr.tolist()
 
     def flush(self) -> None:
         for work, _ in self._pending:
@@ -211,9 +278,10 @@ class PlanComm:
         import torch.distributed as dist
 
         self._pending.clear()
-        for ch in [*self._hop_out.values(), self._hop_in, self._reduce]:
+        for ch in [*self._hop_out.values(), self._hop_in, *self._feed_out.values(), self._feed_in, self._reduce]:
             if ch is not None:
                 ch.close()
         self._hop_out, self._hop_in, self._reduce = {}, None, None
+        self._feed_out, self._feed_in = {}, None
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,5 +1,5 @@
-"""Decode one step ahead of the engine: the next decode step goes to the shards as soon as this one's tokens are
-back, before the engine has streamed them.
+"""Decode ahead of the engine: the next decode steps go to the shards as soon as this one's tokens are back,
+before the engine has streamed them.
 
 Why: with the step loops (step_loop.py) a token's critical path was the shards' forward, then the driver's whole
 turn (wake on the reply, unpickle, the engine's bookkeeping, detokenising, handing the chunk to the HTTP thread,
@@ -8,6 +8,14 @@ cores): the shard's process used 12.4 ms of CPU per token, the token took 13.5 m
 that turn. Sending the next step first overlaps it with the shards' next forward. vLLM does the same
 ("async scheduling": the scheduler plans step n+1 before step n's sampled tokens reach it), and so does every
 pipelined decoder that keeps its device busy while the host post-processes.
+
+Two steps go ahead. The first is fed by the driver with the tokens just back; the second is sent before those of
+the first are known, and is fed on the shards: the output rank (the last stage's first shard, which samples) keeps
+what it sampled and sends it straight to stage 0's ranks (runtime/collectives.py `send_feed`: shared memory on one
+host, gloo across), before its reply to the driver. So a token travels from the last stage to the first in one
+message, without the driver's wake-up and turn in between (measured on SmolLM2, two stages on one 2-core machine:
+0.35 ms from the last stage's sample to the first stage's next input, against 0.45-0.54 ms relayed by the driver,
+bench/hot_path_bench.py; ~0.3-0.5 ms a token). `OLLAMA_DISTRIBUTED_LOOKAHEAD=1` keeps only the first (the relay).
 
 What is sent ahead is exactly what the engine would send next when nothing changes: every row of the step just
 finished was a sequence that sampled a token, so its next feed is that token (runtime/engine.py: a sequence's
@@ -58,8 +66,8 @@ class Lookahead:
         return out
 
     def fed_by(self, prev: "Lookahead") -> None:
-        """This step was sent before `prev` answered, fed with what `prev` samples (a one-shard plan feeds its
-        own samples back, worker.py): its feeds, now known."""
+        """This step was sent before `prev` answered, fed with what `prev` samples (on the shards: worker.py
+        `_fed_tokens`): its feeds, now known."""
         assert prev.out is not None
         tok = dict(zip(prev.seq_ids, prev.out["tokens"]))
         self.fed = [tok[sid] for sid in self.seq_ids]
@@ -81,14 +89,22 @@ def next_feeds(samplers: Sequence[Any], sampled: Sequence[int | None], lengths: 
     return [int(t) for t in sampled]  # type: ignore[arg-type]
 
 
+def lookahead_depth(setting: str) -> int:
+    """OLLAMA_DISTRIBUTED_LOOKAHEAD's value as a depth: 0 (off), 1 (the next step; the driver relays its tokens
+    to stage 0) or 2 (also the one after it, fed on the shards)."""
+    if setting.strip() not in ("0", "1", "2"):
+        raise ValueError(f"OLLAMA_DISTRIBUTED_LOOKAHEAD must be 0, 1 or 2, got {setting!r}")
+    return int(setting)
+
+
 class Lookaheads:
     """The steps a RayExecutor sent ahead, in order, and what settles them (module docstring).
 
     post(msg, tokens, ahead) sends a step-channel message whose reply `collect_next()` (which fills ahead.out)
     brings back in order; `lengths` (seq id -> positions the shards will hold once every message sent ran) and
-    `installed` (seq id -> id() of the Sampler its shard holds) are the executor's. depth: steps kept ahead, 2 on a
-    plan of one shard (the second fed back on the shard with what the first samples), else 1 (the driver relays
-    each step's tokens to the first stage)."""
+    `installed` (seq id -> id() of the Sampler its shard holds) are the executor's. depth: steps kept ahead: 2
+    (the second fed on the shards with what the first samples: the output rank keeps its samples and sends them
+    to stage 0's other ranks, runtime/collectives.py) or 1 (the driver relays each step's tokens to stage 0)."""
 
     def __init__(self, post: Callable[[bytes, int | None, Lookahead | None], None], collect_next: Callable[[], Any],
                  lengths: dict[int, int], installed: dict[int, int], max_seq_len: int, depth: int = 1) -> None:

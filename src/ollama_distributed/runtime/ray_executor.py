@@ -47,7 +47,7 @@ from .cluster import ClusterHandle
 from .executor import CacheFullError, ExecutorError, ShardLostError
 from .placement import PlacementError, ShardPlacement, place, plan_dict
 from .channel import ChannelClosed
-from .lookahead import Lookahead, Lookaheads
+from .lookahead import Lookahead, Lookaheads, lookahead_depth
 from .sampled_steps import apply_sampled, sample_entries
 from .step_loop import LOOP_GROUP, LoopEnded, StepLoops, StepTimeoutError
 from .step_timeout import StepTimeout, StepTimer
@@ -107,8 +107,9 @@ class RayExecutor:
     timeout_s: longest a load may take, and the longest any step may take (unless step_timeout.ceiling_s).
     step_timeout: when a step's busy shards are probed for a hang (runtime/step_timeout.py; default StepTimeout()).
     reuse: live shards of a failed executor (its `detach_survivors()`) to take over where they fit.
-    lookahead: with the step loops, send the next decode step before the engine asks for it (runtime/lookahead.py);
-      None: on unless OLLAMA_DISTRIBUTED_LOOKAHEAD=0.
+    lookahead: with the step loops, send the next two decode steps before the engine asks for them
+      (runtime/lookahead.py); None: as OLLAMA_DISTRIBUTED_LOOKAHEAD says (default 2; 1: only the next one, whose
+      tokens the driver relays to stage 0; 0: off).
     """
 
     def __init__(
@@ -167,10 +168,12 @@ class RayExecutor:
         self.shm_paths: list[dict[str, int]] = []  # per shard: hops and sums over shared memory (worker.setup_comm)
         self._loops: StepLoops | None = None  # the "dist" transport's step channels (step_loop.py)
         self._installed: dict[int, int] = {}  # seq id -> id() of the Sampler its last stage holds (step_sampled)
-        self.lookahead = (os.environ.get("OLLAMA_DISTRIBUTED_LOOKAHEAD", "1") != "0") if lookahead is None else lookahead
-        # decode steps sent ahead (runtime/lookahead.py); a one-shard plan's shard feeds a second one back itself
+        depth = lookahead_depth(os.environ.get("OLLAMA_DISTRIBUTED_LOOKAHEAD", "2")) if lookahead is None else 2 * lookahead
+        self.lookahead = depth > 0
+        # decode steps sent ahead (runtime/lookahead.py): the second is fed on the shards with what the first
+        # samples (the output rank sends it to stage 0, collectives.py send_feed), with no relay by the driver
         self._aheads = Lookaheads(self._post, self._collect_next, self._lengths, self._installed, self.max_seq_len,
-                                  depth=2 if len(self._flat) == 1 else 1)
+                                  depth=max(1, depth))
         self._pending: deque[tuple[int | None, Lookahead | None, float]] = deque()  # (tokens, ahead, sent at)
         self._last_reply = 0.0  # when the last reply was collected (a step sent ahead starts after it)
         nodes = cluster.nodes()
@@ -269,10 +272,10 @@ class RayExecutor:
             self._loops = StepLoops(self._workers, self._infos, self.timeout_s)
 
     def _shared_memory_paths(self, backend: str) -> tuple[dict[int, dict[str, Any]], list[Any]]:
-        """Per rank, the shared-memory hops and sums among shards on one host (runtime/shm_comm.py; each rank's
+        """Per rank, the shared-memory hops, token feeds and sums among shards on one host (runtime/shm_comm.py; each rank's
         collectives.PlanComm then bypasses gloo there), and the rings and segments made for them. Only for a gloo
         world of CPU shards; OLLAMA_DISTRIBUTED_SHM_COMM=0 keeps every path on gloo (for measuring)."""
-        from .shm_comm import ShmAllReduce, colocated, create_hop, shm_for_colocated
+        from .shm_comm import ShmAllReduce, colocated, create_feed, create_hop, shm_for_colocated
 
         if (backend != "gloo" or not shm_for_colocated()
                 or any(not str(i.get("device", "cpu")).startswith("cpu") for i in self._infos)):
@@ -280,18 +283,24 @@ class RayExecutor:
         hosts = [(i.get("ip"), i.get("host")) for i in self._infos]
         pids = [int(i["pid"]) for i in self._infos]
         layouts = [p.layout for p in self._flat]
-        edges, stages = colocated(layouts[0].stage_ranks, {lay.rank: lay.send_to for lay in layouts}, hosts)
+        edges, stages, feeds = colocated(layouts[0].stage_ranks, {lay.rank: lay.send_to for lay in layouts}, hosts)
         out: dict[int, dict[str, Any]] = {}
         made: list[Any] = []
 
         def entry(rank: int) -> dict[str, Any]:
-            return out.setdefault(rank, {"peers": {}, "send": {}, "recv": None, "reduce": None})
+            return out.setdefault(rank, {"peers": {}, "send": {}, "recv": None, "feed_send": {}, "feed_recv": None,
+                                         "reduce": None})
 
         try:
             for src, dst in edges:
                 ring = create_hop()
                 made.append(ring)
                 entry(src)["send"][dst] = entry(dst)["recv"] = ring.spec()
+                entry(src)["peers"][dst], entry(dst)["peers"][src] = pids[dst], pids[src]
+            for src, dst in feeds:
+                ring = create_feed()
+                made.append(ring)
+                entry(src)["feed_send"][dst] = entry(dst)["feed_recv"] = ring.spec()
                 entry(src)["peers"][dst], entry(dst)["peers"][src] = pids[dst], pids[src]
             for st in stages:
                 members = layouts[0].stage_ranks[st]

@@ -1,4 +1,5 @@
-"""Shared-memory data paths between shards on one machine: the stage-to-stage hop and the tensor-parallel sum.
+"""Shared-memory data paths between shards on one machine: the stage-to-stage hop, the tensor-parallel sum, and
+the tokens fed back from the output rank to stage 0 (runtime/collectives.py).
 
 Issue 15 measured gloo on loopback at ~1.3 ms per pipeline hop and ~0.5 ms per all-reduce of a decode step's few KB,
 two all-reduces per layer: a 2-way tensor-parallel SmolLM2 spent 60 of its ~80 ms per token in gloo. Co-located
@@ -38,6 +39,7 @@ import torch
 from .channel import SHM_DIR, ShmRing, Waiter, make_bell, open_bell, ring_bell
 
 HOP_SLOTS, HOP_SLOT_BYTES = 16, 1 << 20  # 16 MiB in flight per edge: a prefill's micro-batches pass without waiting
+FEED_SLOTS, FEED_SLOT_BYTES = 8, 4096  # 512 rows a slot; a larger batch's tokens take several
 REDUCE_SLOT_BYTES = 1 << 20  # per rank and buffer; a larger tensor is summed a slot at a time
 SUM_SPIN_S = 2e-4  # how long a rank waiting in a sum polls before it sleeps on its doorbell
 _LINE = 64  # one cache line per rank's counters, so ranks don't share the line they write
@@ -86,29 +88,50 @@ def shm_for_colocated() -> bool:
 
 
 def colocated(stage_ranks: Sequence[Sequence[int]], send_to: dict[int, Sequence[int]], hosts: Sequence[Any]
-              ) -> tuple[list[tuple[int, int]], list[int]]:
+              ) -> tuple[list[tuple[int, int]], list[int], list[tuple[int, int]]]:
     """Which data paths can use shared memory: the (sender, receiver) rank pairs of stage-to-stage hops whose two
-    ranks are on one host, and the stages whose shards are all on one host (their sum). hosts[rank]: any key
-    equal exactly for processes that share a machine (the driver uses (ip, hostname))."""
+    ranks are on one host, the stages whose shards are all on one host (their sum), and the (output rank, stage-0
+    rank) pairs of the fed-back tokens (collectives.RankLayout.feed_to) on one host. hosts[rank]: any key equal
+    exactly for processes that share a machine (the driver uses (ip, hostname))."""
     edges = [(src, dst) for src, dsts in sorted(send_to.items()) for dst in dsts if hosts[src] == hosts[dst]]
     stages = [i for i, ranks in enumerate(stage_ranks) if len(ranks) > 1 and len({hosts[r] for r in ranks}) == 1]
-    return edges, stages
+    out = stage_ranks[-1][0]
+    feeds = [(out, r) for r in stage_ranks[0] if r != out and hosts[r] == hosts[out]]
+    return edges, stages, feeds
 
 
 def create_hop() -> ShmRing:
     return ShmRing.create(HOP_SLOTS, HOP_SLOT_BYTES, prefix="od-hop")
 
 
+def create_feed() -> ShmRing:
+    """A ring for one step's fed-back token ids (8 bytes a row; at most a few steps are ever in it)."""
+    return ShmRing.create(FEED_SLOTS, FEED_SLOT_BYTES, prefix="od-feed")
+
+
+# Between a stage's forward and the next one's, each torch call costs 10-20 us here: the forward has just streamed
+# the shard's weights through the caches (measured: 25 us for contiguous/view/reshape/numpy of a 576-float tensor
+# after touching 32 MB, 15 us for one numpy view, 5 us for the whole send when warm). So a hop goes through numpy
+# wherever numpy has the dtype, and bfloat16 (which it lacks) through torch's byte view.
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+
+
 def send_tensor(ring: ShmRing, t: torch.Tensor, check: Callable[[], None]) -> None:
     """One tensor's bytes as one ring message (the receiver knows shape and dtype, as with gloo's recv)."""
-    t = t.contiguous()
-    ring.send(t.view(torch.uint8).reshape(-1).numpy(), check=check)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    ring.send(t.numpy() if t.dtype in _NUMPY else t.view(torch.uint8).reshape(-1).numpy(), check=check)
 
 
 def recv_tensor(ring: ShmRing, shape: Sequence[int], dtype: torch.dtype, check: Callable[[], None]) -> torch.Tensor:
-    out = torch.empty(tuple(shape), dtype=dtype)
+    if dtype in _NUMPY:
+        arr = np.empty(tuple(shape), dtype=_NUMPY[dtype])
+        out, dest = torch.from_numpy(arr), arr
+    else:
+        out = torch.empty(tuple(shape), dtype=dtype)
+        dest = out.view(torch.uint8).reshape(-1).numpy()
     want = out.numel() * out.element_size()
-    got = ring.recv_into(out.view(torch.uint8).reshape(-1).numpy(), check=check) if want else ring.recv_into(b"")
+    got = ring.recv_into(dest, check=check) if want else ring.recv_into(b"")
     if got != want:
         raise RuntimeError(f"hop message of {got} bytes, expected {want} for {tuple(shape)} {dtype}")
     return out
