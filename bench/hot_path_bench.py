@@ -11,7 +11,7 @@ Two parts, each side by side in one run:
              over gloo on loopback: OLLAMA_DISTRIBUTED_SHM_COMM=0), "relay" (shared memory, one step sent ahead
              whose tokens the driver relays to stage 0: OLLAMA_DISTRIBUTED_LOOKAHEAD=1) and "shm" (the default:
              activations, sums and the output rank's tokens fed straight to stage 0 in shared memory,
-             runtime/shm_comm.py, two steps ahead);
+             runtime/shm_comm.py, two steps ahead; tensor parallelism alone keeps the relay, lookahead_depth);
            and the per-hop cost: slope of decode ms/token over 0..3 stage hops of a 4-layer tiny model
            (~1 ms of compute), per data path.
   api      decode tok/s through /api/generate (eval_count / eval_duration, greedy, 64 tokens) of real

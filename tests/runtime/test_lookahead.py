@@ -12,7 +12,7 @@ from ollama_distributed.model.options import GenerationOptions
 from ollama_distributed.model.sampling import Sampler
 from ollama_distributed.model.weights import read_config
 from ollama_distributed.runtime.local_executor import LocalExecutor
-from ollama_distributed.runtime.lookahead import Lookahead, next_feeds
+from ollama_distributed.runtime.lookahead import Lookahead, lookahead_depth, next_feeds
 from ollama_distributed.runtime.placement import uniform_plan
 from ollama_distributed.runtime.ray_executor import RayExecutor
 
@@ -132,9 +132,24 @@ SCRIPTED = {"single": [["node1"]], "pp2": [["node1"], ["node2"]], "tp2": [["node
             "hybrid2x2": [["node0", "node1"], ["node2", "node3"]]}
 
 
+@pytest.mark.parametrize("setting, widths, depth", [
+    ("auto", [1], 2), ("auto", [1, 1], 2), ("auto", [2, 2], 2), ("auto", [2, 1, 3], 2),
+    ("auto", [2], 1), ("auto", [3], 1),  # tensor parallel alone: the driver relays (lookahead_depth says why)
+    ("0", [1, 1], 0), ("1", [1, 1], 1), ("2", [2], 2), (" AUTO ", [1], 2),
+])
+def test_lookahead_depth(setting, widths, depth):
+    assert lookahead_depth(setting, widths) == depth
+
+
+def test_lookahead_depth_refuses_other_settings():
+    with pytest.raises(ValueError, match="auto, 0, 1 or 2"):
+        lookahead_depth("3", [1])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [*SCRIPTED, "pp2-gloo", "hybrid2x2-gloo"])
 def test_steps_sent_ahead_give_the_in_process_tokens(name, tiny_gguf, ray_cluster, monkeypatch):
+    monkeypatch.setenv("OLLAMA_DISTRIBUTED_LOOKAHEAD", "2")  # fed on the shards on every shape, tp2's included
     if name.endswith("-gloo"):
         monkeypatch.setenv("OLLAMA_DISTRIBUTED_SHM_COMM", "0")
     shape = SCRIPTED[name.removesuffix("-gloo")]

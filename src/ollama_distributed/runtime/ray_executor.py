@@ -107,9 +107,9 @@ class RayExecutor:
     timeout_s: longest a load may take, and the longest any step may take (unless step_timeout.ceiling_s).
     step_timeout: when a step's busy shards are probed for a hang (runtime/step_timeout.py; default StepTimeout()).
     reuse: live shards of a failed executor (its `detach_survivors()`) to take over where they fit.
-    lookahead: with the step loops, send the next two decode steps before the engine asks for them
-      (runtime/lookahead.py); None: as OLLAMA_DISTRIBUTED_LOOKAHEAD says (default 2; 1: only the next one, whose
-      tokens the driver relays to stage 0; 0: off).
+    lookahead: with the step loops, send the next decode steps before the engine asks for them
+      (runtime/lookahead.py `lookahead_depth`: two, the second fed on the shards, or one for tensor parallelism
+      alone); None: as OLLAMA_DISTRIBUTED_LOOKAHEAD says (default auto; 2, 1 or 0 force that many).
     """
 
     def __init__(
@@ -168,9 +168,10 @@ class RayExecutor:
         self.shm_paths: list[dict[str, int]] = []  # per shard: hops and sums over shared memory (worker.setup_comm)
         self._loops: StepLoops | None = None  # the "dist" transport's step channels (step_loop.py)
         self._installed: dict[int, int] = {}  # seq id -> id() of the Sampler its last stage holds (step_sampled)
-        depth = lookahead_depth(os.environ.get("OLLAMA_DISTRIBUTED_LOOKAHEAD", "2")) if lookahead is None else 2 * lookahead
+        setting = os.environ.get("OLLAMA_DISTRIBUTED_LOOKAHEAD", "auto") if lookahead is None else "auto" if lookahead else "0"
+        depth = lookahead_depth(setting, [len(row) for row in self.stages])
         self.lookahead = depth > 0
-        # decode steps sent ahead (runtime/lookahead.py): the second is fed on the shards with what the first
+        # decode steps sent ahead (runtime/lookahead.py): a second one is fed on the shards with what the first
         # samples (the output rank sends it to stage 0, collectives.py send_feed), with no relay by the driver
         self._aheads = Lookaheads(self._post, self._collect_next, self._lengths, self._installed, self.max_seq_len,
                                   depth=max(1, depth))
