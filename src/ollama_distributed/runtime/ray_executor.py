@@ -168,7 +168,10 @@ class RayExecutor:
         self.shm_paths: list[dict[str, int]] = []  # per shard: hops and sums over shared memory (worker.setup_comm)
         self._loops: StepLoops | None = None  # the "dist" transport's step channels (step_loop.py)
         self._installed: dict[int, int] = {}  # seq id -> id() of the Sampler its last stage holds (step_sampled)
-        setting = os.environ.get("OLLAMA_DISTRIBUTED_LOOKAHEAD", "auto") if lookahead is None else "auto" if lookahead else "0"
+        if lookahead is None:
+            setting = os.environ.get("OLLAMA_DISTRIBUTED_LOOKAHEAD", "auto")
+        else:
+            setting = "auto" if lookahead else "0"
         depth = lookahead_depth(setting, [len(row) for row in self.stages])
         self.lookahead = depth > 0
         # decode steps sent ahead (runtime/lookahead.py): a second one is fed on the shards with what the first
@@ -273,9 +276,9 @@ class RayExecutor:
             self._loops = StepLoops(self._workers, self._infos, self.timeout_s)
 
     def _shared_memory_paths(self, backend: str) -> tuple[dict[int, dict[str, Any]], list[Any]]:
-        """Per rank, the shared-memory hops, token feeds and sums among shards on one host (runtime/shm_comm.py; each rank's
-        collectives.PlanComm then bypasses gloo there), and the rings and segments made for them. Only for a gloo
-        world of CPU shards; OLLAMA_DISTRIBUTED_SHM_COMM=0 keeps every path on gloo (for measuring)."""
+        """Per rank, the shared-memory hops, token feeds and sums among shards on one host (runtime/shm_comm.py;
+        each rank's collectives.PlanComm then bypasses gloo there), and the rings and segments made for them. Only
+        for a gloo world of CPU shards; OLLAMA_DISTRIBUTED_SHM_COMM=0 keeps every path on gloo (for measuring)."""
         from .shm_comm import ShmAllReduce, colocated, create_feed, create_hop, shm_for_colocated
 
         if (backend != "gloo" or not shm_for_colocated()
