@@ -134,25 +134,29 @@ def test_penalties_change_exactly_the_right_logits():
     assert torch.equal(Sampler(GenerationOptions(repeat_penalty=1.3, repeat_last_n=0)).apply_penalties(x, history), x)
 
 
-@pytest.mark.parametrize("opts", [
-    {"repeat_penalty": 1.1}, {"repeat_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.25},
-    {"repeat_penalty": 1.0, "frequency_penalty": 0.1}, {"repeat_penalty": 0.9, "repeat_last_n": 7},
-])
-def test_numpy_penalties_are_the_torch_path_bit_for_bit(opts):
-    """CPU float32 rows take the numpy penalties (cheaper per call); they equal the torch ops bit for bit, and so
-    does the greedy draw, on rows with zeros, negatives, ties, infinities and a history with repeats and ids out
-    of the vocabulary."""
-    g = torch.Generator().manual_seed(5)
-    for k in range(20):
-        x = torch.randn(VOCAB, generator=g) * 4
-        x[:7] = torch.tensor([0.0, -0.0, 1.0, 1.0, float("-inf"), float("inf"), -3.0])
-        hist = torch.randint(-3, VOCAB + 3, (40,), generator=g).tolist() + [0, 1, 2, 3, 4, 5, 6, 2, 2]
-        s = Sampler(GenerationOptions.from_dict({"temperature": 0, **opts}))
-        before = x.clone()
-        fast, slow = s.apply_penalties(x, hist), s._penalised_torch(x, hist)
-        assert fast.dtype == slow.dtype and torch.equal(fast.view(torch.int32), slow.view(torch.int32))
-        assert s.sample(x, hist) == int(torch.argmax(slow))
-        assert torch.equal(x.view(torch.int32), before.view(torch.int32))  # the caller's row is left as it was
+def test_ties_order_by_id_and_rows_of_any_dtype_sample_alike():
+    """Candidates with equal logits come lower id first (so the draw is the same wherever it runs); a bfloat16 row
+    samples as its float32 copy; penalties leave the caller's row as it was, greedy or not, and a read-only row
+    samples as a writable one."""
+    x = torch.zeros(VOCAB)
+    x[[7, 3, 400, 9]] = 5.0
+    ids, _ = Sampler(GenerationOptions(top_k=4, top_p=1.0)).candidates(x)
+    assert ids.tolist() == [3, 7, 9, 400]
+    assert Sampler(GenerationOptions(top_k=0, top_p=1.0)).candidates(x)[0][:5].tolist() == [3, 7, 9, 400, 0]
+    y = _logits(3).to(torch.bfloat16)
+    for seed in range(5):
+        a = Sampler(GenerationOptions(seed=seed, repeat_penalty=1.2)).sample(y, [1, 2, 3])
+        b = Sampler(GenerationOptions(seed=seed, repeat_penalty=1.2)).sample(y.to(torch.float32), [1, 2, 3])
+        assert a == b
+    z = _logits(4)
+    before = z.clone()
+    for opts in ({"temperature": 0}, {"seed": 2}):
+        o = GenerationOptions.from_dict({**opts, "repeat_penalty": 1.5, "frequency_penalty": 0.3})
+        got = Sampler(o).sample(z, list(range(50)))
+        assert torch.equal(z, before)
+        frozen = z.numpy().copy()
+        frozen.flags.writeable = False
+        assert Sampler(o)._draw_row(frozen, list(range(50))) == got and np.array_equal(frozen, before.numpy())
 
 
 def test_penalties_drive_greedy_choice():

@@ -92,89 +92,93 @@ class Sampler:
         )
 
     # ---- the chain ------------------------------------------------------------------------------------------------
+    # In numpy, on the CPU. Sampling runs between two model steps, right after a forward has streamed the weights
+    # through the caches, where every torch call costs 10-20 us: measured on one 49k row (SmolLM2's vocabulary),
+    # cold, Ollama's default chain (penalties, top_k 40, top_p 0.9, temperature 0.8) took 279 us in torch ops,
+    # 204 us here (most of it the two passes over the row: argpartition and reading it cold); a greedy draw with
+    # repeat_penalty 1.1 125 -> 54 us. A GPU row is copied to the host first (one row, ~200 KB).
 
     def apply_penalties(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
         """Penalised copy of a (vocab,) logits row given the tokens so far (prompt + generated)."""
         if not self._penalise or not history:
             return logits
-        if logits.dtype == torch.float32 and logits.device.type == "cpu":
-            return torch.from_numpy(self._penalised(logits.numpy(), history))
-        return self._penalised_torch(logits, history)
-
-    def _penalised_torch(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
-        """apply_penalties in torch ops (rows on a GPU, or not float32)."""
-        recent = torch.as_tensor(list(history[-self.window :]), dtype=torch.long)
-        recent = recent[(recent >= 0) & (recent < logits.shape[-1])]
-        if recent.numel() == 0:
-            return logits
-        ids, counts = torch.unique(recent, return_counts=True)
-        out = logits.clone()
-        o = self.options
-        vals = out[ids]
-        if o.repeat_penalty != 1.0:
-            vals = torch.where(vals <= 0, vals * o.repeat_penalty, vals / o.repeat_penalty)
-        vals = vals - counts.to(vals.dtype) * o.frequency_penalty - o.presence_penalty
-        out[ids] = vals
-        return out
+        return torch.from_numpy(self._penalised(_host_row(logits), history))
 
     def _penalised(self, row: np.ndarray, history: Sequence[int]) -> np.ndarray:
-        """apply_penalties on a float32 row in numpy: the same float32 operations in the same order as the torch
-        path (so the same bits: numpy keeps a Python float operand's result in float32, NEP 50), without torch's
-        cost per call: measured on one 49k row (SmolLM2's vocabulary) after a forward had cooled the caches, the
-        torch chain (as_tensor, masks, unique, clone, gather, where, scatter) and argmax took 125 us."""
-        recent = np.asarray(history[-self.window :], dtype=np.int64)
-        recent = recent[(recent >= 0) & (recent < row.shape[-1])]
-        if recent.size == 0:
-            return row
-        ids, counts = np.unique(recent, return_counts=True)
+        """apply_penalties on a float32 row: a copy, `row` left as it was."""
         out = row.copy()
-        o = self.options
-        vals = out[ids]
-        if o.repeat_penalty != 1.0:
-            vals = np.where(vals <= 0, vals * o.repeat_penalty, vals / o.repeat_penalty)
-        vals = vals - counts.astype(vals.dtype) * o.frequency_penalty - o.presence_penalty
+        ids, vals = self._penalty(out, history)
         out[ids] = vals
         return out
+
+    def _penalty(self, row: np.ndarray, history: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids the penalties change and their new values. Float32 throughout: numpy keeps a Python float
+        operand's result in float32 (NEP 50), as torch does."""
+        recent = np.asarray(history[-self.window :], dtype=np.int64)
+        recent = recent[(recent >= 0) & (recent < row.shape[-1])]
+        ids, counts = np.unique(recent, return_counts=True)
+        o = self.options
+        vals = row[ids]
+        if o.repeat_penalty != 1.0:
+            vals = np.where(vals <= 0, vals * o.repeat_penalty, vals / o.repeat_penalty)
+        return ids, vals - counts.astype(vals.dtype) * o.frequency_penalty - o.presence_penalty
 
     def candidates(self, logits: torch.Tensor, history: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """The final candidate set and its sampling distribution.
 
-        Returns (token_ids, probs), both 1-D, token_ids in descending order of penalised logit; probs sums to 1.
-        For greedy options this is the single argmax token with probability 1.
+        Returns (token_ids, probs), both 1-D, token_ids in descending order of penalised logit (the lower id first
+        on ties); probs sums to 1. For greedy options this is the single argmax token with probability 1.
         """
-        x = self.apply_penalties(logits.detach().to(torch.float32).reshape(-1), history)
+        ids, probs = self._candidates(_host_row(logits), history)
+        return torch.from_numpy(ids), torch.from_numpy(probs)
+
+    def _candidates(self, x: np.ndarray, history: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        if not (self._penalise and history):
+            return self._chain(x)
+        if not x.flags.writeable:
+            return self._chain(self._penalised(x, history))
+        # the penalised values go into the row itself for the chain and back out after it: a copy of the whole
+        # row (~200 KB) cost more than the rest of a greedy draw
+        ids, vals = self._penalty(x, history)
+        saved = x[ids]
+        x[ids] = vals
+        try:
+            return self._chain(x)
+        finally:
+            x[ids] = saved
+
+    def _chain(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """top_k ... temperature on a penalised row (module docstring)."""
         o = self.options
-        if o.is_greedy:
-            top = torch.argmax(x).reshape(1)
-            return top, torch.ones(1)
+        if o.is_greedy:  # the first largest on ties, a NaN as the largest: torch.argmax's choice (argmax_rows)
+            return np.array([x.argmax()], dtype=np.int64), np.ones(1, dtype=np.float32)
         vocab = x.shape[0]
-        # top_k (also sorts; the later filters rely on descending order).
+        # top_k (also sorts, by logit descending and the lower id first on ties; the later filters rely on it)
         if 0 < o.top_k < vocab:
-            vals, ids = torch.topk(x, o.top_k)
+            ids = np.argpartition(x, vocab - o.top_k)[vocab - o.top_k :]  # (of values tied with the k-th: its pick)
+            ids = ids[np.lexsort((ids, -x[ids]))]
         else:
-            vals, ids = torch.sort(x, descending=True)
+            ids = np.argsort(-x, kind="stable")
+        vals = x[ids]
         # Candidates at -inf (e.g. masked tokens) can never be drawn; drop them early, keep at least one.
-        finite = torch.isfinite(vals)
-        if not bool(finite.all()):
+        finite = np.isfinite(vals)
+        if not finite.all():
             n_finite = max(int(finite.sum()), 1)
             vals, ids = vals[:n_finite], ids[:n_finite]
-        if o.typical_p < 1.0 and vals.numel() > 1:
+        if o.typical_p < 1.0 and vals.size > 1:
             keep = _typical_keep(vals, o.typical_p)
             vals, ids = vals[keep], ids[keep]
-        if o.top_p < 1.0 and vals.numel() > 1:
-            p = torch.softmax(vals, dim=0)
-            cum = torch.cumsum(p, dim=0)
+        if o.top_p < 1.0 and vals.size > 1:
+            cum = np.cumsum(_softmax(vals))
             # first index whose cumulative mass reaches top_p, inclusive
-            n = int(torch.searchsorted(cum, torch.tensor([o.top_p], dtype=cum.dtype)).item()) + 1
-            n = min(max(n, 1), vals.numel())
+            n = min(max(int(np.searchsorted(cum, np.float32(o.top_p))) + 1, 1), vals.size)
             vals, ids = vals[:n], ids[:n]
-        if o.min_p > 0.0 and vals.numel() > 1:
-            p = torch.softmax(vals, dim=0)
+        if o.min_p > 0.0 and vals.size > 1:
+            p = _softmax(vals)
             mask = p >= o.min_p * p[0]
             mask[0] = True
             vals, ids = vals[mask], ids[mask]
-        probs = torch.softmax(vals / o.temperature, dim=0)
-        return ids, probs
+        return ids.astype(np.int64), _softmax(vals / o.temperature)
 
     @property
     def plain(self) -> bool:
@@ -201,33 +205,43 @@ class Sampler:
         return tok
 
     def _draw(self, logits: torch.Tensor, history: Sequence[int]) -> int:
-        if self.options.is_greedy and logits.device.type == "cpu":  # numpy's argmax: see argmax_rows
-            row = logits.detach().reshape(-1)
-            x = row.numpy() if row.dtype == torch.float32 else row.to(torch.float32).numpy()
-            if self._penalise and history:
-                x = self._penalised(x, history)
-            return int(x.argmax())
-        ids, probs = self.candidates(logits, history)
-        if ids.numel() == 1:
+        return self._draw_row(_host_row(logits), history)
+
+    def _draw_row(self, row: np.ndarray, history: Sequence[int]) -> int:
+        ids, probs = self._candidates(row, history)
+        if ids.size == 1:
             return int(ids[0])
         # Inverse-CDF draw from the sequence's own generator (one uniform per token: reproducible per seed).
-        u = torch.rand(1, generator=self.generator, dtype=torch.float64)
-        cum = torch.cumsum(probs.to(torch.float64), dim=0)
-        j = int(torch.searchsorted(cum, u * cum[-1], right=True).item())
-        return int(ids[min(j, ids.numel() - 1)])
+        u = torch.rand(1, generator=self.generator, dtype=torch.float64).item()
+        cum = np.cumsum(probs, dtype=np.float64)
+        j = int(np.searchsorted(cum, u * cum[-1], side="right"))
+        return int(ids[min(j, ids.size - 1)])
 
 
-def _typical_keep(vals: torch.Tensor, typical_p: float) -> torch.Tensor:
+def _host_row(logits: torch.Tensor) -> np.ndarray:
+    """A logits row as a float32 numpy array: the tensor's own memory when it is a CPU float32 one."""
+    x = logits.detach().reshape(-1)
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        x = x.to("cpu", torch.float32)
+    return x.numpy()
+
+
+def _softmax(v: np.ndarray) -> np.ndarray:
+    e = np.exp(v - v.max())
+    return e / e.sum()
+
+
+def _typical_keep(vals: np.ndarray, typical_p: float) -> np.ndarray:
     """Positions (ascending, so descending logit order is kept) of the locally typical set of sorted logits."""
-    logp = torch.log_softmax(vals.to(torch.float64), dim=0)
-    p = logp.exp()
+    v = vals.astype(np.float64)
+    logp = v - v.max()
+    logp -= np.log(np.exp(logp).sum())
+    p = np.exp(logp)
     entropy = -(p * logp).sum()
-    shifted = (-logp - entropy).abs()
-    order = torch.argsort(shifted, stable=True)
-    cum = torch.cumsum(p[order], dim=0)
-    over = torch.nonzero(cum > typical_p)
-    n = int(over[0].item()) + 1 if over.numel() else order.numel()
-    return torch.sort(order[: max(n, 1)]).values
+    order = np.argsort(np.abs(-logp - entropy), kind="stable")
+    over = np.nonzero(np.cumsum(p[order]) > typical_p)[0]
+    n = int(over[0]) + 1 if over.size else order.size
+    return np.sort(order[: max(n, 1)])
 
 
 def sample_batch(logits: torch.Tensor, samplers: Sequence[Sampler], histories: Sequence[Sequence[int]]) -> list[int]:
