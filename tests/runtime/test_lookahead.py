@@ -73,10 +73,10 @@ def _seeded() -> Sampler:
                                                 "repeat_last_n": 4, "seed": 5}), 256)
 
 
-def _script(step) -> list[list[int | None]]:
+def _script(step, seeded: bool = True) -> list[list[int | None]]:
     """An engine's life in six calls: A decodes; B joins with its prompt; A is fed a token it did not sample
     (as a context edit would); B ends (freed) while A goes on; A alone."""
-    a, b = _seeded(), _greedy()
+    a, b = _seeded() if seeded else _greedy(), _greedy()
     out = []
     t = step([0], [[1, 17, 42, 99]], [a], [[1, 17, 42, 99]])
     out.append(t)
@@ -154,12 +154,15 @@ def test_steps_sent_ahead_give_the_in_process_tokens(name, tiny_gguf, ray_cluste
         monkeypatch.setenv("OLLAMA_DISTRIBUTED_SHM_COMM", "0")
     shape = SCRIPTED[name.removesuffix("-gloo")]
     local = _Local(tiny_gguf)
-    want = _script(local)
+    # tensor parallelism sums partial products in another order: logits within 1e-4 of the unsharded engine's
+    # (test_ray_executor), greedy tokens equal, but a seeded draw near a boundary of the distribution may not be
+    tp = any(len(row) > 1 for row in shape)
+    want = _script(local, seeded=not tp)
     local.ex.close()
     ex = RayExecutor(uniform_plan(read_config(tiny_gguf), shape, "tiny"), tiny_gguf, ray_cluster, max_seq_len=256)
     try:
         assert ex.lookahead
-        got = _script(_Remote(ex))
+        got = _script(_Remote(ex), seeded=not tp)
         assert got == want
         assert (ex.lookahead_taken, ex.lookahead_rewound) == COUNTS
         ex.free(0)
@@ -169,7 +172,7 @@ def test_steps_sent_ahead_give_the_in_process_tokens(name, tiny_gguf, ray_cluste
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["single", "pp2", "tp2"])
+@pytest.mark.parametrize("name", ["single", "pp2"])  # (tensor parallel: its draws may differ, see above)
 def test_engine_on_ray_with_lookahead_equals_in_process_engine(name, tiny_gguf, ray_cluster):
     """Requests that join, end (num_predict 1 … 30), chunk their prompts and sample with penalties, through the
     engine on one shard and on a 2-stage pipeline: every request's tokens and text equal the in-process engine's,
