@@ -15,7 +15,8 @@ what it sampled and sends it straight to stage 0's ranks (runtime/collectives.py
 host, gloo across), before its reply to the driver. So a token travels from the last stage to the first in one
 message, without the driver's wake-up and turn in between (measured on SmolLM2, two stages on one 2-core machine:
 0.35 ms from the last stage's sample to the first stage's next input, against 0.45-0.54 ms relayed by the driver,
-bench/hot_path_bench.py; ~0.3-0.5 ms a token). `OLLAMA_DISTRIBUTED_LOOKAHEAD=1` keeps only the first (the relay).
+bench/hot_path_bench.py; ~0.3-0.5 ms a token). Tensor parallelism alone keeps only the first, relayed by the driver
+(`lookahead_depth` says why); `OLLAMA_DISTRIBUTED_LOOKAHEAD=1` does so for every plan.
 
 What is sent ahead is exactly what the engine would send next when nothing changes: every row of the step just
 finished was a sequence that sampled a token, so its next feed is that token (runtime/engine.py: a sequence's
