@@ -133,19 +133,7 @@ class Sampler:
         return torch.from_numpy(ids), torch.from_numpy(probs)
 
     def _candidates(self, x: np.ndarray, history: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        if not (self._penalise and history):
-            return self._chain(x)
-        if not x.flags.writeable:
-            return self._chain(self._penalised(x, history))
-        # the penalised values go into the row itself for the chain and back out after it: a copy of the whole
-        # row (~200 KB) cost more than the rest of a greedy draw
-        ids, vals = self._penalty(x, history)
-        saved = x[ids]
-        x[ids] = vals
-        try:
-            return self._chain(x)
-        finally:
-            x[ids] = saved
+        return self._chain(self._penalised(x, history) if self._penalise and history else x)
 
     def _chain(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """top_k ... temperature on a penalised row (module docstring)."""

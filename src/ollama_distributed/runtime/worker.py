@@ -320,8 +320,7 @@ class ShardWorker:
 
     def _serve_step(self, seq_ids: list[int], counts: list[int], tokens: list[int] | None, output: str,
                     micro_batches: int, sample: list[Any] | None) -> tuple[str, Any, float]:
-        lay = self.comm.layout
-        first = lay.is_first_stage
+        first = self.comm.layout.is_first_stage
         if tokens is None:  # a step sent ahead of the last one's answer: fed what the output rank sampled in it
             tokens, self._prefed = self._prefed if self._prefed is not None else self._fed_tokens(seq_ids), None
             if sample is not None and tokens is not None:  # the sampler's recent tokens end with its own draw
