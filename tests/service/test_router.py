@@ -88,6 +88,37 @@ def test_idle_unmeasured_replica_wins_the_tie(tiny_gguf: Path) -> None:
         router.close()
 
 
+def test_requests_shorter_than_a_sample_still_measure_the_replica(tiny_gguf: Path) -> None:
+    """A replica whose requests each finish within `sample_s` is measured once their busy time adds up to it,
+    and the idle gaps between them do not count as slowness (a window that restarted with every request left a
+    fast replica unmeasured for good, and the router then could not tell it from a slow one)."""
+    tok = Tokenizer.from_gguf(tiny_gguf)
+    engine = InferenceEngine(LocalExecutor(tiny_gguf), tok)
+    try:
+        engine.generate(_req(tok, PROMPTS[0], 16))  # warm
+        t0 = time.perf_counter()
+        engine.generate(_req(tok, PROMPTS[0], 16))
+        one = time.perf_counter() - t0
+    finally:
+        engine.close()
+    router = ReplicaRouter([InferenceEngine(LocalExecutor(tiny_gguf), tok)], RouterConfig(sample_s=2.5 * one))
+    try:
+        took, emas = [], []
+        for i in range(8):
+            t0 = time.perf_counter()
+            router.submit(_req(tok, PROMPTS[i % len(PROMPTS)], 16)).result(timeout=60)
+            took.append(time.perf_counter() - t0)
+            emas.append(router.stats()["replicas"][0]["ema_tokens_per_s"])
+            time.sleep(one)  # idle between requests, as long as a request
+        assert emas[0] is None or took[0] >= 2.5 * one, (emas, took, one)  # one short request is no sample
+        assert emas[-1] is not None, (emas, took, one)
+        # busy time only: at least the client's view of the rate (its timings include the busy ones); counting the
+        # idle gaps would have halved it
+        assert emas[-1] >= 0.9 * 16 * len(took) / sum(took), (emas, took)
+    finally:
+        router.close()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_replicas_on_a_real_cluster_one_slowed(tiny_gguf: Path, ray_cluster) -> None:

@@ -9,7 +9,9 @@ outstanding_work: the work of the replica's live requests in decode-token equiva
   produce (num_predict − generated; `default_predict` when unbounded) plus prompt tokens still to prefill, the
   latter weighted by `prefill_weight` (a prefilled token costs a fraction of a decoded one: it shares a GEMM).
 speed: the replica's measured throughput in tokens/s, an exponential moving average (`alpha`) of tokens emitted
-  per second over intervals of at least `sample_s` during which it had work. A replica not measured yet is
+  per second of busy time, a sample once at least `sample_s` of it has passed: idle gaps between requests are left
+  out of the window but do not end it, so a replica whose requests each finish within `sample_s` is still measured
+  after a few of them. A replica not measured yet is
   assumed as fast as the mean of the measured ones (1 token/s when none is), and wins a tie, so new replicas
   get traffic.
 This is "least outstanding requests" load balancing (Envoy's LEAST_REQUEST, NGINX's least_conn) with the request
@@ -80,7 +82,8 @@ class ReplicaState:
     served: int = 0  # requests routed here
     tokens: int = 0  # tokens it emitted
     _window_tokens: int = 0
-    _window_start: float | None = None
+    _window_start: float | None = None  # when the current busy stretch began; None while idle
+    _window_busy: float = 0.0  # busy seconds of the window before the current stretch
 
     def outstanding(self, prefill_weight: float) -> float:
         return sum(r.predict_left + prefill_weight * r.prompt_left for r in self.live.values())
@@ -268,7 +271,6 @@ class ReplicaRouter:
             rep.served += 1
             if rep._window_start is None:
                 rep._window_start = self._clock()
-                rep._window_tokens = 0
         # the engine's own push, once: a sequence moved to another replica (`adopt`) is tracked there instead
         push = handle.__dict__.setdefault("_untracked_push", handle._push)
 
@@ -292,15 +294,17 @@ class ReplicaRouter:
             rep.tokens += n
             rep._window_tokens += n
             start = rep._window_start if rep._window_start is not None else now
-            if now - start >= self.router_config.sample_s and rep._window_tokens:
-                rate = rep._window_tokens / (now - start)
+            busy = rep._window_busy + (now - start)
+            if busy >= self.router_config.sample_s and rep._window_tokens:
+                rate = rep._window_tokens / busy
                 a = self.router_config.alpha
                 rep.ema_tps = rate if rep.ema_tps is None else a * rate + (1 - a) * rep.ema_tps
-                rep._window_start, rep._window_tokens = now, 0
+                start, rep._window_busy, rep._window_tokens = now, 0.0, 0
+            rep._window_start = start
             if not rep.live:
-                # idle time is not slowness: the next sample starts when work arrives again
+                # idle time is not slowness: the stretch ends here and the window resumes when work arrives again
+                rep._window_busy += now - start
                 rep._window_start = None
-                rep._window_tokens = 0
 
 
 class SlowedExecutor:
