@@ -6,6 +6,8 @@ SmolLM2's directory (so that node cannot see the file), and measures, in one run
   1. the link: a single TCP stream over 127.0.0.1 (the path the fetch's stream takes between two nodes here),
      bytes/s of 1 GiB sent through a socket pair of processes; and the stream's ceiling (`stream_ceiling_MBps`):
      the weight stream itself (sendfile, requests ahead, each chunk hashed) into one reused buffer, landing nowhere;
+     and the landing's ceiling (`cache_write_MBps`): new pages written into a fresh file in the slice cache's
+     directory, as the fetch lands its chunks (an mmap of the file, each chunk faulted in and filled), no network;
   2. the fetch: the whole model as one shard on the node without the file (every chunk fetched, verified and
      written), bytes/s, against 1. (the holder's one-time hashing pass is timed apart);
   3. time to first token of that node's shard, cold (empty slice cache) vs warm (cached: its chunks are only
@@ -108,6 +110,34 @@ def stream_ceiling_bytes_per_s(path: Path, chunk: int, in_flight: int = 8, round
     return best
 
 
+def cache_write_bytes_per_s(directory: Path, size: int, chunk: int) -> float:
+    """Bytes/s of landing `size` bytes in a new file under `directory` the way the fetch lands chunks (a shared
+    mapping of a sparse, fallocated file; each chunk's pages faulted in with MADV_POPULATE_WRITE, then filled).
+    What the file system's page cache takes, apart from the network; the disk is not waited for (no fsync)."""
+    import mmap
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "landing-probe"
+    block = memoryview(os.urandom(chunk))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
+        with mmap.mmap(fd, size) as mm:
+            view = memoryview(mm)
+            t0 = time.perf_counter()
+            for start in range(0, size, chunk):
+                n = min(chunk, size - start)
+                mm.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23), start, n)
+                view[start:start + n] = block[:n]
+            rate = size / (time.perf_counter() - t0)
+            view.release()
+        return rate
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
 def _serve_endpoint(path: str, conn) -> None:
     from ollama_distributed.runtime.weight_stream import ChunkServer
 
@@ -166,6 +196,7 @@ def main() -> None:
                  "cache_fs": _fs_type(cache.parent)}
     out["tcp_loopback_MBps"] = round(tcp_loopback_bytes_per_s() / 1e6)
     out["stream_ceiling_MBps"] = round(stream_ceiling_bytes_per_s(model, args.chunk_mib << 20) / 1e6)
+    out["cache_write_MBps"] = round(cache_write_bytes_per_s(cache.parent, out["bytes"], args.chunk_mib << 20) / 1e6)
     cluster = ClusterHandle.start_local(1, "4GiB")
     proc = None
     try:
