@@ -159,6 +159,31 @@ def test_ties_order_by_id_and_rows_of_any_dtype_sample_alike():
         assert Sampler(o)._draw_row(frozen, list(range(50))) == got and np.array_equal(frozen, before.numpy())
 
 
+def test_top_k_prefilter_picks_what_a_stable_sort_picks():
+    """_top_k_ids (a pre-filter by strided group maxima, then an exact order) equals the first k of a stable
+    descending sort on rows with and without a tail past the groups, heavy ties at the k-th value, masked (-inf)
+    tokens, a constant row, a NaN, and k from 1 to half the groups."""
+    from ollama_distributed.model.sampling import _TOP_K_GROUPS, _top_k_ids
+
+    rng = np.random.default_rng(7)
+    rows = []
+    for vocab in (49152, 50000, 32000, 1000, 383):
+        x = (rng.standard_normal(vocab) * 3).astype(np.float32)
+        rows += [x, np.round(x, 1), np.round(x)]  # rounding: many values tied with the k-th
+        masked = np.full(vocab, -np.inf, dtype=np.float32)
+        keep = rng.choice(vocab, size=min(vocab, 60), replace=False)
+        masked[keep] = x[keep]
+        rows += [masked, np.zeros(vocab, dtype=np.float32)]
+    nan = rows[0].copy()
+    nan[[5, 9000]] = np.nan
+    rows.append(nan)
+    for x in rows:
+        for k in (1, 2, 40, 100, _TOP_K_GROUPS // 2):
+            if k < x.shape[0]:
+                want = np.argsort(-x, kind="stable")[:k]
+                assert np.array_equal(_top_k_ids(x, k), want), (x.shape, k)
+
+
 def test_penalties_drive_greedy_choice():
     x = torch.zeros(10)
     x[4], x[5] = 2.0, 1.9

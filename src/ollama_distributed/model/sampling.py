@@ -143,8 +143,7 @@ class Sampler:
         vocab = x.shape[0]
         # top_k (also sorts, by logit descending and the lower id first on ties; the later filters rely on it)
         if 0 < o.top_k < vocab:
-            ids = np.argpartition(x, vocab - o.top_k)[vocab - o.top_k :]  # (of values tied with the k-th: its pick)
-            ids = ids[np.lexsort((ids, -x[ids]))]
+            ids = _top_k_ids(x, o.top_k)
         else:
             ids = np.argsort(-x, kind="stable")
         vals = x[ids]
@@ -212,6 +211,35 @@ def _host_row(logits: torch.Tensor) -> np.ndarray:
     if x.device.type != "cpu" or x.dtype != torch.float32:
         x = x.to("cpu", torch.float32)
     return x.numpy()
+
+
+_TOP_K_GROUPS = 384  # groups of the top_k pre-filter: a multiple of 16 floats, ~128 elements each in a 49k vocabulary
+
+
+def _top_k_ids(x: np.ndarray, k: int) -> np.ndarray:
+    """The ids of a row's k largest logits, by logit descending and then id ascending (the order of a stable sort
+    of the whole row: a value tied with the k-th goes in by the lower id), in ~35 µs for a 49k row where
+    argpartition takes 60-90 µs on this machine's cores.
+
+    Pre-filter: split the row into G strided groups (group j holds j, j+G, j+2G, ...) and take each group's maximum
+    (one vectorised pass); let t be the k-th largest of those G maxima. The k groups whose maxima are >= t each hold
+    an element >= t, so at least k elements are >= t and the k-th largest value of the row is >= t: every element
+    of the top k, ties included, is among those >= t (typically a few dozen to a few hundred). They are then
+    ordered exactly. A row with a NaN (nothing to compare it by) or with too few groups for k takes the full
+    stable sort instead."""
+    vocab = x.shape[0]
+    groups = _TOP_K_GROUPS
+    rows = vocab // groups
+    if rows < 2 or groups < 2 * k:
+        return np.argsort(-x, kind="stable")[:k]
+    m = x[: rows * groups].reshape(rows, groups).max(axis=0)
+    if rows * groups < vocab:
+        m = np.append(m, x[rows * groups :].max())
+    if np.isnan(m).any():
+        return np.argsort(-x, kind="stable")[:k]
+    t = np.partition(m, m.size - k)[m.size - k]
+    ids = np.flatnonzero(x >= t)
+    return ids[np.lexsort((ids, -x[ids]))][:k]
 
 
 def _softmax(v: np.ndarray) -> np.ndarray:
