@@ -94,14 +94,11 @@ def test_requests_shorter_than_a_sample_still_measure_the_replica(tiny_gguf: Pat
     fast replica unmeasured for good, and the router then could not tell it from a slow one)."""
     tok = Tokenizer.from_gguf(tiny_gguf)
     engine = InferenceEngine(LocalExecutor(tiny_gguf), tok)
-    try:
-        engine.generate(_req(tok, PROMPTS[0], 16))  # warm
-        t0 = time.perf_counter()
-        engine.generate(_req(tok, PROMPTS[0], 16))
-        one = time.perf_counter() - t0
-    finally:
-        engine.close()
-    router = ReplicaRouter([InferenceEngine(LocalExecutor(tiny_gguf), tok)], RouterConfig(sample_s=2.5 * one))
+    engine.generate(_req(tok, PROMPTS[0], 16))  # warm: the first request of an engine is slower
+    t0 = time.perf_counter()
+    engine.generate(_req(tok, PROMPTS[0], 16))  # not routed: the router sees only what it submits
+    one = time.perf_counter() - t0
+    router = ReplicaRouter([engine], RouterConfig(sample_s=2.5 * one))
     try:
         took, emas = [], []
         for i in range(8):
@@ -109,12 +106,12 @@ def test_requests_shorter_than_a_sample_still_measure_the_replica(tiny_gguf: Pat
             router.submit(_req(tok, PROMPTS[i % len(PROMPTS)], 16)).result(timeout=60)
             took.append(time.perf_counter() - t0)
             emas.append(router.stats()["replicas"][0]["ema_tokens_per_s"])
-            time.sleep(one)  # idle between requests, as long as a request
+            time.sleep(2 * one)  # idle between requests, twice as long as a request
         assert emas[0] is None or took[0] >= 2.5 * one, (emas, took, one)  # one short request is no sample
         assert emas[-1] is not None, (emas, took, one)
-        # busy time only: at least the client's view of the rate (its timings include the busy ones); counting the
-        # idle gaps would have halved it
-        assert emas[-1] >= 0.9 * 16 * len(took) / sum(took), (emas, took)
+        # busy time only: about the client's view of the rate (its timings hold the busy ones); a window that
+        # counted the idle gaps would give a third of it at most
+        assert emas[-1] >= 0.6 * 16 * len(took) / sum(took), (emas, took)
     finally:
         router.close()
 

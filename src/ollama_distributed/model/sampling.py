@@ -95,8 +95,8 @@ class Sampler:
     # In numpy, on the CPU. Sampling runs between two model steps, right after a forward has streamed the weights
     # through the caches, where every torch call costs 10-20 us: measured on one 49k row (SmolLM2's vocabulary),
     # cold, Ollama's default chain (penalties, top_k 40, top_p 0.9, temperature 0.8) took 279 us in torch ops,
-    # 204 us here (most of it the two passes over the row: argpartition and reading it cold); a greedy draw with
-    # repeat_penalty 1.1 125 -> 54 us. A GPU row is copied to the host first (one row, ~200 KB).
+    # 204-261 us here with top_k by argpartition, 183-195 us with its pre-filter (_top_k_ids; warm 101 -> 62 us);
+    # a greedy draw with repeat_penalty 1.1 125 -> 54 us. A GPU row is copied to the host first (one row, ~200 KB).
 
     def apply_penalties(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
         """Penalised copy of a (vocab,) logits row given the tokens so far (prompt + generated)."""
