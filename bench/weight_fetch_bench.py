@@ -116,6 +116,8 @@ def cache_write_bytes_per_s(directory: Path, size: int, chunk: int) -> float:
     What the file system's page cache takes, apart from the network; the disk is not waited for (no fsync)."""
     import mmap
 
+    from ollama_distributed.runtime.weight_fetch import _populate
+
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "landing-probe"
     block = memoryview(os.urandom(chunk))
@@ -128,7 +130,7 @@ def cache_write_bytes_per_s(directory: Path, size: int, chunk: int) -> float:
             t0 = time.perf_counter()
             for start in range(0, size, chunk):
                 n = min(chunk, size - start)
-                mm.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23), start, n)
+                _populate(mm, start, start + n)  # the fetch's own fault-in (MADV_POPULATE_WRITE)
                 view[start:start + n] = block[:n]
             rate = size / (time.perf_counter() - t0)
             view.release()

@@ -230,16 +230,15 @@ def _top_k_ids(x: np.ndarray, k: int) -> np.ndarray:
     vocab = x.shape[0]
     groups = _TOP_K_GROUPS
     rows = vocab // groups
-    if rows < 2 or groups < 2 * k:
-        return np.argsort(-x, kind="stable")[:k]
-    m = x[: rows * groups].reshape(rows, groups).max(axis=0)
-    if rows * groups < vocab:
-        m = np.append(m, x[rows * groups :].max())
-    if np.isnan(m).any():
-        return np.argsort(-x, kind="stable")[:k]
-    t = np.partition(m, m.size - k)[m.size - k]
-    ids = np.flatnonzero(x >= t)
-    return ids[np.lexsort((ids, -x[ids]))][:k]
+    if rows >= 2 and groups >= 2 * k:
+        m = x[: rows * groups].reshape(rows, groups).max(axis=0)
+        if rows * groups < vocab:
+            m = np.append(m, x[rows * groups :].max())
+        if not np.isnan(m).any():
+            t = np.partition(m, m.size - k)[m.size - k]
+            ids = np.flatnonzero(x >= t)
+            return ids[np.lexsort((ids, -x[ids]))][:k]
+    return np.argsort(-x, kind="stable")[:k]
 
 
 def _softmax(v: np.ndarray) -> np.ndarray:
